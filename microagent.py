@@ -1,0 +1,2344 @@
+"""microagent: microservices that talk only through a signal bus and a queue broker.
+
+A service is a :class:`MicroAgent` subclass. Its signal receivers, queue consumers,
+periodic and cron tasks and lifecycle hooks are declared with decorators; the agent
+binds them to a bus (pub/sub events and RPC) and a broker (durable work queues) when it
+starts. ``marun`` launches a group of agents, each in its own process.
+
+This module is the whole core and can be vendored as one file (it needs ``msgspec``;
+``croniter`` for ``@cron`` and ``graphviz`` for diagrams are imported where used). The
+Redis, RabbitMQ and Kafka backends live in ``microagent_backends``.
+
+Sections, in the order data flows: declarations, decorators, agent, bus, broker,
+timers, memory backends, mocks, graph, launcher.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import keyword
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
+
+import msgspec
+
+if TYPE_CHECKING:
+    from unittest import mock
+
+__version__ = '2.0.0'
+
+__all__ = [
+    'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
+    'BrokerMock', 'BusMock', 'GroupInterrupt', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent',
+    'Queue', 'QueueException', 'QueueNotFound', 'SerializingError', 'ServerInterrupt',
+    'Signal', 'SignalException', 'SignalNotFound', 'consumer', 'cron', 'init_agent',
+    'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on', 'periodic',
+    'receiver',
+]
+
+logger = logging.getLogger('microagent')
+
+Func = TypeVar('Func', bound=Callable[..., Any])
+JSONObject = dict[str, Any]
+
+
+# =====================================================================================
+# Declarations: errors, JSON, signals, queues, loading them from a file
+# =====================================================================================
+
+class SignalException(Exception):
+    """Base of the errors about signals and the signal bus."""
+
+
+class SignalNotFound(SignalException, AttributeError):
+    """No signal is declared under that name (also raised by ``bus.<typo>``)."""
+
+
+class QueueException(Exception):
+    """Base of the errors about queues and the queue broker."""
+
+
+class QueueNotFound(QueueException, AttributeError):
+    """No queue is declared under that name (also raised by ``broker.<typo>``)."""
+
+
+class SerializingError(SignalException, QueueException):
+    """A payload could not be turned into a JSON object, or read back as one."""
+
+
+class ServerInterrupt(Exception):
+    """Raised by an ``@on('server')`` task to stop its agent gracefully."""
+
+
+class GroupInterrupt(SystemExit):
+    """Stops a group of agents started by ``marun``."""
+
+
+_json_encoder = msgspec.json.Encoder()
+_object_decoder = msgspec.json.Decoder(dict)
+
+
+def encode_json(data: Any) -> bytes:
+    """Serialize ``data`` to compact JSON bytes; raise :class:`SerializingError`."""
+    try:
+        return _json_encoder.encode(data)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise SerializingError(f'cannot serialize to JSON: {exc}') from exc
+
+
+def decode_object(raw: bytes | str) -> JSONObject:
+    """Read one JSON object; raise :class:`SerializingError` for anything else."""
+    try:
+        return _object_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise SerializingError(f'not a JSON object: {exc}') from exc
+
+
+_DSN_USERINFO = re.compile(r'(?<=://)([^:/@\s]*):([^@/\s]*)@')
+_DSN_SECRET_PARAM = re.compile(r'(?i)\b(password|passwd|pwd|secret|token)=([^&\s]*)')
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return ``dsn`` with its password (and secret query parameters) replaced by ``***``."""
+    dsn = _DSN_USERINFO.sub(lambda m: f'{m.group(1)}:***@', str(dsn))
+    return _DSN_SECRET_PARAM.sub(lambda m: f'{m.group(1)}=***', dsn)
+
+
+_SIGNAL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+_QUEUE_NAME = re.compile(r'^[A-Za-z0-9_.:\-]{1,200}$')
+_RESERVED_SIGNALS = frozenset({'response'})
+
+JSON_TYPES: dict[str, Any] = {
+    'string': str,
+    'number': int | float,
+    'boolean': bool,
+    'array': list,
+    'object': dict,
+    'null': None,
+}
+
+
+def json_type(spec: str | list[str]) -> Any:
+    """The Python type for a JSON type name (``"number"``) or a list of them."""
+    names = [spec] if isinstance(spec, str) else spec
+    if not isinstance(names, list) or not names:
+        raise SignalException(f'a JSON type is a name or a list of names, not {spec!r}')
+    unknown = [name for name in names if name not in JSON_TYPES]
+    if unknown:
+        raise SignalException(
+            f'unknown JSON type {unknown[0]!r}; use one of {", ".join(JSON_TYPES)}')
+    types = tuple(JSON_TYPES[name] for name in names)
+    return Union[types] if len(types) > 1 else types[0]  # noqa: UP007
+
+
+def _python_type(spec: Any) -> Any:
+    """A ``type_map`` value: a type, or a tuple of types as for ``isinstance``."""
+    if isinstance(spec, tuple):
+        return Union[tuple(None if t is type(None) else t for t in spec)]  # noqa: UP007
+    return None if spec is type(None) else spec
+
+
+class Signal:
+    """A declared event: a unique name and the arguments its payload carries.
+
+    ``providing_args`` lists the argument names; ``type_map`` optionally maps names to a
+    type or a tuple of types (as for ``isinstance``). A signal loaded from JSON may give
+    ``providing_args`` as a mapping name -> JSON type, which fills ``type_map``. Typed
+    signals are checked by a compiled msgspec type on send and on receipt; a mismatch is
+    logged as a warning, the signal still goes through (the documented soft check).
+
+    Each instance registers itself by name; declaring a name again replaces it::
+
+        user_created = Signal('user_created', ['user_id'], type_map={'user_id': int})
+        Signal.get('user_created') is user_created
+    """
+
+    _registry: ClassVar[dict[str, Signal]] = {}
+
+    name: str
+    providing_args: list[str]
+    type_map: dict[str, Any] | None
+
+    def __init__(self, name: str, providing_args: Iterable[str] | Mapping[str, Any] = (),
+                 type_map: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(name, str) or not _SIGNAL_NAME.match(name):
+            raise SignalException(
+                f'signal name {name!r} must be an identifier: letters, digits and _')
+        if name in _RESERVED_SIGNALS:
+            raise SignalException(f'signal name {name!r} is reserved for RPC answers')
+        if isinstance(providing_args, str):
+            raise SignalException(
+                f'signal {name!r}: providing_args is a list of names, not the string '
+                f'{providing_args!r}')
+        types: dict[str, Any] = {}
+        if isinstance(providing_args, Mapping):
+            types = {arg: json_type(spec) for arg, spec in providing_args.items()}
+        args = list(providing_args)
+        bad = [arg for arg in args if not isinstance(arg, str) or not arg]
+        if bad:
+            raise SignalException(f'signal {name!r}: argument names must be strings: {bad!r}')
+        if type_map:
+            types.update({arg: _python_type(spec) for arg, spec in type_map.items()})
+        self.name = name
+        self.providing_args = args
+        self.type_map = dict(type_map) if type_map else (
+            {arg: providing_args[arg] for arg in args}
+            if isinstance(providing_args, Mapping) else None)
+        self._args = frozenset(args)
+        self._payload_type = self._compile(types) if types else None
+        Signal._registry[name] = self
+
+    def _compile(self, types: dict[str, Any]) -> Any:
+        fields = [(arg, Union[tp, msgspec.UnsetType], msgspec.UNSET)  # noqa: UP007
+                  for arg, tp in types.items()]
+        try:
+            payload_type = msgspec.defstruct(f'{self.name}_payload', fields)
+            msgspec.convert({}, payload_type)
+        except (TypeError, ValueError) as exc:
+            raise SignalException(f'signal {self.name!r}: unsupported type_map: {exc}') from exc
+        return payload_type
+
+    def __repr__(self) -> str:
+        return f'<Signal {self.name}>'
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Signal):
+            return NotImplemented
+        return self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(('signal', self.name))
+
+    def make_channel_name(self, prefix: str, sender: str = '*') -> str:
+        """The pub/sub channel of this signal: ``{prefix}:{name}:{sender}``."""
+        return f'{prefix}:{self.name}:{sender}'
+
+    def check(self, payload: Mapping[str, Any]) -> str | None:
+        """Describe how ``payload`` differs from the declaration, or return None."""
+        problems = []
+        keys = payload.keys()
+        if keys != self._args:
+            missing = sorted(self._args - keys)
+            unexpected = sorted(keys - self._args)
+            if missing:
+                problems.append(f'missing {", ".join(missing)}')
+            if unexpected:
+                problems.append(f'unexpected {", ".join(unexpected)}')
+        if self._payload_type is not None:
+            try:
+                msgspec.convert(payload, self._payload_type)
+            except msgspec.ValidationError as exc:
+                problems.append(str(exc))
+        return '; '.join(problems) or None
+
+    def serialize(self, data: Mapping[str, Any]) -> bytes:
+        """The payload as JSON bytes."""
+        return encode_json(data)
+
+    def deserialize(self, data: bytes | str) -> JSONObject:
+        """A payload read back from JSON; it must be an object."""
+        return decode_object(data)
+
+    @classmethod
+    def get(cls, name: str) -> Signal:
+        """The signal declared under ``name``; raise :class:`SignalNotFound`."""
+        try:
+            return cls._registry[name]
+        except (KeyError, TypeError):
+            raise SignalNotFound(f'no signal is declared with the name {name!r}') from None
+
+    @classmethod
+    def get_all(cls) -> dict[str, Signal]:
+        """Every declared signal, by name."""
+        return dict(cls._registry)
+
+
+class Queue:
+    """A declared durable work queue.
+
+    ``exchange`` and ``topics`` matter to the AMQP broker: the queue is bound to that
+    exchange by each topic (routing key), and ``send(..., topic=...)`` publishes through
+    it. Other brokers use the name alone. Each instance registers itself by name::
+
+        mailer = Queue('mailer')
+        orders = Queue('orders', exchange='shop', topics=('order.created', 'order.paid'))
+    """
+
+    _registry: ClassVar[dict[str, Queue]] = {}
+
+    name: str
+    exchange: str
+    topics: tuple[str, ...]
+
+    def __init__(self, name: str, exchange: str = '', topics: Iterable[str] = ()) -> None:
+        if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+            raise QueueException(
+                f'queue name {name!r} must be 1-200 characters of letters, digits, _ . : -')
+        if not isinstance(exchange, str):
+            raise QueueException(f'queue {name!r}: exchange must be a string')
+        if isinstance(topics, str):
+            topics = (topics,)
+        topics = tuple(topics)
+        if not all(isinstance(topic, str) and topic for topic in topics):
+            raise QueueException(f'queue {name!r}: topics must be non-empty strings')
+        self.name = name
+        self.exchange = exchange
+        self.topics = topics
+        Queue._registry[name] = self
+
+    def __repr__(self) -> str:
+        return f'<Queue {self.name}>'
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Queue):
+            return NotImplemented
+        return self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash(('queue', self.name))
+
+    @property
+    def dead_letter(self) -> Queue:
+        """The queue ``{name}.dead`` where messages that could not be handled end up."""
+        return Queue._registry.get(f'{self.name}.dead') or Queue(f'{self.name}.dead')
+
+    def serialize(self, data: Mapping[str, Any]) -> bytes:
+        """A message as JSON bytes; queue messages are JSON objects."""
+        if not isinstance(data, Mapping):
+            raise SerializingError(
+                f'queue {self.name!r}: a message is a dict, not {type(data).__name__}')
+        return encode_json(data)
+
+    def deserialize(self, data: bytes | str) -> JSONObject:
+        """A message read back from JSON; it must be an object."""
+        return decode_object(data)
+
+    @classmethod
+    def get(cls, name: str) -> Queue:
+        """The queue declared under ``name``; raise :class:`QueueNotFound`."""
+        try:
+            return cls._registry[name]
+        except (KeyError, TypeError):
+            raise QueueNotFound(f'no queue is declared with the name {name!r}') from None
+
+    @classmethod
+    def get_all(cls) -> dict[str, Queue]:
+        """Every declared queue, by name."""
+        return dict(cls._registry)
+
+
+def _read_source(source: str) -> tuple[str, bytes]:
+    """The bytes behind ``file://PATH``, a plain path or an ``http(s)://`` URL."""
+    if source.startswith(('http://', 'https://')):
+        import urllib.request
+        try:
+            with urllib.request.urlopen(source, timeout=LOAD_TIMEOUT) as response:
+                return source, bytes(response.read())
+        except OSError as exc:
+            raise SerializingError(f'{source}: cannot download: {exc}') from exc
+    path = source[len('file://'):] if source.startswith('file://') else source
+    try:
+        with open(path, 'rb') as file:
+            return path, file.read()
+    except OSError as exc:
+        raise SerializingError(f'{path}: cannot read: {exc.strerror or exc}') from exc
+
+
+LOAD_TIMEOUT = 10.0
+
+
+def _parse_declarations(where: str, raw: bytes) -> JSONObject:
+    try:
+        return decode_object(raw)
+    except SerializingError as exc:
+        position = re.search(r'\(byte (\d+)\)', str(exc.__cause__))
+        if position:
+            offset = int(position.group(1))
+            line = raw.count(b'\n', 0, offset) + 1
+            column = offset - (raw.rfind(b'\n', 0, offset) + 1) + 1
+            reason = str(exc.__cause__).split(' (byte')[0]
+            raise SerializingError(f'{where}:{line}:{column}: {reason}') from None
+        raise SerializingError(f'{where}: {exc.__cause__}') from None
+
+
+def _entries(where: str, data: JSONObject, key: str) -> list[JSONObject]:
+    entries = data.get(key, [])
+    error = SignalException if key == 'signals' else QueueException
+    if not isinstance(entries, list):
+        raise error(f'{where}: "{key}" must be a list')
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get('name'), str):
+            raise error(f'{where}: {key}[{index}] must be an object with a "name" string')
+    return entries
+
+
+def _field_name(name: str) -> str:
+    field = re.sub(r'\W', '_', name)
+    if field[0].isdigit() or field[0] == '_':
+        field = f'n{field}'
+    return f'{field}_' if keyword.iskeyword(field) else field
+
+
+def _named(kind: str, items: dict[str, Any]) -> Any:
+    fields: dict[str, Any] = {}
+    for name, item in items.items():
+        fields.setdefault(_field_name(name), item)
+    return collections.namedtuple(kind, list(fields))(*fields.values())
+
+
+def _declared_at(where: str, kind: type, *args: Any) -> None:
+    try:
+        kind(*args)
+    except (SignalException, QueueException) as exc:
+        raise type(exc)(f'{where}: {exc}') from None
+
+
+def load_stuff(source: str) -> tuple[Any, Any]:
+    """Declare the signals and queues of a JSON file and return them as named tuples.
+
+    ``source`` is ``file://PATH``, a plain path, or an ``http(s)://`` URL (fetched with a
+    timeout). The file looks like::
+
+        {"signals": [{"name": "user_created", "providing_args": ["user_id"]},
+                     {"name": "typed", "providing_args": {"uuid": "string",
+                                                          "code": ["number", "null"]}}],
+         "queues": [{"name": "mailer"},
+                    {"name": "orders", "exchange": "shop", "topics": ["order.*"]}]}
+
+    The file is checked whole before anything is declared; an error names the file, the
+    line and the problem. Returns ``(signals, queues)`` holding every declared one
+    (names that are not identifiers have their other characters turned into ``_``).
+    """
+    where, raw = _read_source(source)
+    data = _parse_declarations(where, raw)
+    signals, queues = _entries(where, data, 'signals'), _entries(where, data, 'queues')
+    saved = dict(Signal._registry), dict(Queue._registry)
+    try:
+        for index, entry in enumerate(signals):
+            args = entry.get('providing_args', [])
+            if not isinstance(args, (list, dict)):
+                raise SignalException(
+                    f'{where}: signals[{index}] ({entry["name"]}): "providing_args" must be a '
+                    f'list of names or an object of name: JSON type')
+            _declared_at(f'{where}: signals[{index}]', Signal, entry['name'], args)
+        for index, entry in enumerate(queues):
+            _declared_at(f'{where}: queues[{index}]', Queue, entry['name'],
+                         entry.get('exchange', ''), entry.get('topics', ()))
+    except (SignalException, QueueException):
+        Signal._registry.clear()
+        Signal._registry.update(saved[0])
+        Queue._registry.clear()
+        Queue._registry.update(saved[1])
+        raise
+    return _named('signals', Signal.get_all()), _named('queues', Queue.get_all())
+
+
+def load_signals(source: str) -> Any:
+    """Declare the signals (and queues) of a JSON file; return the signals named tuple."""
+    return load_stuff(source)[0]
+
+
+def load_queues(source: str) -> Any:
+    """Declare the queues (and signals) of a JSON file; return the queues named tuple."""
+    return load_stuff(source)[1]
+
+
+# =====================================================================================
+# Decorators: receiver, consumer, periodic, cron, on
+# =====================================================================================
+
+MIN_TIMEOUT = 0.001
+HOOK_LABELS = ('pre_start', 'post_start', 'pre_stop', 'server')
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    'concurrency': 10, 'retries': None, 'backoff': None, 'autoack': True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceiverArgs:
+    """``@receiver``: the method receives these signals."""
+    signals: tuple[Signal, ...]
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerArgs:
+    """``@consumer``: the method consumes this queue."""
+    queue: Queue
+    timeout: float
+    dto_class: type | None
+    dto_name: str
+    options: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicArgs:
+    """``@periodic``: the method runs every ``period`` seconds."""
+    period: float
+    timeout: float
+    start_after: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CronArgs:
+    """``@cron``: the method runs on a cron schedule."""
+    spec: str
+    timeout: float
+    tz: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class HookArgs:
+    """``@on``: the method runs at a lifecycle event, or as a server task."""
+    label: str
+
+
+Declaration = ReceiverArgs | ConsumerArgs | PeriodicArgs | CronArgs | HookArgs
+
+
+def _declare(func: Func, declaration: Declaration) -> Func:
+    if isinstance(func, (staticmethod, classmethod)) or not callable(func):
+        raise TypeError(f'{declaration.__class__.__name__[:-4].lower()} decorates methods '
+                        f'of a MicroAgent, not {func!r}')
+    func.__microagent__ = (*getattr(func, '__microagent__', ()), declaration)  # type: ignore[attr-defined]
+    return func
+
+
+def _seconds(what: str, value: Any, minimum: float = MIN_TIMEOUT) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{what} must be a number of seconds, not {value!r}')
+    if value < minimum or (minimum > 0 and value == minimum):
+        raise ValueError(f'{what} must be more than {minimum} s, not {value!r}'
+                         if minimum > 0 else f'{what} must be >= 0, not {value!r}')
+    return float(value)
+
+
+def receiver(*signals: Signal | str, timeout: float = 60) -> Callable[[Func], Func]:
+    """Receive signals: the method is called as ``handler(signal=, sender=, **payload)``.
+
+    A method may receive several signals and a signal may have many receivers. The
+    return value (any JSON value) is the method's answer to an RPC ``call``. A call
+    that outlives ``timeout`` seconds is cancelled and logged::
+
+        @receiver(signals.user_created, signals.user_deleted, timeout=10)
+        async def on_user(self, signal, sender, user_id, **kwargs): ...
+    """
+    if not signals:
+        raise TypeError('receiver() needs at least one signal')
+    declared = tuple(s if isinstance(s, Signal) else Signal.get(s) for s in signals)
+    args = ReceiverArgs(declared, _seconds('receiver timeout', timeout))
+    return lambda func: _declare(func, args)
+
+
+def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = None,
+             dto_name: str | None = None, **options: Any) -> Callable[[Func], Func]:
+    """Consume a queue: the method is called as ``handler(**message)``.
+
+    With ``dto_class`` the message is also given as ``dto_class(**message)`` (or
+    ``msgspec.convert(message, dto_class)`` for a ``msgspec.Struct``) under ``dto_name``
+    (default ``dto``). The AMQP and Kafka brokers add their raw message as ``amqp=`` /
+    ``kafka=``. Options:
+
+    - ``concurrency`` (default 10): handlers running at once; ``1`` keeps order.
+    - ``retries`` (default the broker's ``ROLLBACK_ATTEMPTS``, 3): further attempts after
+      a failure or a timeout, ``backoff`` seconds apart (default the broker's
+      ``RETRY_BACKOFF``, 0.5, doubled each time); then the message goes to
+      ``{queue}.dead``.
+    - ``autoack`` (default True): acknowledge after the handler succeeds; False leaves
+      it to the handler (AMQP ``broker.putout(amqp)``).
+    - backend options, checked when the agent starts.
+    """
+    declared = queue if isinstance(queue, Queue) else Queue.get(queue)
+    if dto_class is not None and not isinstance(dto_class, type):
+        raise TypeError(f'dto_class must be a class, not {dto_class!r}')
+    if dto_name is not None and (not isinstance(dto_name, str) or not dto_name.isidentifier()):
+        raise ValueError(f'dto_name must be an identifier, not {dto_name!r}')
+    concurrency = options.get('concurrency', CONSUMER_DEFAULTS['concurrency'])
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f'concurrency must be a whole number >= 1, not {concurrency!r}')
+    retries = options.get('retries')
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                or retries < 0):
+        raise ValueError(f'retries must be a whole number >= 0, not {retries!r}')
+    if options.get('backoff') is not None:
+        _seconds('backoff', options['backoff'], minimum=0)
+    args = ConsumerArgs(declared, _seconds('consumer timeout', timeout), dto_class,
+                        dto_name or 'dto', dict(options))
+    return lambda func: _declare(func, args)
+
+
+def periodic(period: float, timeout: float = 1, start_after: float = 0
+             ) -> Callable[[Func], Func]:
+    """Run the method every ``period`` seconds, first after ``start_after`` seconds.
+
+    Each run is cancelled after ``timeout`` seconds; an exception is logged and the
+    schedule goes on. A tick that comes while the previous run is still going is
+    skipped (with a warning) rather than piling runs up::
+
+        @periodic(period=5, timeout=4, start_after=10)
+        async def refresh_cache(self): ...
+    """
+    args = PeriodicArgs(_seconds('period', period), _seconds('timeout', timeout),
+                        _seconds('start_after', start_after, minimum=0))
+    return lambda func: _declare(func, args)
+
+
+CRON_ALIASES = frozenset({'@yearly', '@annually', '@monthly', '@weekly', '@daily',
+                          '@midnight', '@hourly'})
+
+
+def _import_croniter() -> Any:
+    try:
+        import croniter
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ImportError('@cron needs croniter: pip install croniter') from None
+    return croniter.croniter
+
+
+def _timezone(tz: str | None) -> Any:
+    if tz is None:
+        import datetime
+        return datetime.timezone.utc
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f'unknown time zone {tz!r}') from exc
+
+
+def cron(spec: str, timeout: float = 1, tz: str | None = None) -> Callable[[Func], Func]:
+    """Run the method on a cron schedule, evaluated in UTC unless ``tz`` names a zone.
+
+    ``spec`` is a standard 5-field spec (minute hour day-of-month month day-of-week) or
+    an alias such as ``@hourly``; a wrong spec raises ``ValueError`` here, at
+    decoration time::
+
+        @cron('0 */4 * * *', timeout=60)
+        async def send_report(self): ...
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f'cron spec must be a string, not {spec!r}')
+    fields = spec.split()
+    if not (len(fields) == 5 or (len(fields) == 1 and fields[0].lower() in CRON_ALIASES)):
+        raise ValueError(
+            f'cron spec {spec!r} must have 5 fields (minute hour day month weekday) '
+            f'or be one of {", ".join(sorted(CRON_ALIASES))}')
+    croniter = _import_croniter()
+    try:
+        croniter(spec.lower() if spec.startswith('@') else spec)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f'cron spec {spec!r} is not valid: {exc}') from None
+    _timezone(tz)
+    args = CronArgs(spec, _seconds('timeout', timeout), tz)
+    return lambda func: _declare(func, args)
+
+
+def on(label: str) -> Callable[[Func], Func]:
+    """Run the method at a lifecycle event, or as a server.
+
+    ``pre_start`` (before anything is bound), ``post_start`` (everything is live),
+    ``pre_stop`` (the agent is about to stop, still fully working), and ``server``: a
+    task that runs for the life of the agent; raising :class:`ServerInterrupt` stops
+    the agent gracefully::
+
+        @on('server')
+        async def run_http(self):
+            await serve()
+            raise ServerInterrupt('done')
+    """
+    if label not in HOOK_LABELS:
+        raise ValueError(f'hook label {label!r} is not one of {", ".join(HOOK_LABELS)}')
+    args = HookArgs(label)
+    return lambda func: _declare(func, args)
+
+
+# =====================================================================================
+# Agent: collects declarations over the MRO, binds them to a bus and a broker
+# =====================================================================================
+
+if sys.version_info >= (3, 11):
+    async def _with_timeout(awaitable: Awaitable[Any], timeout: float) -> Any:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    async def _with_timeout(awaitable: Awaitable[Any], timeout: float) -> Any:
+        return await asyncio.wait_for(awaitable, timeout)
+
+
+async def _call(func: Callable[..., Any], timeout: float | None, **kwargs: Any) -> Any:
+    """Call a sync or async handler; an async one is cancelled after ``timeout``."""
+    result = func(**kwargs)
+    if inspect.isawaitable(result):
+        return await (_with_timeout(result, timeout) if timeout else result)
+    return result
+
+
+def _collect_declarations(cls: type) -> dict[str, tuple[Declaration, ...]]:
+    """Method name -> declarations, over the MRO: the most derived declaration wins.
+
+    An override without a decorator keeps the declaration of its base (the override
+    is what gets called); setting the attribute to None removes it.
+    """
+    found: dict[str, tuple[Declaration, ...]] = {}
+    for klass in reversed(cls.__mro__):
+        for name, attr in vars(klass).items():
+            declarations = getattr(attr, '__microagent__', None)
+            if declarations:
+                found[name] = tuple(declarations)
+            elif attr is None:
+                found.pop(name, None)
+    consumed: dict[str, str] = {}
+    for name, declarations in found.items():
+        for declaration in declarations:
+            if isinstance(declaration, ConsumerArgs):
+                other = consumed.setdefault(declaration.queue.name, name)
+                if other != name:
+                    raise TypeError(
+                        f'{cls.__name__}: {other} and {name} both consume queue '
+                        f'{declaration.queue.name!r}; a queue has one consumer per agent')
+    return found
+
+
+@dataclasses.dataclass(eq=False)
+class Receiver:
+    """A receiver method of a running agent, bound to one signal."""
+    agent: MicroAgent
+    handler: Callable[..., Any]
+    signal: Signal
+    timeout: float
+
+    @property
+    def key(self) -> str:
+        """``Class.method``: the key of this receiver's RPC answers."""
+        return f'{type(self.agent).__name__}.{self.handler.__name__}'
+
+    def __repr__(self) -> str:
+        return f'<Receiver {self.key} of {self.signal.name}>'
+
+
+@dataclasses.dataclass(eq=False)
+class Consumer:
+    """A consumer method of a running agent, bound to its queue."""
+    agent: MicroAgent
+    handler: Callable[..., Any]
+    queue: Queue
+    timeout: float
+    dto_class: type | None
+    dto_name: str
+    options: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f'{type(self.agent).__name__}.{self.handler.__name__}'
+
+    def __repr__(self) -> str:
+        return f'<Consumer {self.key} of {self.queue.name}>'
+
+
+class MicroAgent:
+    """A service: signal receivers, queue consumers, timers and hooks, declared with
+    decorators and bound to ``bus`` and ``broker`` by :meth:`start`.
+
+    :param bus: an :class:`AbstractSignalBus`, needed to receive (or send) signals.
+    :param broker: an :class:`AbstractQueueBroker`, needed to consume (or send) messages.
+    :param log: a ``logging.Logger`` (default ``microagent.<ClassName>``).
+    :param settings: a dict of the service's own settings, kept as ``self.settings``.
+
+    An agent with receivers and no bus, or consumers and no broker, is refused here.
+    ``MicroAgent.declarations`` maps each decorated method name to its declarations;
+    the same structure binds handlers at run time and draws the topology graph.
+    """
+
+    declarations: ClassVar[dict[str, tuple[Declaration, ...]]] = {}
+
+    log: logging.Logger
+    bus: AbstractSignalBus | None
+    broker: AbstractQueueBroker | None
+    settings: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.declarations = _collect_declarations(cls)
+
+    def __init__(self, bus: AbstractSignalBus | None = None,
+                 broker: AbstractQueueBroker | None = None,
+                 log: logging.Logger | None = None, settings: dict[str, Any] | None = None,
+                 *, logger: logging.Logger | None = None) -> None:
+        self.bus = bus
+        self.broker = broker
+        self.log = log or logger or logging.getLogger(f'microagent.{type(self).__name__}')
+        self.settings = settings if settings is not None else {}
+        self.receivers: list[Receiver] = []
+        self.consumers: list[Consumer] = []
+        self.periodic_tasks: list[PeriodicTask] = []
+        self.cron_tasks: list[CronTask] = []
+        self.hooks: dict[str, list[Callable[..., Any]]] = {label: [] for label in HOOK_LABELS}
+        self._bind_declarations()
+        self._check_transport()
+        self._state = 'new'
+        self._servers: set[asyncio.Task[Any]] = set()
+        self._stopped: asyncio.Future[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    def _bind_declarations(self) -> None:
+        for name, declarations in self.declarations.items():
+            handler = getattr(self, name)
+            for d in declarations:
+                if isinstance(d, ReceiverArgs):
+                    self.receivers.extend(Receiver(self, handler, s, d.timeout) for s in d.signals)
+                elif isinstance(d, ConsumerArgs):
+                    self.consumers.append(Consumer(
+                        self, handler, d.queue, d.timeout, d.dto_class, d.dto_name, d.options))
+                elif isinstance(d, PeriodicArgs):
+                    self.periodic_tasks.append(PeriodicTask(self, handler, d))
+                elif isinstance(d, CronArgs):
+                    self.cron_tasks.append(CronTask(self, handler, d))
+                else:
+                    self.hooks[d.label].append(handler)
+
+    def _check_transport(self) -> None:
+        name = type(self).__name__
+        if self.bus is not None and not isinstance(self.bus, AbstractSignalBus):
+            raise SignalException(f'{name}: bus must be an AbstractSignalBus, not {self.bus!r}')
+        if self.broker is not None and not isinstance(self.broker, AbstractQueueBroker):
+            raise QueueException(
+                f'{name}: broker must be an AbstractQueueBroker, not {self.broker!r}')
+        if self.receivers and self.bus is None:
+            methods = sorted({r.handler.__name__ for r in self.receivers})
+            raise SignalException(
+                f'{name} receives signals ({", ".join(methods)}) but has no bus: pass bus=')
+        if self.consumers and self.broker is None:
+            methods = sorted(c.handler.__name__ for c in self.consumers)
+            raise QueueException(
+                f'{name} consumes queues ({", ".join(methods)}) but has no broker: pass broker=')
+
+    def __repr__(self) -> str:
+        return f'<MicroAgent {type(self).__name__}>'
+
+    async def __aenter__(self) -> MicroAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self, enable_periodic_tasks: bool = True,
+                    enable_receiving_signals: bool = True,
+                    enable_consuming_messages: bool = True,
+                    enable_servers_running: bool = True) -> None:
+        """Run ``pre_start`` hooks, bind receivers and consumers, start timers, run
+        ``post_start`` hooks and start servers.
+
+        Returns once every subscription and consumer is live: a signal sent or a
+        message queued the moment it returns is received. Servers keep running in the
+        background; :meth:`wait` waits for the agent to stop. If starting fails, what
+        was started is stopped again and the error propagates.
+        """
+        if self._state != 'new':
+            raise RuntimeError(f'{self!r} was already started')
+        self._state = 'starting'
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._run_hooks('pre_start')
+            if enable_receiving_signals and self.receivers:
+                assert self.bus is not None
+                await self.bus.bind_receivers(self.receivers)
+            if enable_consuming_messages and self.consumers:
+                assert self.broker is not None
+                await asyncio.gather(*(self.broker.bind_consumer(c) for c in self.consumers))
+            if enable_periodic_tasks:
+                for task in (*self.periodic_tasks, *self.cron_tasks):
+                    task.start()
+            await self._run_hooks('post_start')
+            if enable_servers_running:
+                for server in self.hooks['server']:
+                    self._start_server(server)
+        except BaseException:
+            self._state = 'started'
+            await self.stop()
+            raise
+        self._state = 'started'
+        self.log.info('%r started', self)
+
+    async def _run_hooks(self, label: str) -> None:
+        for hook in self.hooks[label]:
+            await _call(hook, None)
+
+    def _start_server(self, server: Callable[..., Any]) -> None:
+        task = asyncio.get_running_loop().create_task(_call(server, None))
+        self._servers.add(task)
+        task.add_done_callback(lambda done: self._server_done(server, done))
+
+    def _server_done(self, server: Callable[..., Any], task: asyncio.Task[Any]) -> None:
+        self._servers.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.log.info('Server %s finished', server.__name__)
+            return
+        if isinstance(exc, ServerInterrupt):
+            self.log.info('Server %s interrupted the agent: %s', server.__name__, exc)
+        else:
+            self.log.error('Server %s failed', server.__name__, exc_info=exc)
+            self._failure = self._failure or exc
+        if self._state in ('starting', 'started'):
+            self._stopping = asyncio.get_running_loop().create_task(self.stop())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop gracefully: run ``pre_stop`` hooks, stop timers, close subscriptions,
+        stop taking messages, let in-flight handlers finish and acknowledge them.
+
+        Each in-flight handler has until its own timeout to finish, or until ``grace``
+        seconds when given; one still running then is cancelled and its message goes
+        back to the queue. Calling it again waits for the first call.
+        """
+        if self._state in ('stopping', 'stopped'):
+            if self._stopped is not None:
+                await asyncio.shield(self._stopped)
+            return
+        if self._state == 'new':
+            self._state = 'stopped'
+            return
+        self._state = 'stopping'
+        try:
+            try:
+                await self._run_hooks('pre_stop')
+            except Exception:
+                self.log.exception('pre_stop hook failed')
+            await self._shut_down(grace)
+        finally:
+            self._state = 'stopped'
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+            self.log.info('%r stopped', self)
+
+    async def _shut_down(self, grace: float | None) -> None:
+        timers = (*self.periodic_tasks, *self.cron_tasks)
+        for timer in timers:
+            timer.stop()
+        if self.bus is not None and self.receivers:
+            await self.bus.unbind_receivers(self.receivers)
+        work: list[Awaitable[Any]] = []
+        if self.broker is not None:
+            work.extend(self.broker.unbind_consumer(c, grace) for c in self.consumers)
+        if self.bus is not None:
+            work.append(self.bus.drain(grace))
+        work.extend(timer.drain(grace) for timer in timers)
+        results = await asyncio.gather(*work, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self.log.error('Stopping %r failed', self, exc_info=result)
+        current = asyncio.current_task()
+        servers = [task for task in self._servers if task is not current]
+        for task in servers:
+            task.cancel()
+        await asyncio.gather(*servers, return_exceptions=True)
+
+    async def wait(self) -> None:
+        """Wait until the agent has stopped: :meth:`stop` was called, or a server
+        raised :class:`ServerInterrupt`, or a server failed, in which case its exception
+        is raised here once the agent has stopped."""
+        if self._stopped is None:
+            raise RuntimeError(f'{self!r} was not started')
+        await asyncio.shield(self._stopped)
+        if self._stopping is not None:
+            await self._stopping
+        if self._failure is not None:
+            raise self._failure
+
+    def info(self) -> dict[str, Any]:
+        """What the agent is made of, as a JSON-serializable dict."""
+        return {
+            'name': type(self).__name__,
+            'class': f'{type(self).__module__}.{type(self).__qualname__}',
+            'bus': repr(self.bus) if self.bus is not None else None,
+            'broker': repr(self.broker) if self.broker is not None else None,
+            'receivers': [{'name': r.handler.__name__, 'signal': r.signal.name,
+                           'timeout': r.timeout} for r in self.receivers],
+            'consumers': [{'name': c.handler.__name__, 'queue': c.queue.name,
+                           'timeout': c.timeout, 'options': _jsonable(c.options),
+                           'dto': c.dto_class.__name__ if c.dto_class else None}
+                          for c in self.consumers],
+            'periodic': [{'name': t.handler.__name__, 'period': t.args.period,
+                          'timeout': t.args.timeout, 'start_after': t.args.start_after}
+                         for t in self.periodic_tasks],
+            'cron': [{'name': t.handler.__name__, 'cron': t.args.spec,
+                      'timeout': t.args.timeout, 'tz': t.args.tz or 'UTC'}
+                     for t in self.cron_tasks],
+            'hooks': {label: [h.__name__ for h in handlers]
+                      for label, handlers in self.hooks.items() if handlers},
+            **_sent_by(type(self)),
+        }
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+            for key, value in options.items()}
+
+
+def _sent_by(cls: type) -> dict[str, list[str]]:
+    """What an agent class sends, calls and produces (filled in by the graph section)."""
+    return {'sends': [], 'calls': [], 'produces': []}
+
+
+# =====================================================================================
+# Bus: pub/sub signals and RPC over pub/sub
+# =====================================================================================
+
+class ResponseStream:
+    """The answers to one RPC request, as an async iterator that ends at its deadline.
+
+    Each answer is a dict ``{"Class.method": value}`` from one responding bus.
+    """
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._answers: deque[JSONObject] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, answer: JSONObject) -> None:
+        self._answers.append(answer)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> JSONObject:
+        loop = asyncio.get_running_loop()
+        while not self._answers:
+            if loop.time() >= self.deadline:
+                raise StopAsyncIteration
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(self.deadline, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._answers.popleft()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class AbstractSignalBus(abc.ABC):
+    """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
+
+    A backend implements :meth:`send` (publish raw bytes to a channel) and :meth:`bind`
+    (subscribe to a channel pattern, returning once the subscription is live), and
+    passes every incoming message to :meth:`handle_message`. It connects lazily, so a
+    bus can be made outside a running event loop.
+
+    Every declared signal is an attribute: ``await bus.user_created.send('me', user_id=1)``.
+    Channels are ``{prefix}:{signal}:{sender}``; an RPC request adds ``#{request_id}``
+    and the answers come back on ``{prefix}:response:{responder_uid}#{request_id}``.
+    """
+
+    RESPONSE_TIMEOUT: ClassVar[float] = 60
+
+    def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
+                 *, logger: logging.Logger | None = None) -> None:
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '#*?[]'):
+            raise SignalException(f'bus prefix must be a non-empty string without #*?[], '
+                                  f'not {prefix!r}')
+        self.dsn = dsn
+        self.prefix = prefix
+        self.uid = uuid.uuid4().hex
+        self.log = log or logger or logging.getLogger('microagent.bus')
+        self.receivers: dict[str, list[Receiver]] = {}
+        self._requests: dict[str, ResponseStream] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._responses_bound: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {redact_dsn(self.dsn)} {self.prefix}#{self.uid[:8]}>'
+
+    def __getattr__(self, name: str) -> BoundSignal:
+        if name.startswith('__'):
+            raise AttributeError(name)
+        return BoundSignal(self, Signal.get(name))
+
+    @abc.abstractmethod
+    async def send(self, channel: str, message: bytes) -> None:
+        """Publish ``message`` (JSON bytes) on ``channel``."""
+
+    @abc.abstractmethod
+    async def bind(self, channel: str) -> None:
+        """Subscribe to the channel pattern ``channel``; return once it is live."""
+
+    async def unbind(self, channel: str) -> None:  # noqa: B027 - optional for backends
+        """Unsubscribe from the channel pattern ``channel``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends
+        """Release the bus's connections."""
+
+    # -- receiving --------------------------------------------------------------------
+
+    async def bind_receiver(self, receiver: Receiver) -> None:
+        """Bind one receiver; the signal's channel is subscribed once per bus."""
+        await self.bind_receivers([receiver])
+
+    async def bind_receivers(self, receivers: Iterable[Receiver]) -> None:
+        """Bind receivers and return once their subscriptions are live."""
+        new = []
+        for receiver in receivers:
+            name = receiver.signal.name
+            if name not in self.receivers:
+                new.append(receiver.signal.make_channel_name(self.prefix))
+            self.receivers.setdefault(name, []).append(receiver)
+        await asyncio.gather(*(self.bind(channel) for channel in dict.fromkeys(new)))
+
+    async def unbind_receivers(self, receivers: Iterable[Receiver]) -> None:
+        """Stop delivering to these receivers; unsubscribe signals nobody receives."""
+        gone = []
+        for receiver in receivers:
+            bound = self.receivers.get(receiver.signal.name, [])
+            if receiver in bound:
+                bound.remove(receiver)
+            if not bound and self.receivers.pop(receiver.signal.name, None) is not None:
+                gone.append(receiver.signal.make_channel_name(self.prefix))
+        for channel in gone:
+            try:
+                await self.unbind(channel)
+            except Exception:
+                self.log.warning('Unsubscribing %s failed', channel, exc_info=True)
+
+    def handle_message(self, channel: str | bytes, message: bytes | str) -> None:
+        """Take one message from the backend: an RPC answer or a signal to dispatch.
+
+        A payload that is not a JSON object is logged and dropped; one that does not
+        match its declaration is logged as a warning and delivered.
+        """
+        if isinstance(channel, bytes):
+            channel = channel.decode('utf-8', 'replace')
+        head, _, request_id = channel.partition('#')
+        if not head.startswith(self.prefix) or head[len(self.prefix):len(self.prefix) + 1] != ':':
+            return
+        name, _, sender = head[len(self.prefix) + 1:].partition(':')
+        if name == 'response':
+            self._handle_answer(request_id, message)
+            return
+        receivers = self.receivers.get(name)
+        if not receivers:
+            return
+        signal = receivers[0].signal
+        try:
+            payload = decode_object(message)
+        except SerializingError as exc:
+            self.log.error('Dropped signal %s from %s: %s', name, sender, exc)
+            return
+        problem = signal.check(payload)
+        if problem:
+            self.log.warning('Signal %s from %s does not match its declaration: %s',
+                             name, sender, problem)
+        task = asyncio.get_running_loop().create_task(
+            self._dispatch(signal, sender, request_id, payload, list(receivers)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _handle_answer(self, request_id: str, message: bytes | str) -> None:
+        stream = self._requests.get(request_id)
+        if stream is None:
+            return
+        try:
+            stream.put(decode_object(message))
+        except SerializingError as exc:
+            self.log.error('Dropped an RPC answer to %s: %s', request_id, exc)
+
+    async def _dispatch(self, signal: Signal, sender: str, request_id: str,
+                        payload: JSONObject, receivers: list[Receiver]) -> None:
+        answers = await asyncio.gather(
+            *(self._run_receiver(r, signal, sender, payload) for r in receivers))
+        if not request_id:
+            return
+        answer = {r.key: value for r, value in zip(receivers, answers, strict=True)}
+        try:
+            body = encode_json(answer)
+        except SerializingError:
+            self.log.error('RPC answer to %s is not JSON: %r', signal.name, answer)
+            body = encode_json({key: _json_or_none(value) for key, value in answer.items()})
+        try:
+            await self.send(f'{self.prefix}:response:{self.uid}#{request_id}', body)
+        except Exception:
+            self.log.exception('Sending the RPC answer to %s failed', signal.name)
+
+    async def _run_receiver(self, receiver: Receiver, signal: Signal, sender: str,
+                            payload: JSONObject) -> Any:
+        try:
+            return await _call(receiver.handler, receiver.timeout,
+                               signal=signal, sender=sender, **payload)
+        except asyncio.TimeoutError:
+            self.log.error('Receiver %s timed out after %ss on %s',
+                           receiver.key, receiver.timeout, signal.name)
+        except Exception:
+            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        return None
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for running receivers (each bounded by its timeout, or by ``grace``)."""
+        if not self._tasks:
+            return
+        timeout = grace if grace is not None else max(
+            (r.timeout for rs in self.receivers.values() for r in rs), default=60) + 1
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning('Cancelled %d receiver calls still running at stop', len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- RPC ----------------------------------------------------------------------------
+
+    async def _bind_responses(self) -> None:
+        if self._responses_bound is None:
+            self._responses_bound = asyncio.get_running_loop().create_future()
+            try:
+                await self.bind(f'{self.prefix}:response:*')
+            except BaseException as exc:
+                future, self._responses_bound = self._responses_bound, None
+                future.set_exception(exc)
+                future.exception()  # retrieved here; the caller gets it raised
+                raise
+            self._responses_bound.set_result(None)
+        else:
+            await asyncio.shield(self._responses_bound)
+
+    @contextlib.asynccontextmanager
+    async def call(self, channel: str, message: bytes, timeout: float = 60
+                   ) -> AsyncIterator[ResponseStream]:
+        """Publish an RPC request on ``channel`` and yield the stream of its answers.
+
+        The answer subscription is live before the request is published.
+        """
+        await self._bind_responses()
+        request_id = uuid.uuid4().hex
+        stream = ResponseStream(asyncio.get_running_loop().time() + timeout)
+        self._requests[request_id] = stream
+        try:
+            await self.send(f'{channel}#{request_id}', message)
+            yield stream
+        finally:
+            self._requests.pop(request_id, None)
+
+
+def _json_or_none(value: Any) -> Any:
+    try:
+        encode_json(value)
+    except SerializingError:
+        return None
+    return value
+
+
+def _check_sender(sender: str) -> str:
+    if not isinstance(sender, str) or not sender or '#' in sender:
+        raise SignalException(f'sender must be a non-empty string without "#", not {sender!r}')
+    return sender
+
+
+class BoundSignal:
+    """A signal on a bus: ``bus.<signal_name>``."""
+
+    __slots__ = ('bus', 'signal')
+
+    def __init__(self, bus: AbstractSignalBus, signal: Signal) -> None:
+        self.bus = bus
+        self.signal = signal
+
+    def __repr__(self) -> str:
+        return f'<BoundSignal {self.signal.name} on {self.bus!r}>'
+
+    def _prepare(self, sender: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+        problem = self.signal.check(payload)
+        if problem:
+            self.bus.log.warning('Sending signal %s that does not match its declaration: %s',
+                                 self.signal.name, problem)
+        channel = self.signal.make_channel_name(self.bus.prefix, _check_sender(sender))
+        return channel, encode_json(payload)
+
+    async def send(self, sender: str, **kwargs: Any) -> None:
+        """Publish the signal with ``kwargs`` as its payload."""
+        await self.bus.send(*self._prepare(sender, kwargs))
+
+    async def call(self, sender: str, timeout: float = 60, **kwargs: Any) -> JSONObject:
+        """RPC: publish the signal and return the first answer, ``{"Class.method": value}``,
+        or ``{}`` when none comes within ``timeout`` seconds."""
+        async with self.waiter(sender, timeout, **kwargs) as answers:
+            async for answer in answers:
+                return answer
+        return {}
+
+    def waiter(self, sender: str, timeout: float = 60, **kwargs: Any
+               ) -> contextlib.AbstractAsyncContextManager[ResponseStream]:
+        """RPC with every answer: an async context manager giving an async iterator of
+        answers, which ends ``timeout`` seconds after the request::
+
+            async with bus.rpc_count.waiter('me', timeout=2, user_id=1) as answers:
+                async for answer in answers:
+                    ...
+        """
+        channel, body = self._prepare(sender, kwargs)
+        return self.bus.call(channel, body, timeout)
+
+
+# =====================================================================================
+# Broker: durable queues, consumed by a bounded pool with retries and dead letters
+# =====================================================================================
+
+class Delivery:
+    """One message taken from a queue by a backend, until it is acknowledged.
+
+    ``body`` is the raw message body, ``raw`` the backend's own message object (given
+    to handlers as ``amqp=`` / ``kafka=``), ``tag`` whatever the backend needs to
+    acknowledge it.
+    """
+
+    __slots__ = ('body', 'raw', 'tag')
+
+    def __init__(self, body: bytes, raw: Any = None, tag: Any = None) -> None:
+        self.body = body
+        self.raw = raw
+        self.tag = tag
+
+    def __repr__(self) -> str:
+        return f'<Delivery {self.tag!r} {self.body[:60]!r}>'
+
+
+class ConsumerPool:
+    """Consumes one queue for one consumer: the logic every backend reuses.
+
+    The backend feeds batches of :class:`Delivery` with :meth:`feed`, which waits while
+    the pool is full (backpressure). A fixed set of ``concurrency`` workers runs the
+    handler; a failure or timeout is retried ``retries`` times with doubling
+    ``backoff``, then the message goes to the dead-letter queue with the error. A body
+    that is not a JSON object (or does not fit the DTO) goes there at once. Finished
+    messages are acknowledged in batches through ``broker.ack``; on :meth:`close`,
+    messages not started or not finished go back through ``broker.release``.
+    """
+
+    def __init__(self, broker: AbstractQueueBroker, consumer: Consumer) -> None:
+        options = consumer.options
+        self.broker = broker
+        self.consumer = consumer
+        self.name = consumer.queue.name
+        self.log = broker.log
+        self.concurrency: int = options.get('concurrency', CONSUMER_DEFAULTS['concurrency'])
+        retries = options.get('retries')
+        self.retries: int = broker.ROLLBACK_ATTEMPTS if retries is None else retries
+        backoff = options.get('backoff')
+        self.backoff: float = broker.RETRY_BACKOFF if backoff is None else backoff
+        self.autoack: bool = options.get('autoack', True)
+        self.capacity = max(2 * self.concurrency, broker.PREFETCH)
+        self._pending: deque[Delivery] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._room: asyncio.Future[None] | None = None
+        self._running: set[Delivery] = set()
+        self._to_ack: list[Delivery] = []
+        self._to_release: list[Delivery] = []
+        self._ack_wakeup: asyncio.Future[None] | None = None
+        self._sleepers: set[asyncio.Future[None]] = set()
+        self._closing = False
+        self._workers: list[asyncio.Task[None]] = []
+        self._acker: asyncio.Task[None] | None = None
+        self._raw_arg = broker.RAW_MESSAGE_ARG
+        self._dto_class = consumer.dto_class
+        self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
+
+    def __repr__(self) -> str:
+        return f'<ConsumerPool {self.name} x{self.concurrency} for {self.consumer.key}>'
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
+        self._acker = loop.create_task(self._acknowledge())
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` began: backends stop fetching."""
+        return self._closing
+
+    async def feed(self, batch: Iterable[Delivery]) -> None:
+        """Hand over deliveries; return when the pool has room for more.
+
+        The deliveries belong to the pool from the call on, even if it is cancelled.
+        """
+        self._pending.extend(batch)
+        idle = self._idle
+        for _ in range(min(len(idle), len(self._pending))):
+            _resolve(idle.popleft())
+        while len(self._pending) >= self.capacity and not self._closing:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _make_room(self) -> None:
+        if self._room is not None and len(self._pending) < self.capacity // 2 + 1:
+            _resolve(self._room)
+            self._room = None
+
+    async def _work(self) -> None:
+        pending, loop = self._pending, asyncio.get_running_loop()
+        while True:
+            if not pending:
+                if self._closing:
+                    return
+                idle = loop.create_future()
+                self._idle.append(idle)
+                await idle
+                continue
+            delivery = pending.popleft()
+            if self._room is not None:
+                self._make_room()
+            self._running.add(delivery)
+            try:
+                finished = await self._handle(delivery)
+            except asyncio.CancelledError:
+                self._running.discard(delivery)
+                self._to_release.append(delivery)
+                raise
+            self._running.discard(delivery)
+            if finished is None:
+                continue
+            (self._to_ack if finished else self._to_release).append(delivery)
+            if finished and self._ack_wakeup is not None:
+                _resolve(self._ack_wakeup)
+
+    def _arguments(self, delivery: Delivery) -> dict[str, Any]:
+        payload = decode_object(delivery.body)
+        if self._dto_class is not None:
+            dto = (msgspec.convert(payload, self._dto_class) if self._is_struct
+                   else self._dto_class(**payload))
+            payload = {**payload, self.consumer.dto_name: dto}
+        if self._raw_arg is not None:
+            payload[self._raw_arg] = delivery.raw
+        return payload
+
+    async def _handle(self, delivery: Delivery) -> bool | None:
+        """True: done, to acknowledge; False: to release; None: the handler acks it."""
+        consumer = self.consumer
+        try:
+            kwargs = self._arguments(delivery)
+        except Exception as exc:
+            self.log.error('Message in %s is malformed, dead-lettered: %s', self.name, exc)
+            return await self._dead_letter(delivery, exc, 0)
+        attempts, limit = 0, self.retries + 1
+        while True:
+            attempts += 1
+            try:
+                await _call(consumer.handler, consumer.timeout, **kwargs)
+                return True if self.autoack else None
+            except asyncio.TimeoutError as exc:
+                error: Exception = exc
+                self.log.warning('Consumer %s timed out after %ss (attempt %d of %d)',
+                                 consumer.key, consumer.timeout, attempts, limit)
+            except Exception as exc:
+                error = exc
+                self.log.warning('Consumer %s failed (attempt %d of %d): %r',
+                                 consumer.key, attempts, limit, exc)
+            if attempts >= limit:
+                self.log.error('Consumer %s gave up on a message of %s after %d attempts',
+                               consumer.key, self.name, attempts, exc_info=error)
+                return await self._dead_letter(delivery, error, attempts)
+            await self._sleep(self.backoff * 2 ** (attempts - 1))
+            if self._closing:
+                return False
+
+    async def _sleep(self, delay: float) -> None:
+        if delay <= 0 or self._closing:
+            return
+        loop = asyncio.get_running_loop()
+        wakeup = loop.create_future()
+        timer = loop.call_later(delay, _resolve, wakeup)
+        self._sleepers.add(wakeup)
+        try:
+            await wakeup
+        finally:
+            timer.cancel()
+            self._sleepers.discard(wakeup)
+
+    async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
+                           ) -> bool:
+        envelope = encode_json({
+            'queue': self.name,
+            'body': delivery.body.decode('utf-8', 'replace')
+            if isinstance(delivery.body, (bytes, bytearray, memoryview)) else str(delivery.body),
+            'error': f'{type(error).__name__}: {error}',
+            'attempts': attempts,
+            'consumer': self.consumer.key,
+            'failed_at': time.time(),
+        })
+        try:
+            await self.broker.dead_letter(self.name, delivery, envelope)
+        except Exception:
+            self.log.exception('Dead-lettering a message of %s failed; it goes back to the '
+                               'queue', self.name)
+            return False
+        return True
+
+    async def _acknowledge(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._to_ack:
+                if self._closing and all(w.done() for w in self._workers):
+                    return
+                self._ack_wakeup = loop.create_future()
+                await self._ack_wakeup
+                self._ack_wakeup = None
+                continue
+            batch, self._to_ack = self._to_ack, []
+            try:
+                await self.broker.ack(self.name, batch)
+            except Exception:
+                self.log.exception('Acknowledging %d messages of %s failed; they will be '
+                                   'delivered again', len(batch), self.name)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop taking messages, let running handlers finish (each within its timeout,
+        or ``grace`` seconds), acknowledge what finished and release the rest."""
+        self._closing = True
+        released = list(self._pending)
+        self._pending.clear()
+        for future in (*self._idle, *self._sleepers):
+            _resolve(future)
+        self._idle.clear()
+        if self._room is not None:
+            _resolve(self._room)
+        timeout = grace if grace is not None else self.consumer.timeout + 1
+        if self._workers:
+            _, late = await asyncio.wait(self._workers, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                self.log.warning('Cancelled %d handlers of %s still running at stop',
+                                 len(late), self.name)
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._acker is not None:
+            if self._ack_wakeup is not None:
+                _resolve(self._ack_wakeup)
+            await self._acker
+        released.extend(self._to_release)
+        if released:
+            try:
+                await self.broker.release(self.name, released)
+            except Exception:
+                self.log.exception('Releasing %d messages of %s failed; the broker will '
+                                   'deliver them again', len(released), self.name)
+
+
+class AbstractQueueBroker(abc.ABC):
+    """The queue broker: send JSON-object messages to durable queues and consume them.
+
+    A backend implements :meth:`send`, :meth:`bind` (start feeding ``self.pools[name]``;
+    return once consumption is live), :meth:`queue_length`, and where the transport
+    needs them :meth:`unbind`, :meth:`ack`, :meth:`release`, :meth:`close`. Retries,
+    dead letters, concurrency, backpressure and the graceful drain live in
+    :class:`ConsumerPool`, shared by all backends.
+
+    Upper-case class attributes (``ROLLBACK_ATTEMPTS``, and a backend's own such as
+    ``VISIBILITY_TIMEOUT``) can be set per broker as keyword arguments.
+    Every declared queue is an attribute: ``await broker.mailer.send({'text': 'hi'})``.
+    """
+
+    ROLLBACK_ATTEMPTS: ClassVar[int] = 3
+    RETRY_BACKOFF: ClassVar[float] = 0.5
+    PREFETCH: ClassVar[int] = 64
+    RAW_MESSAGE_ARG: ClassVar[str | None] = None
+    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = frozenset(CONSUMER_DEFAULTS)
+
+    def __init__(self, dsn: str, log: logging.Logger | None = None, *,
+                 logger: logging.Logger | None = None, **attributes: Any) -> None:
+        self.dsn = dsn
+        self.log = log or logger or logging.getLogger('microagent.broker')
+        self.pools: dict[str, ConsumerPool] = {}
+        for key, value in attributes.items():
+            if not key.isupper() or not hasattr(type(self), key):
+                settable = sorted(k for k in dir(type(self)) if k.isupper() and k[0] != '_')
+                raise TypeError(f'{type(self).__name__} has no setting {key!r}; '
+                                f'settable: {", ".join(settable)}')
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
+
+    def __getattr__(self, name: str) -> BoundQueue:
+        if name.startswith('__'):
+            raise AttributeError(name)
+        return BoundQueue(self, Queue.get(name))
+
+    @abc.abstractmethod
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        """Store ``message`` (JSON bytes) in queue ``name``; return once it is stored."""
+
+    @abc.abstractmethod
+    async def bind(self, name: str) -> None:
+        """Start consuming queue ``name`` into ``self.pools[name]``; return once live."""
+
+    @abc.abstractmethod
+    async def queue_length(self, name: str) -> int:
+        """How many messages wait in queue ``name``."""
+
+    async def unbind(self, name: str) -> None:  # noqa: B027 - optional for backends
+        """Stop fetching from queue ``name``; no :meth:`ConsumerPool.feed` after it."""
+
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+        """Acknowledge finished deliveries (handled or dead-lettered)."""
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+        """Give unfinished deliveries back to the queue, to be delivered again."""
+
+    async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
+        """Store the envelope of a message that could not be handled in ``{name}.dead``."""
+        await self.send(f'{name}.dead', envelope)
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends
+        """Flush and release the broker's connections."""
+
+    async def bind_consumer(self, consumer: Consumer) -> None:
+        """Start a consumer; only one consumer per queue per broker."""
+        name = consumer.queue.name
+        if name in self.pools:
+            raise QueueException(f'queue {name!r} already has a consumer on {self!r}: '
+                                 f'{self.pools[name].consumer.key}')
+        unknown = set(consumer.options) - self.CONSUMER_OPTIONS
+        if unknown:
+            raise QueueException(
+                f'{consumer.key}: unknown consumer option {", ".join(sorted(unknown))} for '
+                f'{type(self).__name__}; known: {", ".join(sorted(self.CONSUMER_OPTIONS))}')
+        pool = self.pools[name] = ConsumerPool(self, consumer)
+        pool.start()
+        try:
+            await self.bind(name)
+        except BaseException:
+            self.pools.pop(name, None)
+            await pool.close(0)
+            raise
+        self.log.info('%s consumes %s (concurrency %d)', consumer.key, name, pool.concurrency)
+
+    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
+        """Stop a consumer gracefully (see :meth:`ConsumerPool.close`)."""
+        pool = self.pools.get(consumer.queue.name)
+        if pool is None or pool.consumer is not consumer:
+            return
+        pool._closing = True
+        try:
+            await self.unbind(pool.name)
+        finally:
+            await pool.close(grace)
+            self.pools.pop(pool.name, None)
+
+
+class BoundQueue:
+    """A queue on a broker: ``broker.<queue_name>``."""
+
+    __slots__ = ('broker', 'queue')
+
+    def __init__(self, broker: AbstractQueueBroker, queue: Queue) -> None:
+        self.broker = broker
+        self.queue = queue
+
+    def __repr__(self) -> str:
+        return f'<BoundQueue {self.queue.name} on {self.broker!r}>'
+
+    async def send(self, message: Mapping[str, Any], **options: Any) -> None:
+        """Send a message (a dict); return once the broker has stored it."""
+        await self.broker.send(self.queue.name, self.queue.serialize(message), **options)
+
+    async def length(self) -> int:
+        """How many messages wait in the queue."""
+        return await self.broker.queue_length(self.queue.name)
+
+
+# =====================================================================================
+# Timers: periodic and cron tasks
+# =====================================================================================
+
+class _Timer:
+    """Runs a handler at the times :meth:`next_delay` gives, each run within its
+    timeout; an exception is logged and the schedule goes on."""
+
+    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], timeout: float) -> None:
+        self.agent = agent
+        self.handler = handler
+        self.timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._run: asyncio.Task[None] | None = None
+        self._at = 0.0
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {type(self.agent).__name__}.{self.handler.__name__}>'
+
+    def first_delay(self) -> float:
+        return self.next_delay()
+
+    def next_delay(self) -> float:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._at = loop.time() + self.first_delay()
+        self._timer = loop.call_at(self._at, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._at = self._schedule_after(self._at, loop.time())
+        self._timer = loop.call_at(self._at, self._tick)
+        if self._run is not None and not self._run.done():
+            self.agent.log.warning('%r skipped a run: the previous one is still going', self)
+            return
+        self._run = loop.create_task(self._execute())
+
+    def _schedule_after(self, previous: float, now: float) -> float:
+        return now + self.next_delay()
+
+    async def _execute(self) -> None:
+        try:
+            await _call(self.handler, self.timeout)
+        except asyncio.TimeoutError:
+            self.agent.log.error('%r timed out after %ss', self, self.timeout)
+        except Exception:
+            self.agent.log.exception('%r failed', self)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for a running call (within its timeout, or ``grace``)."""
+        if self._run is None or self._run.done():
+            return
+        done, _ = await asyncio.wait({self._run}, timeout=grace if grace is not None
+                                     else self.timeout + 1)
+        if not done:
+            self._run.cancel()
+            await asyncio.gather(self._run, return_exceptions=True)
+
+
+class PeriodicTask(_Timer):
+    """``@periodic``: every ``period`` seconds, after ``start_after``; missed ticks are
+    skipped, so the schedule does not drift or burst."""
+
+    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: PeriodicArgs) -> None:
+        super().__init__(agent, handler, args.timeout)
+        self.args = args
+
+    def first_delay(self) -> float:
+        return self.args.start_after
+
+    def _schedule_after(self, previous: float, now: float) -> float:
+        period = self.args.period
+        at = previous + period
+        if at <= now:
+            at += (int((now - at) / period) + 1) * period
+        return at
+
+
+class CronTask(_Timer):
+    """``@cron``: at the next time the spec gives, in UTC or the given zone."""
+
+    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: CronArgs) -> None:
+        super().__init__(agent, handler, args.timeout)
+        self.args = args
+        self._croniter = _import_croniter()
+        self._zone = _timezone(args.tz)
+
+    def next_delay(self) -> float:
+        import datetime
+        now = datetime.datetime.now(self._zone)
+        spec = self.args.spec.lower() if self.args.spec.startswith('@') else self.args.spec
+        following = self._croniter(spec, now).get_next(datetime.datetime)
+        return max(0.0, float((following - now).total_seconds()))
+
+
+# =====================================================================================
+# Memory backends: in-process bus and broker with the semantics of the real ones
+# =====================================================================================
+
+def _memory_name(dsn: str) -> str:
+    if not isinstance(dsn, str) or not dsn.startswith('memory://'):
+        raise ValueError(f'a memory backend DSN is memory://NAME, not {dsn!r}')
+    return dsn[len('memory://'):] or 'default'
+
+
+class _BusHub:
+    """The channels of one ``memory://NAME`` bus, shared by the buses of a process."""
+
+    hubs: ClassVar[dict[str, _BusHub]] = {}
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, set[MemorySignalBus]] = {}
+
+    @classmethod
+    def named(cls, name: str) -> _BusHub:
+        return cls.hubs.setdefault(name, cls())
+
+    def publish(self, channel: str, message: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        for pattern, buses in self.subscriptions.items():
+            if channel.startswith(pattern[:-1]) if pattern.endswith('*') else channel == pattern:
+                for bus in buses:
+                    loop.call_soon(bus.handle_message, channel, message)
+
+
+class MemorySignalBus(AbstractSignalBus):
+    """An in-process signal bus, ``memory://NAME``: buses with the same name in one
+    process share their channels. Same semantics as the Redis bus (RPC included)."""
+
+    def __init__(self, dsn: str = 'memory://default', prefix: str = 'PUBSUB',
+                 log: logging.Logger | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, prefix, log, **kwargs)
+        self._hub = _BusHub.named(_memory_name(dsn))
+        self._patterns: set[str] = set()
+
+    async def send(self, channel: str, message: bytes) -> None:
+        self._hub.publish(channel, bytes(message) if not isinstance(message, bytes)
+                          else message)
+
+    async def bind(self, channel: str) -> None:
+        self._hub.subscriptions.setdefault(channel, set()).add(self)
+        self._patterns.add(channel)
+
+    async def unbind(self, channel: str) -> None:
+        self._hub.subscriptions.get(channel, set()).discard(self)
+        self._patterns.discard(channel)
+
+    async def close(self) -> None:
+        for channel in list(self._patterns):
+            await self.unbind(channel)
+        self._responses_bound = None
+
+
+class _MemoryQueue:
+    def __init__(self) -> None:
+        self.items: deque[bytes] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def wake(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+            elif waiter.done() and self.items:
+                self.wake()  # pass the wake-up on to another consumer
+            raise
+
+
+class _BrokerHub:
+    """The queues of one ``memory://NAME`` broker, shared by the brokers of a process."""
+
+    hubs: ClassVar[dict[str, _BrokerHub]] = {}
+
+    def __init__(self) -> None:
+        self.queues: dict[str, _MemoryQueue] = {}
+
+    @classmethod
+    def named(cls, name: str) -> _BrokerHub:
+        return cls.hubs.setdefault(name, cls())
+
+    def queue(self, name: str) -> _MemoryQueue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = _MemoryQueue()
+        return queue
+
+
+class MemoryBroker(AbstractQueueBroker):
+    """An in-process queue broker, ``memory://NAME``: brokers with the same name in one
+    process share their queues (consumers of one queue compete for its messages).
+    Same semantics as the real brokers: retries, dead letters, graceful stop. Send
+    options of other backends (``topic=``) are accepted and ignored."""
+
+    FETCH_BATCH: ClassVar[int] = 256
+
+    def __init__(self, dsn: str = 'memory://default', log: logging.Logger | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dsn, log, **kwargs)
+        self._hub = _BrokerHub.named(_memory_name(dsn))
+        self._fetchers: dict[str, asyncio.Task[None]] = {}
+
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        queue = self._hub.queue(name)
+        queue.items.append(message)
+        if queue.waiters:
+            queue.wake()
+
+    async def bind(self, name: str) -> None:
+        pool = self.pools[name]
+        self._fetchers[name] = asyncio.get_running_loop().create_task(self._fetch(name, pool))
+
+    async def _fetch(self, name: str, pool: ConsumerPool) -> None:
+        queue, size = self._hub.queue(name), self.FETCH_BATCH
+        items = queue.items
+        while True:
+            if not items:
+                await queue.wait()
+                continue
+            count = min(len(items), size)
+            batch = [Delivery(items.popleft()) for _ in range(count)]
+            if items and queue.waiters:
+                queue.wake()
+            await pool.feed(batch)
+
+    async def unbind(self, name: str) -> None:
+        fetcher = self._fetchers.pop(name, None)
+        if fetcher is not None:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:
+        queue = self._hub.queue(name)
+        queue.items.extendleft(d.body for d in reversed(deliveries))
+        queue.wake()
+
+    async def queue_length(self, name: str) -> int:
+        return len(self._hub.queue(name).items)
+
+    async def close(self) -> None:
+        for name in list(self._fetchers):
+            await self.unbind(name)
+
+
+# =====================================================================================
+# Mocks: a bus and a broker for unit tests, strict about names
+# =====================================================================================
+
+def _strict_mock(spec: type, name: str) -> mock.MagicMock:
+    from unittest import mock
+    return mock.MagicMock(spec=spec, name=name)
+
+
+class BusMock(AbstractSignalBus):
+    """A signal bus for tests, built on ``unittest.mock``.
+
+    ``bus.<signal>`` is a mock of :class:`BoundSignal` whose ``send``, ``call`` and
+    ``waiter`` record their calls (``call`` answers ``{}``): assert on them with
+    ``agent.bus.user_created.send.assert_called_once_with('me', user_id=1)``. A signal
+    that is not declared raises :class:`SignalNotFound`, as on a real bus.
+    """
+
+    def __init__(self, dsn: str = 'mock://', prefix: str = 'PUBSUB',
+                 log: logging.Logger | None = None) -> None:
+        from unittest import mock
+        super().__init__(dsn, prefix, log)
+        self._signal_mocks: dict[str, mock.MagicMock] = {}
+        self.send = mock.AsyncMock(name='bus.send')  # type: ignore[method-assign]
+        self.bind = mock.AsyncMock(name='bus.bind')  # type: ignore[method-assign]
+
+    async def send(self, channel: str, message: bytes) -> None:  # replaced by a mock
+        """Replaced by an ``AsyncMock`` on each instance."""
+
+    async def bind(self, channel: str) -> None:  # replaced by a mock
+        """Replaced by an ``AsyncMock`` on each instance."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith('_'):
+            raise AttributeError(name)
+        signal = Signal.get(name)
+        bound = self._signal_mocks.get(name)
+        if bound is None:
+            bound = self._signal_mocks[name] = _strict_mock(BoundSignal, f'bus.{name}')
+            bound.signal, bound.bus = signal, self
+            bound.call.return_value = {}
+        return bound
+
+
+class BrokerMock(AbstractQueueBroker):
+    """A queue broker for tests, built on ``unittest.mock``.
+
+    ``broker.<queue>`` is a mock of :class:`BoundQueue` whose ``send`` and ``length``
+    record their calls (``length`` answers 0): ``agent.broker.mailer.send.assert_called()``.
+    A queue that is not declared raises :class:`QueueNotFound`, as on a real broker.
+    """
+
+    def __init__(self, dsn: str = 'mock://', log: logging.Logger | None = None) -> None:
+        from unittest import mock
+        super().__init__(dsn, log)
+        self._queue_mocks: dict[str, mock.MagicMock] = {}
+        self.send = mock.AsyncMock(name='broker.send')  # type: ignore[method-assign]
+        self.bind = mock.AsyncMock(name='broker.bind')  # type: ignore[method-assign]
+        self.queue_length = mock.AsyncMock(  # type: ignore[method-assign]
+            name='broker.queue_length', return_value=0)
+
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        """Replaced by an ``AsyncMock`` on each instance."""
+
+    async def bind(self, name: str) -> None:
+        """Replaced by an ``AsyncMock`` on each instance."""
+
+    async def queue_length(self, name: str) -> int:
+        """Replaced by an ``AsyncMock`` on each instance."""
+        return 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith('_'):
+            raise AttributeError(name)
+        queue = Queue.get(name)
+        bound = self._queue_mocks.get(name)
+        if bound is None:
+            bound = self._queue_mocks[name] = _strict_mock(BoundQueue, f'broker.{name}')
+            bound.queue, bound.broker = queue, self
+            bound.length.return_value = 0
+        return bound
+
+
+# =====================================================================================
+# Graph: the topology of agents, signals and queues
+# =====================================================================================
+
+
+# =====================================================================================
+# Launcher: settings modules, marun, the supervisor of agent processes
+# =====================================================================================
+
+DEFAULT_GRACE = 30.0
+LEGACY_BACKENDS = {
+    'RedisSignalBus': 'microagent_backends.RedisSignalBus',
+    'AIORedisSignalBus': 'microagent_backends.RedisSignalBus',
+    'RedisBroker': 'microagent_backends.RedisBroker',
+    'AIORedisBroker': 'microagent_backends.RedisBroker',
+    'AMQPBroker': 'microagent_backends.AMQPBroker',
+    'KafkaBroker': 'microagent_backends.KafkaBroker',
+}
+run_log = logging.getLogger('microagent.run')
+
+BackendConfig = tuple[str, dict[str, Any]]
+
+
+class SettingsError(ValueError):
+    """A launcher settings module that cannot be used; the message names module and key."""
+
+
+def resolve_backend(path: str) -> str:
+    """The import path of a backend, translating microagent 1.x paths
+    (``microagent.tools.redis.RedisSignalBus``) to ``microagent_backends``."""
+    if path.startswith('microagent.tools.'):
+        return LEGACY_BACKENDS.get(path.rsplit('.', 1)[-1], path)
+    return path
+
+
+def import_backend(path: str) -> Any:
+    """Import ``package.module.Name`` (1.x backend paths accepted)."""
+    module_path, _, name = resolve_backend(path).rpartition('.')
+    if not module_path:
+        raise ImportError(f'{path!r} is not a dotted path to a class')
+    module = importlib.import_module(module_path)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ImportError(f'module {module_path!r} has no {name!r}') from None
+
+
+def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any]]:
+    section = getattr(module, key, {})
+    if not isinstance(section, dict):
+        raise SettingsError(f'{module_path}: {key} must be a dict')
+    for name, entry in section.items():
+        if not isinstance(entry, dict):
+            raise SettingsError(f'{module_path}: {key}[{name!r}] must be a dict')
+        if not isinstance(entry.get('backend'), str):
+            raise SettingsError(f'{module_path}: {key}[{name!r}]: missing key "backend"')
+        try:
+            import_backend(entry['backend'])
+        except ImportError as exc:
+            raise SettingsError(
+                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f'{entry["backend"]!r}: {exc}') from None
+    return {name: dict(entry) for name, entry in section.items()}
+
+
+def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
+    """Read a settings module: yield ``(agent_name, (backend, cfg))`` for each AGENT entry,
+    with ``cfg['bus']`` / ``cfg['broker']`` unfolded to their ``(backend, params)``.
+
+    A settings module has three dicts (BUS and BROKER are optional)::
+
+        BUS = {'main': {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://app'}}
+        BROKER = {'main': {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://app'}}
+        AGENT = {'user': {'backend': 'app.agents.UserAgent', 'bus': 'main',
+                          'broker': 'main', 'settings': {'key': 'value'}}}
+
+    A module that cannot be imported, an unknown backend or a missing key raises
+    :class:`SettingsError` naming the module and the key.
+    """
+    try:
+        module = importlib.import_module(module_path)
+    except Exception as exc:
+        raise SettingsError(f'{module_path}: cannot import: {type(exc).__name__}: {exc}'
+                            ) from None
+    buses = _section(module_path, module, 'BUS')
+    brokers = _section(module_path, module, 'BROKER')
+    agents = _section(module_path, module, 'AGENT')
+    if not agents:
+        raise SettingsError(f'{module_path}: AGENT has no agents')
+    configs = []
+    for name, entry in agents.items():
+        backend = entry.pop('backend')
+        cls = import_backend(backend)
+        if not (isinstance(cls, type) and issubclass(cls, MicroAgent)):
+            raise SettingsError(f'{module_path}: AGENT[{name!r}]["backend"]: {backend!r} is '
+                                f'not a MicroAgent subclass')
+        for key, section in (('bus', buses), ('broker', brokers)):
+            ref = entry.get(key)
+            if ref is None:
+                continue
+            if ref not in section:
+                raise SettingsError(f'{module_path}: AGENT[{name!r}][{key!r}]: no '
+                                    f'{key.upper()} entry named {ref!r}')
+            params = dict(section[ref])
+            entry[key] = (params.pop('backend'), params)
+        needs = _needs(cls)
+        for key in needs:
+            if entry.get(key) is None:
+                does = 'receives signals' if key == 'bus' else 'consumes queues'
+                raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
+                                    f'({backend} {does})')
+        configs.append((name, (backend, entry)))
+    yield from configs
+
+
+def _needs(cls: type[MicroAgent]) -> list[str]:
+    kinds = {type(d) for ds in cls.declarations.values() for d in ds}
+    return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
+            if kind in kinds]
+
+
+def init_agent(backend: str, cfg: dict[str, Any]) -> MicroAgent:
+    """Build the bus, the broker and the agent of one configuration (not started)."""
+    cfg = dict(cfg)
+    bus_cfg: BackendConfig | None = cfg.pop('bus', None)
+    broker_cfg: BackendConfig | None = cfg.pop('broker', None)
+    bus = import_backend(bus_cfg[0])(**bus_cfg[1]) if bus_cfg else None
+    broker = import_backend(broker_cfg[0])(**broker_cfg[1]) if broker_cfg else None
+    agent: MicroAgent = import_backend(backend)(bus=bus, broker=broker, **cfg)
+    return agent
+
+
+def _memory_dsns(cfg: dict[str, Any]) -> list[str]:
+    shared = []
+    for key in ('bus', 'broker'):
+        backend_cfg = cfg.get(key)
+        if backend_cfg:
+            cls = import_backend(backend_cfg[0])
+            if issubclass(cls, (MemorySignalBus, MemoryBroker)):
+                dsn = backend_cfg[1].get('dsn', 'memory://default')
+                shared.append(f'{key}:{dsn}')
+    return shared
+
+
+def group_agents(configs: list[tuple[str, BackendConfig]]) -> list[list[str]]:
+    """Agent names by process: agents sharing a ``memory://`` bus or broker run together
+    (a memory backend only reaches its own process); every other agent runs alone."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for name, (_, cfg) in configs:
+        keys = set(_memory_dsns(cfg))
+        joined = [g for g in groups if g[0] & keys]
+        merged: tuple[set[str], list[str]] = (set(keys), [])
+        for group in joined:
+            merged[0].update(group[0])
+            merged[1].extend(group[1])
+            groups.remove(group)
+        merged[1].append(name)
+        groups.append(merged)
+    return [names for _, names in groups]
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stdout,
+            format='%(asctime)s %(levelname)-7s [pid#%(process)d] %(name)s: %(message)s')
+
+
+def run_group(modules: list[str], names: list[str], grace: float) -> None:
+    """A process of the group: run the named agents of the settings modules until
+    SIGTERM/SIGINT or until one of them stops; exit 1 if one failed."""
+    _configure_logging()
+    configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace)))
+
+
+async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
+    import signal as signals
+
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    label = ', '.join(name for name, _ in configs)
+
+    def request_stop(signum: int) -> None:
+        run_log.info('AgentProc[%s]: caught %s, stopping', label, signals.Signals(signum).name)
+        _resolve(stop)
+
+    for signum in (signals.SIGTERM, signals.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+    parent = os.getppid()
+    watcher = loop.create_task(_watch_parent(parent, stop))
+    agents: list[MicroAgent] = []
+    failed = False
+    try:
+        for name, (backend, cfg) in configs:
+            agent = init_agent(backend, cfg)
+            agents.append(agent)
+            await agent.start()
+            run_log.info('AgentProc[%s]: started on pid#%d', name, os.getpid())
+        waits = [loop.create_task(agent.wait()) for agent in agents]
+        await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except Exception:
+        run_log.exception('AgentProc[%s]: failed to start', label)
+        failed = True
+        waits = []
+    await asyncio.gather(*(agent.stop(grace) for agent in agents), return_exceptions=True)
+    for task in waits:
+        try:
+            await task
+        except Exception:
+            failed = True
+    for transport in {id(t): t for a in agents for t in (a.bus, a.broker) if t}.values():
+        try:
+            await transport.close()
+        except Exception:
+            run_log.exception('AgentProc[%s]: closing %r failed', label, transport)
+    watcher.cancel()
+    run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
+    return 1 if failed else 0
+
+
+async def _watch_parent(parent: int, stop: asyncio.Future[None]) -> None:
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing to await: a parent's death is polled
+        await asyncio.sleep(1)
+    run_log.warning('AgentProc: the supervisor (pid#%d) is gone, stopping', parent)
+    _resolve(stop)
+
+
+class AgentsManager:
+    """The ``marun`` supervisor: starts the agents of the settings modules, each in its
+    own process (agents sharing a memory backend in one), and keeps the group together.
+
+    When one process ends the others are stopped; SIGTERM/SIGINT stop every agent
+    gracefully (in-flight work finishes within ``grace`` seconds, then a process is
+    killed). :meth:`start` returns the exit status: 0, or 1 if an agent failed.
+    """
+
+    def __init__(self, cfg: list[tuple[str, BackendConfig]], grace: float = DEFAULT_GRACE,
+                 modules: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.grace = grace
+        self.modules = modules or []
+        self.processes: dict[str, Any] = {}
+        self._stop_requested = False
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        import signal as signals
+        run_log.info('AgentsManager: caught %s, stopping the group',
+                     signals.Signals(signum).name)
+        self._stop_requested = True
+
+    def start(self) -> int:
+        import multiprocessing
+        import multiprocessing.connection
+        import signal as signals
+
+        context = multiprocessing.get_context('spawn')
+        for signum in (signals.SIGTERM, signals.SIGINT):
+            signals.signal(signum, self._request_stop)
+        for names in group_agents(self.cfg):
+            label = ', '.join(names)
+            if len(names) > 1:
+                run_log.info('AgentsManager: %s share a memory:// bus or broker and run in '
+                             'one process', label)
+            process = context.Process(target=run_group, name=label,
+                                      args=(self.modules, names, self.grace), daemon=False)
+            process.start()
+            self.processes[label] = process
+            run_log.info('AgentsManager: started %s on pid#%s', label, process.pid)
+        ended_by_itself = None
+        while not self._stop_requested and ended_by_itself is None:
+            sentinels = [p.sentinel for p in self.processes.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+            ended_by_itself = next((label for label, p in self.processes.items()
+                                    if not p.is_alive()), None)
+        if ended_by_itself is not None:
+            run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
+                         ended_by_itself, self.processes[ended_by_itself].exitcode)
+        return self.close()
+
+    def close(self) -> int:
+        """Stop every process (SIGTERM, then SIGKILL after the grace period)."""
+        import signal as signals
+        for process in self.processes.values():
+            if process.is_alive():
+                os.kill(process.pid, signals.SIGTERM)
+        deadline = time.monotonic() + self.grace + 5
+        for label, process in self.processes.items():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                run_log.error('AgentsManager: %s did not stop in time, killing it', label)
+                process.kill()
+                process.join()
+        clean = (0, -signals.SIGTERM, -signals.SIGINT) if self._stop_requested else (0,)
+        failed = [label for label, p in self.processes.items() if p.exitcode not in clean]
+        for label in failed:
+            run_log.error('AgentsManager: %s failed (exit %s)', label,
+                          self.processes[label].exitcode)
+        run_log.info('AgentsManager: stopped')
+        return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``marun``: run the agents of settings modules (see :class:`AgentsManager`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog='marun', description='Run a group of microagents, each in its own process.')
+    parser.add_argument('modules', metavar='MODULE', nargs='+',
+                        help='settings module with BUS, BROKER and AGENT dicts')
+    parser.add_argument('--grace', type=float, default=DEFAULT_GRACE,
+                        help='seconds in-flight work may take to finish at stop '
+                             f'(default {DEFAULT_GRACE:g})')
+    args = parser.parse_args(argv)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    _configure_logging()
+    try:
+        configs = [cfg for module in args.modules for cfg in load_configuration(module)]
+    except SettingsError as exc:
+        print(f'marun: error: {exc}', file=sys.stderr)
+        return 2
+    duplicates = sorted({n for n, _ in configs if [m for m, _ in configs].count(n) > 1})
+    if duplicates:
+        print(f'marun: error: agent names used twice: {", ".join(duplicates)}', file=sys.stderr)
+        return 2
+    return AgentsManager(configs, grace=args.grace, modules=args.modules).start()
+
+
+def run() -> None:
+    """Console entry point of ``marun``."""
+    sys.exit(main())
+
+
+if __name__ == '__main__':  # pragma: no cover
+    run()
