@@ -2,7 +2,7 @@
 import os
 from collections import Counter
 
-from microagent import MicroAgent, on, receiver, load_stuff
+from microagent import MicroAgent, load_stuff, on, receiver
 
 signals, queues = load_stuff(os.path.join(os.path.dirname(__file__), 'signals.json'))
 
