@@ -1150,3 +1150,43 @@ def test_settings_that_cannot_be_imported(tmp_path: Path) -> None:
     assert code == 2
     assert out.strip() == ("marun: error: broken_settings: cannot import: ModuleNotFoundError: "
                            "No module named 'not_a_module_anywhere'")
+
+
+async def test_send_many_stores_every_message(names: Any, memory: Any) -> None:
+    _, broker = memory
+    queue, got = Queue(names.q), Recorder()
+
+    class Agent(MicroAgent):
+        @consumer(queue, concurrency=1)
+        def handle(self, i: int) -> None:
+            got(i=i)
+
+    await getattr(broker, names.q).send_many({'i': i} for i in range(500))
+    assert await getattr(broker, names.q).length() == 500
+    with pytest.raises(SerializingError, match='a message is a dict'):
+        await getattr(broker, names.q).send_many([{'i': 1}, ['not', 'a', 'dict']])
+    assert await getattr(broker, names.q).length() == 500  # all or nothing
+    async with Agent(broker=broker):
+        calls = await got.wait(500)
+    assert [c['i'] for c in calls] == list(range(500))
+
+
+async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
+    _, broker = memory
+    queue, attempts = Queue(names.q), Recorder()
+
+    class Agent(MicroAgent):
+        @consumer(queue, timeout=0.05, backoff=0)
+        async def handle(self, **kwargs: Any) -> None:
+            attempts()
+            if len(attempts.calls) == 1:
+                await asyncio.sleep(5)
+
+    async with Agent(broker=broker):
+        began = time.monotonic()
+        await getattr(broker, names.q).send({})
+        await attempts.wait(2)
+        assert time.monotonic() - began < 1
+        await wait_for(lambda: not broker.pools[names.q]._running)
+    assert len(attempts.calls) == 2
+    assert await broker.queue_length(f'{names.q}.dead') == 0
