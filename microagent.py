@@ -15,10 +15,12 @@ timers, memory backends, mocks, graph, launcher.
 from __future__ import annotations
 
 import abc
+import ast
 import asyncio
 import collections
 import contextlib
 import dataclasses
+import html
 import importlib
 import inspect
 import keyword
@@ -28,6 +30,7 @@ import re
 import sys
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
@@ -41,11 +44,12 @@ __version__ = '2.0.0'
 
 __all__ = [
     'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
-    'BrokerMock', 'BusMock', 'GroupInterrupt', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent',
-    'Queue', 'QueueException', 'QueueNotFound', 'SerializingError', 'ServerInterrupt',
-    'Signal', 'SignalException', 'SignalNotFound', 'consumer', 'cron', 'init_agent',
+    'BrokerMock', 'BusMock', 'GraphRenderError', 'GroupInterrupt', 'MemoryBroker',
+    'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException', 'QueueNotFound',
+    'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
+    'Topology', 'build_graph', 'check_topology', 'consumer', 'cron', 'init_agent',
     'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on', 'periodic',
-    'receiver',
+    'receiver', 'sent_by',
 ]
 
 logger = logging.getLogger('microagent')
@@ -763,6 +767,20 @@ class MicroAgent:
 
     declarations: ClassVar[dict[str, tuple[Declaration, ...]]] = {}
 
+    topology: ClassVar[dict[str, list[str]]] = {}
+    """What the topology graph cannot find in the source: ``{'sends': [...], 'calls':
+    [...], 'produces': [...]}``, signal names (sends, calls) and queue names (produces).
+
+    The graph reads the source of the class and of its bases for
+    ``self.bus.X.send(...)``, ``self.bus.X.call(...)``, ``self.bus.X.waiter(...)`` and
+    ``self.broker.X.send(...)`` (also through a local alias such as ``bus = self.bus``);
+    declare here what is sent some other way, e.g. a name computed at run time. The
+    declarations of a class and of its bases add up::
+
+        class Relay(MicroAgent):
+            topology = {'sends': ['user_created'], 'produces': ['mailer']}
+    """
+
     log: logging.Logger
     bus: AbstractSignalBus | None
     broker: AbstractQueueBroker | None
@@ -981,18 +999,13 @@ class MicroAgent:
                      for t in self.cron_tasks],
             'hooks': {label: [h.__name__ for h in handlers]
                       for label, handlers in self.hooks.items() if handlers},
-            **_sent_by(type(self)),
+            **sent_by(type(self)),
         }
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {key: value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
             for key, value in options.items()}
-
-
-def _sent_by(cls: type) -> dict[str, list[str]]:
-    """What an agent class sends, calls and produces (filled in by the graph section)."""
-    return {'sends': [], 'calls': [], 'produces': []}
 
 
 # =====================================================================================
@@ -2068,6 +2081,715 @@ class BrokerMock(AbstractQueueBroker):
 # Graph: the topology of agents, signals and queues
 # =====================================================================================
 
+graph_log = logging.getLogger('microagent.graph')
+
+SENT_KINDS = ('sends', 'calls', 'produces')
+EDGE_KINDS = ('receives', 'consumes', 'sends', 'calls', 'produces')
+GRAPH_FORMATS = ('dot', 'mermaid', 'json', 'svg', 'png')
+RENDERED_FORMATS = ('svg', 'png')
+
+# What a call on ``self.bus.X`` / ``self.broker.X`` means for the graph.
+_BUS_CALLS = {'send': 'sends', 'call': 'calls', 'waiter': 'calls'}
+_BROKER_CALLS = {'send': 'produces', 'send_many': 'produces'}
+_TRANSPORT_CALLS = {'bus': _BUS_CALLS, 'broker': _BROKER_CALLS}
+
+
+class GraphRenderError(RuntimeError):
+    """The graph could not be rendered to SVG or PNG (Graphviz's ``dot`` is missing or
+    failed)."""
+
+
+# -- static analysis of an agent class's source ---------------------------------------
+
+# A reference found in the source: ('bus', None) is the bus itself, ('bus', 'x') is the
+# bound signal ``bus.x``; the same for 'broker'.
+_Reference = tuple[str, str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassScan:
+    """What the source of one class sends, calls and produces (None: no source)."""
+    found: frozenset[tuple[str, str]] | None
+
+
+_scans: weakref.WeakKeyDictionary[type, _ClassScan] = weakref.WeakKeyDictionary()
+
+
+def _reference(node: ast.expr, self_name: str, aliases: Mapping[str, _Reference]
+               ) -> _Reference | None:
+    """``self.bus`` / ``self.broker`` / ``<that>.X`` / ``getattr(<that>, 'X')`` / an alias."""
+    if isinstance(node, ast.Name):
+        return aliases.get(node.id)
+    if isinstance(node, ast.NamedExpr):
+        return _reference(node.value, self_name, aliases)
+    if isinstance(node, ast.Attribute):
+        if (isinstance(node.value, ast.Name) and node.value.id == self_name
+                and node.attr in _TRANSPORT_CALLS):
+            return node.attr, None
+        return _bound(_reference(node.value, self_name, aliases), node.attr)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == 'getattr' and len(node.args) == 2 and not node.keywords
+            and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+        return _bound(_reference(node.args[0], self_name, aliases), node.args[1].value)
+    return None
+
+
+def _bound(transport: _Reference | None, name: str) -> _Reference | None:
+    """``transport.name`` when ``transport`` is the bus or the broker itself."""
+    if transport is None or transport[1] is not None:
+        return None
+    return transport[0], name
+
+
+def _assignments(node: ast.AST) -> Iterator[tuple[str, ast.expr]]:
+    """(name, value) of the simple assignments in ``node``: ``a = x``, ``a, b = x, y``,
+    ``a: T = x``, ``(a := x)``."""
+    if isinstance(node, ast.Assign):
+        for target in node.targets:
+            if isinstance(target, ast.Name):
+                yield target.id, node.value
+            elif (isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple)
+                  and len(target.elts) == len(node.value.elts)):
+                for element, value in zip(target.elts, node.value.elts, strict=True):
+                    if isinstance(element, ast.Name):
+                        yield element.id, value
+    elif (isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and isinstance(node.target, ast.Name)
+          and node.value is not None):
+        yield node.target.id, node.value
+
+
+def _scan_function(function: ast.FunctionDef | ast.AsyncFunctionDef
+                   ) -> Iterator[tuple[str, str]]:
+    """(kind, name) for each ``self.bus.X.send(...)`` and the like in one method
+    (nested functions included), following local aliases of the bus, the broker and
+    their bound signals and queues."""
+    arguments = [*function.args.posonlyargs, *function.args.args]
+    if not arguments:
+        return
+    self_name = arguments[0].arg
+    nodes = list(ast.walk(function))
+    assignments = [pair for node in nodes for pair in _assignments(node)]
+    aliases: dict[str, _Reference] = {}
+    for _ in assignments:  # until stable: an alias of an alias may come first in the walk
+        known = dict(aliases)
+        for name, value in assignments:
+            reference = _reference(value, self_name, aliases)
+            if reference is not None:
+                aliases[name] = reference
+        if aliases == known:
+            break
+    for node in nodes:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            reference = _reference(node.func.value, self_name, aliases)
+            if reference is not None and reference[1] is not None:
+                kind = _TRANSPORT_CALLS[reference[0]].get(node.func.attr)
+                if kind is not None:
+                    yield kind, reference[1]
+
+
+def _parse_class(klass: type) -> ast.ClassDef:
+    """The syntax tree of ``klass``; raise OSError, TypeError or SyntaxError."""
+    source = inspect.getsource(klass)
+    if source[:1].isspace():  # a class nested in a function or a class
+        source = 'if True:\n' + source
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            return node
+    raise OSError(f'no class definition in the source of {klass!r}')
+
+
+def _scan_class(klass: type) -> _ClassScan:
+    """What the methods of ``klass`` itself send, call and produce (cached per class)."""
+    scan = _scans.get(klass)
+    if scan is not None:
+        return scan
+    try:
+        tree = _parse_class(klass)
+    except (OSError, TypeError, SyntaxError) as exc:
+        if klass.__module__.partition('.')[0] in sys.stdlib_module_names:
+            scan = _ClassScan(frozenset())  # a base from the standard library sends nothing
+        else:
+            graph_log.warning(
+                'The source of %s is not available (%s): the signals and queues it sends, '
+                'calls and produces are not in the graph; declare them in its `topology` '
+                'attribute', _class_path(klass), exc)
+            scan = _ClassScan(None)
+    else:
+        functions = [node for node in tree.body
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        scan = _ClassScan(frozenset(pair for function in functions
+                                    for pair in _scan_function(function)))
+    _scans[klass] = scan
+    return scan
+
+
+def _analysed_classes(cls: type) -> list[type]:
+    """The classes of ``cls``'s MRO whose methods may send: all but MicroAgent, its
+    bases and the built-in types."""
+    skipped = set(MicroAgent.__mro__)
+    return [klass for klass in cls.__mro__
+            if klass not in skipped and klass.__module__ != 'builtins']
+
+
+def _declared_names(klass: type) -> Iterator[tuple[str, str]]:
+    """(kind, name) of the ``topology`` class attribute defined on ``klass`` itself."""
+    declared = vars(klass).get('topology')
+    if not declared:
+        return
+    where = f'{_class_path(klass)}.topology'
+    if not isinstance(declared, Mapping):
+        raise TypeError(f'{where} must be a dict of {", ".join(SENT_KINDS)} -> names, '
+                        f'not {declared!r}')
+    for kind, names in declared.items():
+        if kind not in SENT_KINDS:
+            raise TypeError(f'{where}: unknown key {kind!r}; use {", ".join(SENT_KINDS)}')
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+            raise TypeError(f'{where}[{kind!r}] must be a list of names, not {names!r}')
+        for item in names:
+            name = item.name if isinstance(item, (Signal, Queue)) else item
+            if not isinstance(name, str) or not name:
+                raise TypeError(f'{where}[{kind!r}]: {item!r} is not a name')
+            yield kind, name
+
+
+def _unreadable_classes(cls: type) -> list[str]:
+    """The classes of ``cls`` whose source could not be analysed."""
+    return [_class_path(klass) for klass in _analysed_classes(cls)
+            if _scan_class(klass).found is None]
+
+
+def sent_by(cls: type) -> dict[str, list[str]]:
+    """What an agent class sends, calls and produces: ``{'sends': [...], 'calls':
+    [...], 'produces': [...]}``, sorted lists of signal and queue names.
+
+    Found by reading the source of every method of the class and of its bases
+    (``self.bus.X.send(...)``, ``self.bus.X.call(...)``, ``self.bus.X.waiter(...)``,
+    ``self.broker.X.send(...)``, also through a local alias such as ``bus = self.bus``
+    or ``getattr(self.broker, 'orders.v2')``), plus the names the classes declare in
+    their ``topology`` attribute. A class whose source is not available is logged as a
+    warning and contributes only its ``topology``.
+    """
+    found: dict[str, set[str]] = {kind: set() for kind in SENT_KINDS}
+    for klass in _analysed_classes(cls):
+        for kind, name in (*(_scan_class(klass).found or ()), *_declared_names(klass)):
+            found[kind].add(name)
+    return {kind: sorted(names) for kind, names in found.items()}
+
+
+# -- the graph ----------------------------------------------------------------------
+
+def _class_path(cls: type) -> str:
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+def _seconds_text(seconds: float) -> str:
+    return f'{seconds:g} s'
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentNode:
+    """One agent of a :class:`Topology`: its name, its class and what it touches.
+
+    ``receives``, ``consumes``, ``periodic``, ``cron`` and ``servers`` come from the
+    class's declarations (``MicroAgent.declarations``, the structure that binds the
+    handlers at run time); ``sends``, ``calls`` and ``produces`` from :func:`sent_by`.
+    ``schedule`` holds the lines the diagrams show on the node (periodic, cron and
+    server handlers); ``unreadable`` the classes whose source could not be analysed.
+    """
+    name: str
+    class_path: str
+    receives: tuple[str, ...] = ()
+    consumes: tuple[str, ...] = ()
+    sends: tuple[str, ...] = ()
+    calls: tuple[str, ...] = ()
+    produces: tuple[str, ...] = ()
+    periodic: tuple[str, ...] = ()
+    cron: tuple[str, ...] = ()
+    servers: tuple[str, ...] = ()
+    schedule: tuple[str, ...] = ()
+    unreadable: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, agent_class: type[MicroAgent]) -> AgentNode:
+        """The node of ``agent_class`` named ``name``."""
+        receives: set[str] = set()
+        consumes: set[str] = set()
+        timers: dict[str, dict[str, str]] = {'periodic': {}, 'cron': {}, 'servers': {}}
+        for method, declarations in agent_class.declarations.items():
+            for declaration in declarations:
+                if isinstance(declaration, ReceiverArgs):
+                    receives.update(signal.name for signal in declaration.signals)
+                elif isinstance(declaration, ConsumerArgs):
+                    consumes.add(declaration.queue.name)
+                elif isinstance(declaration, PeriodicArgs):
+                    timers['periodic'][method] = (
+                        f'periodic {method} (every {_seconds_text(declaration.period)})')
+                elif isinstance(declaration, CronArgs):
+                    tz = f' {declaration.tz}' if declaration.tz else ''
+                    timers['cron'][method] = f'cron {method} ({declaration.spec}{tz})'
+                elif isinstance(declaration, HookArgs) and declaration.label == 'server':
+                    timers['servers'][method] = f'server {method}'
+        sent = sent_by(agent_class)
+        return cls(
+            name=name, class_path=_class_path(agent_class),
+            receives=tuple(sorted(receives)), consumes=tuple(sorted(consumes)),
+            sends=tuple(sent['sends']), calls=tuple(sent['calls']),
+            produces=tuple(sent['produces']),
+            periodic=tuple(sorted(timers['periodic'])), cron=tuple(sorted(timers['cron'])),
+            servers=tuple(sorted(timers['servers'])),
+            schedule=tuple(line for group in timers.values()
+                           for _, line in sorted(group.items())),
+            unreadable=tuple(_unreadable_classes(agent_class)))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The agent in the JSON form of the graph."""
+        return {
+            'name': self.name, 'class': self.class_path,
+            'receives': list(self.receives), 'consumes': list(self.consumes),
+            'sends': list(self.sends), 'calls': list(self.calls),
+            'produces': list(self.produces), 'periodic': list(self.periodic),
+            'cron': list(self.cron), 'servers': list(self.servers),
+        }
+
+    def edges(self) -> Iterator[Edge]:
+        """The edges between this agent and its signals and queues."""
+        me = f'agent:{self.name}'
+        yield from (Edge(f'signal:{name}', me, 'receives') for name in self.receives)
+        yield from (Edge(f'queue:{name}', me, 'consumes') for name in self.consumes)
+        yield from (Edge(me, f'signal:{name}', 'sends') for name in self.sends)
+        yield from (Edge(me, f'signal:{name}', 'calls') for name in self.calls)
+        yield from (Edge(me, f'queue:{name}', 'produces') for name in self.produces)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Edge:
+    """``source`` → ``target`` (``agent:NAME``, ``signal:NAME``, ``queue:NAME``), of
+    ``kind`` receives, consumes, sends, calls or produces."""
+    source: str
+    target: str
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Agents, the signals and queues they touch, and the edges between them.
+
+    Built by :func:`build_graph`; exported by :meth:`to_json`, :meth:`to_dot`,
+    :meth:`to_mermaid` and :meth:`render`, or by :meth:`export` for any of
+    ``GRAPH_FORMATS``. Everything is sorted: the same code gives the same bytes.
+    """
+    agents: tuple[AgentNode, ...]
+
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The signals some agent receives, sends or calls, sorted."""
+        return tuple(sorted({name for agent in self.agents
+                             for name in (*agent.receives, *agent.sends, *agent.calls)}))
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues some agent consumes or produces, sorted."""
+        return tuple(sorted({name for agent in self.agents
+                             for name in (*agent.consumes, *agent.produces)}))
+
+    @property
+    def edges(self) -> tuple[Edge, ...]:
+        """Every edge, sorted by source, target and kind."""
+        return tuple(sorted({edge for agent in self.agents for edge in agent.edges()}))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the graph (see DESIGN.md)."""
+        return {
+            'agents': [agent.as_dict() for agent in self.agents],
+            'signals': list(self.signals),
+            'queues': list(self.queues),
+            'edges': [{'source': e.source, 'target': e.target, 'kind': e.kind}
+                      for e in self.edges],
+        }
+
+    def to_json(self) -> bytes:
+        """The graph as indented UTF-8 JSON ending with a newline."""
+        import msgspec
+        return msgspec.json.format(encode_json(self.as_dict()), indent=2) + b'\n'
+
+    def to_dot(self) -> Any:
+        """The graph as a ``graphviz.Digraph`` (its ``.source`` is the DOT text)."""
+        return _dot_graph(self)
+
+    def to_mermaid(self) -> str:
+        """The graph as Mermaid flowchart text."""
+        return _mermaid(self)
+
+    def render(self, fmt: str) -> bytes:
+        """The graph drawn by Graphviz's ``dot`` program as ``svg`` or ``png``; raise
+        :class:`GraphRenderError` when ``dot`` is not installed or fails."""
+        if fmt not in RENDERED_FORMATS:
+            raise ValueError(f'render() draws {" or ".join(RENDERED_FORMATS)}, not {fmt!r}')
+        import graphviz
+        try:
+            data: bytes = self.to_dot().pipe(format=fmt)
+        except graphviz.ExecutableNotFound:
+            raise GraphRenderError(
+                f"drawing {fmt} needs Graphviz's dot program, which is not on PATH: install "
+                'Graphviz (apt-get install graphviz, brew install graphviz, or '
+                'https://graphviz.org/download/)') from None
+        except graphviz.CalledProcessError as exc:
+            raise GraphRenderError(f'Graphviz dot failed to draw {fmt}: {exc}') from None
+        return data
+
+    def export(self, fmt: str) -> bytes:
+        """The graph in one of ``GRAPH_FORMATS``, as bytes (text is UTF-8)."""
+        if fmt == 'json':
+            return self.to_json()
+        if fmt == 'dot':
+            return str(self.to_dot().source).encode()
+        if fmt == 'mermaid':
+            return self.to_mermaid().encode()
+        if fmt in RENDERED_FORMATS:
+            return self.render(fmt)
+        raise ValueError(f'unknown graph format {fmt!r}; use one of {", ".join(GRAPH_FORMATS)}')
+
+
+AgentSource = type[MicroAgent] | MicroAgent | str
+
+
+def settings_agents(module_path: str) -> list[tuple[str, type[MicroAgent]]]:
+    """(name, class) of each agent of a launcher settings module, without connecting to
+    anything; raise :class:`SettingsError` when the module cannot be used."""
+    return [(name, import_backend(backend))
+            for name, (backend, _) in load_configuration(module_path)]
+
+
+def _named_agents(source: AgentSource) -> list[tuple[str, type[MicroAgent]]]:
+    if isinstance(source, str):
+        return settings_agents(source)
+    if isinstance(source, type) and issubclass(source, MicroAgent):
+        return [(source.__name__, source)]
+    if isinstance(source, MicroAgent):
+        return [(type(source).__name__, type(source))]
+    raise TypeError(f'a graph is built from MicroAgent classes, agents and settings module '
+                    f'names, not {source!r}')
+
+
+def build_graph(*sources: AgentSource) -> Topology:
+    """The topology of agents, without connecting to anything.
+
+    Each source is a :class:`MicroAgent` subclass (named by its class name), an agent
+    (named by its class name), or the dotted name of a launcher settings module (its
+    agents named by their ``AGENT`` keys; :class:`SettingsError` if it cannot be used).
+    Two different classes under one name raise ``ValueError``::
+
+        build_graph('examples.settings').to_mermaid()
+        build_graph(UserAgent, CommentAgent).to_json()
+    """
+    return _topology(pair for source in sources for pair in _named_agents(source))
+
+
+def _topology(named: Iterable[tuple[str, type[MicroAgent]]]) -> Topology:
+    classes: dict[str, type[MicroAgent]] = {}
+    for name, cls in named:
+        known = classes.setdefault(name, cls)
+        if known is not cls:
+            raise ValueError(f'agent name {name!r} is used by {_class_path(known)} and '
+                             f'{_class_path(cls)}')
+    return Topology(tuple(AgentNode.of(name, cls) for name, cls in sorted(classes.items())))
+
+
+# -- node ids and labels, shared by DOT and Mermaid -----------------------------------------
+
+_UNSAFE_ID_CHARS = re.compile(r'[^A-Za-z0-9_]+')
+_CONTROL_CHARS = re.compile(r'[\x00-\x1f\x7f-\x9f\ud800-\udfff]')
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (and lone surrogates) shown as escapes."""
+    return _CONTROL_CHARS.sub(lambda m: m.group().encode('unicode_escape', 'backslashreplace')
+                              .decode('ascii'), text)
+
+
+def _node_ids(topology: Topology) -> dict[str, str]:
+    """``agent:NAME``-style keys -> identifiers safe in DOT and Mermaid, stable for the
+    same graph: the kind and the name with other characters turned into ``_``, with a
+    number added when two names would collide."""
+    keys = [*(f'agent:{a.name}' for a in topology.agents),
+            *(f'signal:{name}' for name in topology.signals),
+            *(f'queue:{name}' for name in topology.queues)]
+    ids: dict[str, str] = {}
+    used: set[str] = set()
+    for key in keys:
+        kind, _, name = key.partition(':')
+        base = f'{kind}_{_UNSAFE_ID_CHARS.sub("_", name)}'
+        candidate, number = base, 2
+        while candidate in used:
+            candidate, number = f'{base}_{number}', number + 1
+        used.add(candidate)
+        ids[key] = candidate
+    return ids
+
+
+# -- DOT (graphviz) ------------------------------------------------------------------
+
+_FONT = 'Helvetica'
+_NODE_STYLES: dict[str, dict[str, str]] = {
+    'agent': {'shape': 'box', 'style': 'rounded,filled', 'fillcolor': '#e0e7ff',
+              'color': '#3730a3'},
+    'signal': {'shape': 'ellipse', 'style': 'filled', 'fillcolor': '#dcfce7',
+               'color': '#15803d'},
+    'queue': {'shape': 'cylinder', 'style': 'filled', 'fillcolor': '#ffedd5',
+              'color': '#c2410c'},
+}
+_EDGE_STYLES: dict[str, dict[str, str]] = {
+    'sends': {'color': '#15803d', 'style': 'solid', 'arrowhead': 'normal'},
+    'receives': {'color': '#15803d', 'style': 'solid', 'arrowhead': 'empty'},
+    'calls': {'color': '#7c3aed', 'style': 'dashed', 'arrowhead': 'vee', 'penwidth': '1.5'},
+    'produces': {'color': '#c2410c', 'style': 'bold', 'arrowhead': 'normal'},
+    'consumes': {'color': '#c2410c', 'style': 'bold', 'arrowhead': 'empty'},
+}
+
+
+def _html(text: str) -> str:
+    """``text`` escaped for a Graphviz HTML-like label."""
+    return html.escape(_printable(text), quote=True)
+
+
+def _agent_label(agent: AgentNode) -> str:
+    rows = [f'<TR><TD><B>{_html(agent.name)}</B></TD></TR>',
+            f'<TR><TD><FONT POINT-SIZE="9" COLOR="#475569">{_html(agent.class_path)}'
+            '</FONT></TD></TR>']
+    rows += [f'<TR><TD ALIGN="LEFT"><FONT POINT-SIZE="10">{_html(line)}</FONT></TD></TR>'
+             for line in agent.schedule]
+    return f'<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="0">{"".join(rows)}</TABLE>>'
+
+
+def _dot_legend(graph: Any) -> None:
+    """A cluster showing the three node shapes and the five edge styles."""
+    with graph.subgraph(name='cluster_legend') as legend:
+        legend.attr(label='Legend', style='rounded', color='#94a3b8', fontsize='10')
+        for kind in ('agent', 'signal', 'queue'):
+            legend.node(f'legend_{kind}', label=kind, fontsize='10', **_NODE_STYLES[kind])
+        legend.edge('legend_agent', 'legend_signal', style='invis')
+        legend.edge('legend_signal', 'legend_queue', style='invis')
+        kinds = ''.join(f'<TR><TD ALIGN="RIGHT" PORT="{kind}">{kind}</TD></TR>'
+                        for kind in EDGE_KINDS)
+        ends = ''.join(f'<TR><TD PORT="{kind}"> </TD></TR>' for kind in EDGE_KINDS)
+        table = '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="4">{}</TABLE>>'
+        legend.node('legend_edge_kinds', label=table.format(kinds), shape='plaintext',
+                    fontsize='10')
+        legend.node('legend_edge_ends', label=table.format(ends), shape='plaintext',
+                    fontsize='10')
+        for kind in EDGE_KINDS:
+            legend.edge(f'legend_edge_kinds:{kind}:e', f'legend_edge_ends:{kind}:w',
+                        **_EDGE_STYLES[kind])
+
+
+def _dot_graph(topology: Topology) -> Any:
+    import graphviz
+
+    ids = _node_ids(topology)
+    graph = graphviz.Digraph('topology', comment='microagent topology')
+    graph.attr(rankdir='LR', bgcolor='white', fontname=_FONT, nodesep='0.3', ranksep='0.8')
+    graph.attr('node', fontname=_FONT, fontsize='12')
+    graph.attr('edge', fontname=_FONT, fontsize='9')
+    for agent in topology.agents:
+        graph.node(ids[f'agent:{agent.name}'], label=_agent_label(agent),
+                   tooltip=_printable(agent.class_path), **_NODE_STYLES['agent'])
+    for kind, names in (('signal', topology.signals), ('queue', topology.queues)):
+        for name in names:
+            graph.node(ids[f'{kind}:{name}'], label=f'<{_html(name)}>', **_NODE_STYLES[kind])
+    for edge in topology.edges:
+        graph.edge(ids[edge.source], ids[edge.target], **_EDGE_STYLES[edge.kind])
+    _dot_legend(graph)
+    return graph
+
+
+# -- Mermaid -------------------------------------------------------------------------
+
+# Characters a quoted Mermaid label cannot hold as they are: written as entity codes.
+_MERMAID_ESCAPES = {char: f'#{ord(char)};' for char in '"#&<>`'}
+_MERMAID_SHAPES = {'agent': ('["', '"]'), 'signal': ('(["', '"])'), 'queue': ('[("', '")]')}
+_MERMAID_ARROWS = {'sends': '-->', 'receives': '-->', 'calls': '-.->', 'produces': '==>',
+                   'consumes': '==>'}
+_MERMAID_CLASSES = {kind: f'fill:{style["fillcolor"]},stroke:{style["color"]}'
+                    for kind, style in _NODE_STYLES.items()}
+
+
+def _mermaid_text(text: str) -> str:
+    return ''.join(_MERMAID_ESCAPES.get(char, char) for char in _printable(text))
+
+
+def _mermaid(topology: Topology) -> str:
+    ids = _node_ids(topology)
+    lines = ['flowchart LR']
+    for agent in topology.agents:
+        label = '<br/>'.join(_mermaid_text(line)
+                             for line in (agent.name, agent.class_path, *agent.schedule))
+        lines.append(f'    {ids["agent:" + agent.name]}["{label}"]')
+    for kind, names in (('signal', topology.signals), ('queue', topology.queues)):
+        opening, closing = _MERMAID_SHAPES[kind]
+        lines += [f'    {ids[kind + ":" + name]}{opening}{_mermaid_text(name)}{closing}'
+                  for name in names]
+    edges = topology.edges
+    lines += [f'    {ids[e.source]} {_MERMAID_ARROWS[e.kind]}|{e.kind}| {ids[e.target]}'
+              for e in edges]
+    for kind, style in _MERMAID_CLASSES.items():
+        members = [node_id for key, node_id in ids.items() if key.startswith(kind + ':')]
+        lines.append(f'    classDef {kind} {style}')
+        if members:
+            lines.append(f'    class {",".join(members)} {kind}')
+    for kind in EDGE_KINDS:
+        indexes = [str(i) for i, edge in enumerate(edges) if edge.kind == kind]
+        if indexes:
+            lines.append(f'    linkStyle {",".join(indexes)} '
+                         f'stroke:{_EDGE_STYLES[kind]["color"]}')
+    return '\n'.join(lines) + '\n'
+
+
+# -- marun --graph and marun --check ------------------------------------------------
+
+def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -> int:
+    """``marun --graph FORMAT [-o FILE] MODULE...``: write the graph of the settings
+    modules to FILE or standard output. Returns the exit status: 0, 2 when a settings
+    module cannot be used, 1 when drawing fails."""
+    try:
+        # What a settings module prints or logs while imported must not mix with a
+        # graph written to standard output.
+        with contextlib.redirect_stdout(sys.stderr):
+            data = build_graph(*modules).export(fmt)
+    except (SettingsError, ValueError, TypeError) as exc:
+        print(f'marun: error: {exc}', file=sys.stderr)
+        return 2
+    except GraphRenderError as exc:
+        print(f'marun: error: {exc}', file=sys.stderr)
+        return 1
+    if output:
+        try:
+            with open(output, 'wb') as file:
+                file.write(data)
+        except OSError as exc:
+            print(f'marun: error: cannot write {output}: {exc.strerror or exc}', file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Finding:
+    """One problem found by :func:`check_topology`: ``error`` or ``warning``."""
+    severity: str
+    message: str
+
+    def __str__(self) -> str:
+        return f'{self.severity}: {self.message}'
+
+
+def _who(agents: Iterable[AgentNode]) -> str:
+    return ', '.join(sorted(repr(agent.name) for agent in agents))
+
+
+def _undeclared(topology: Topology) -> Iterator[Finding]:
+    signals, queues = Signal.get_all(), Queue.get_all()
+    for agent in topology.agents:
+        for verb, names, declared, what in (('sends', agent.sends, signals, 'signal'),
+                                            ('calls', agent.calls, signals, 'signal'),
+                                            ('produces', agent.produces, queues, 'queue')):
+            for name in names:
+                if name not in declared:
+                    yield Finding('error', f'agent {agent.name!r} ({agent.class_path}) {verb} '
+                                           f'{what} {name!r}, which is not declared')
+
+
+def _unpaired(topology: Topology) -> Iterator[Finding]:
+    signals, queues = Signal.get_all(), Queue.get_all()
+    senders: dict[str, list[AgentNode]] = {}
+    receivers: dict[str, list[AgentNode]] = {}
+    producers: dict[str, list[AgentNode]] = {}
+    consumers: dict[str, list[AgentNode]] = {}
+    for agent in topology.agents:
+        for name in {*agent.sends, *agent.calls}:
+            senders.setdefault(name, []).append(agent)
+        for name in agent.receives:
+            receivers.setdefault(name, []).append(agent)
+        for name in agent.produces:
+            producers.setdefault(name, []).append(agent)
+        for name in agent.consumes:
+            consumers.setdefault(name, []).append(agent)
+    for name in sorted((senders.keys() - receivers.keys()) & signals.keys()):
+        yield Finding('warning', f'signal {name!r} is sent by {_who(senders[name])} '
+                                 f'but no agent receives it')
+    for name in sorted(receivers.keys() - senders.keys()):
+        yield Finding('warning', f'signal {name!r} is received by {_who(receivers[name])} '
+                                 f'but no agent sends it')
+    for name in sorted((producers.keys() - consumers.keys()) & queues.keys()):
+        yield Finding('warning', f'queue {name!r} is produced by {_who(producers[name])} '
+                                 f'but no agent consumes it')
+    dead_letters = {f'{name}.dead' for name in consumers}
+    for name in sorted(consumers.keys() - producers.keys() - dead_letters):
+        yield Finding('warning', f'queue {name!r} is consumed by {_who(consumers[name])} '
+                                 f'but no agent produces it')
+    for name, agents in sorted(consumers.items()):
+        classes = {agent.class_path for agent in agents}
+        if len(classes) > 1:
+            which = ', '.join(sorted(f'{a.name!r} ({a.class_path})' for a in agents))
+            yield Finding('warning', f'queue {name!r} is consumed by agents of different '
+                                     f'classes, which would split its messages: {which}')
+
+
+def check_topology(topology: Topology) -> list[Finding]:
+    """The problems of a topology: names sent, called or produced that are not declared
+    (errors); signals sent but never received or received but never sent, queues
+    produced but never consumed or consumed but never produced, a queue consumed by
+    agents of different classes, classes whose source cannot be analysed (warnings)."""
+    unreadable = [Finding('warning', f'agent {agent.name!r}: the source of {path} is not '
+                                     'available, what it sends, calls and produces is unknown')
+                  for agent in topology.agents for path in agent.unreadable]
+    return [*_undeclared(topology), *_unpaired(topology), *unreadable]
+
+
+def _load_for_check(modules: Iterable[str]
+                    ) -> tuple[list[tuple[str, type[MicroAgent]]], list[Finding]]:
+    """The agents of the settings modules that can be used, and the errors of the others
+    (and of agent names used twice, which ``marun`` refuses)."""
+    agents: list[tuple[str, type[MicroAgent]]] = []
+    findings: list[Finding] = []
+    seen: dict[str, str] = {}
+    for module in modules:
+        try:
+            loaded = settings_agents(module)
+        except SettingsError as exc:
+            findings.append(Finding('error', f'settings {exc}'))
+            continue
+        for name, cls in loaded:
+            if name in seen:
+                findings.append(Finding('error', f'agent name {name!r} is used twice '
+                                                 f'({seen[name]}, {module})'))
+                continue
+            seen[name] = module
+            agents.append((name, cls))
+    return agents, findings
+
+
+def check_command(modules: Iterable[str]) -> int:
+    """``marun --check MODULE...``: print one line per finding (``error: ...`` or
+    ``warning: ...``) and return 1 if there is an error, else 0."""
+    with contextlib.redirect_stdout(sys.stderr):
+        agents, findings = _load_for_check(modules)
+        nodes = []
+        for name, cls in agents:
+            try:
+                nodes.append(AgentNode.of(name, cls))
+            except TypeError as exc:  # a wrong ``topology`` attribute
+                findings.append(Finding('error', f'agent {name!r}: {exc}'))
+        findings += check_topology(Topology(tuple(nodes)))
+    for finding in findings:
+        print(finding)
+    errors = sum(finding.severity == 'error' for finding in findings)
+    print(f'marun --check: {errors} error(s), {len(findings) - errors} warning(s) in '
+          f'{len(agents)} agent(s)', file=sys.stderr)
+    return 1 if errors else 0
+
 
 # =====================================================================================
 # Launcher: settings modules, marun, the supervisor of agent processes
@@ -2126,6 +2848,10 @@ def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any
             raise SettingsError(
                 f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
                 f'{entry["backend"]!r}: {exc}') from None
+        except Exception as exc:
+            raise SettingsError(
+                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f'{entry["backend"]!r}: {type(exc).__name__}: {exc}') from None
     return {name: dict(entry) for name, entry in section.items()}
 
 
@@ -2377,9 +3103,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--grace', type=float, default=DEFAULT_GRACE,
                         help='seconds in-flight work may take to finish at stop '
                              f'(default {DEFAULT_GRACE:g})')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--graph', choices=GRAPH_FORMATS, metavar='FORMAT',
+                      help='write the topology graph of the modules instead of running them '
+                           f'({", ".join(GRAPH_FORMATS)}); nothing is connected')
+    mode.add_argument('--check', action='store_true',
+                      help='check the topology of the modules instead of running them: one '
+                           'line per finding; exit 1 on an error')
+    parser.add_argument('-o', '--output', metavar='FILE',
+                        help='with --graph: write to FILE instead of standard output')
     args = parser.parse_args(argv)
+    if args.output and not args.graph:
+        parser.error('-o/--output goes with --graph')
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.graph:
+        return graph_command(args.modules, args.graph, args.output)
+    if args.check:
+        return check_command(args.modules)
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]

@@ -7,22 +7,27 @@ import http.server
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import pytest
 
 import microagent
 from microagent import (
+    AgentNode,
     BrokerMock,
     BusMock,
+    GraphRenderError,
     MemoryBroker,
     MemorySignalBus,
     MicroAgent,
@@ -31,18 +36,25 @@ from microagent import (
     QueueNotFound,
     SerializingError,
     ServerInterrupt,
+    SettingsError,
     Signal,
     SignalException,
     SignalNotFound,
+    Topology,
+    build_graph,
+    check_command,
     consumer,
     cron,
+    graph_command,
     load_queues,
     load_signals,
     load_stuff,
     on,
     periodic,
     receiver,
+    sent_by,
 )
+from tests_support import graph_agents
 
 ROOT = Path(__file__).resolve().parent
 WAIT = 5.0  # seconds any single awaited event may take before the test fails
@@ -1190,3 +1202,521 @@ async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
         await wait_for(lambda: not broker.pools[names.q]._running)
     assert len(attempts.calls) == 2
     assert await broker.queue_length(f'{names.q}.dead') == 0
+
+
+# -- topology graph --------------------------------------------------------------------
+
+EXAMPLES = 'examples.settings'
+NAMES = 'tests_support.graph_names_settings'
+CHECK = 'tests_support.graph_check_settings'
+SVG = '{http://www.w3.org/2000/svg}'
+
+needs_dot = pytest.mark.skipif(
+    shutil.which('dot') is None and not os.environ.get('MICROAGENT_REQUIRE_SERVICES'),
+    reason="Graphviz's dot is not installed (apt-get install graphviz)")
+
+
+def agent_json(name: str, cls: str, **lists: list[str]) -> dict[str, Any]:
+    keys = ('receives', 'consumes', 'sends', 'calls', 'produces', 'periodic', 'cron', 'servers')
+    return {'name': name, 'class': cls, **{key: lists.get(key, []) for key in keys}}
+
+
+def edges_of(topology: Topology) -> set[tuple[str, str, str]]:
+    return {(edge.source, edge.target, edge.kind) for edge in topology.edges}
+
+
+# -- the examples --------------------------------------------------------------------
+
+EXAMPLES_GRAPH = {
+    'agents': [
+        agent_json('comment_agent', 'examples.comment_agent.CommentAgent',
+                   receives=['rpc_comments_count', 'user_comment'],
+                   sends=['comment_created'], produces=['mailer']),
+        agent_json('email_agent', 'examples.email_agent.EmailAgent', consumes=['mailer']),
+        agent_json('user_agent', 'examples.user_agent.UserAgent',
+                   receives=['comment_created', 'user_created'],
+                   sends=['user_comment', 'user_created'], calls=['rpc_comments_count'],
+                   produces=['mailer'], periodic=['post_comment'], cron=['send_report']),
+    ],
+    'signals': ['comment_created', 'rpc_comments_count', 'user_comment', 'user_created'],
+    'queues': ['mailer'],
+    'edges': [
+        {'source': 'agent:comment_agent', 'target': 'queue:mailer', 'kind': 'produces'},
+        {'source': 'agent:comment_agent', 'target': 'signal:comment_created', 'kind': 'sends'},
+        {'source': 'agent:user_agent', 'target': 'queue:mailer', 'kind': 'produces'},
+        {'source': 'agent:user_agent', 'target': 'signal:rpc_comments_count', 'kind': 'calls'},
+        {'source': 'agent:user_agent', 'target': 'signal:user_comment', 'kind': 'sends'},
+        {'source': 'agent:user_agent', 'target': 'signal:user_created', 'kind': 'sends'},
+        {'source': 'queue:mailer', 'target': 'agent:email_agent', 'kind': 'consumes'},
+        {'source': 'signal:comment_created', 'target': 'agent:user_agent', 'kind': 'receives'},
+        {'source': 'signal:rpc_comments_count', 'target': 'agent:comment_agent',
+         'kind': 'receives'},
+        {'source': 'signal:user_comment', 'target': 'agent:comment_agent', 'kind': 'receives'},
+        {'source': 'signal:user_created', 'target': 'agent:user_agent', 'kind': 'receives'},
+    ],
+}
+
+
+def test_examples_graph_is_exactly_the_expected_json() -> None:
+    data = build_graph(EXAMPLES).to_json()
+    assert json.loads(data) == EXAMPLES_GRAPH
+    assert data.endswith(b'}\n')
+
+
+def test_examples_check_finds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_command([EXAMPLES]) == 0
+    out, err = capsys.readouterr()
+    assert out == ''
+    assert '0 error(s), 0 warning(s) in 3 agent(s)' in err
+
+
+def test_schedule_is_shown_on_the_agent_node() -> None:
+    user = next(a for a in build_graph(EXAMPLES).agents if a.name == 'user_agent')
+    assert user.schedule == ('periodic post_comment (every 2 s)', 'cron send_report (* * * * *)')
+    alias = AgentNode.of('alias', graph_agents.AliasAgent)
+    assert alias.schedule == ('cron nightly (0 4 * * * Europe/Paris)', 'server serve')
+    assert (alias.cron, alias.servers) == (('nightly',), ('serve',))
+
+
+# -- static analysis -------------------------------------------------------------------
+
+def test_inherited_helper_method_is_found() -> None:
+    topology = build_graph(graph_agents.InheritingAgent)
+    assert edges_of(topology) == {
+        ('agent:InheritingAgent', 'signal:graph_notice', 'sends'),
+        ('signal:graph_notice', 'agent:InheritingAgent', 'receives'),
+    }
+    assert topology.agents[0].periodic == ('tick',)
+
+
+def test_aliases_of_bus_broker_and_bound_names_are_followed() -> None:
+    assert sent_by(graph_agents.AliasAgent) == {
+        'sends': ['graph_alias_sent', 'graph_bound_sent', 'graph_deferred_sent',
+                  'graph_walrus_sent'],
+        'calls': ['graph_walrus_called'],
+        'produces': ['graph.orders-v2', 'graph_batch'],
+    }
+
+
+def test_mixins_are_analysed_and_standard_library_bases_are_quiet(
+        caplog: pytest.LogCaptureFixture) -> None:
+    T = TypeVar('T')
+
+    class Mixed(graph_agents.AnnouncingMixin, MicroAgent, threading.local, Generic[T]):
+        pass
+
+    with caplog.at_level(logging.WARNING, logger='microagent.graph'):
+        node = AgentNode.of('mixed', Mixed)
+    assert node.sends == ('graph_mixin_sent',)
+    assert node.unreadable == ()
+    assert caplog.records == []
+
+
+def test_rpc_call_and_waiter_are_calls_edges() -> None:
+    assert edges_of(build_graph(graph_agents.RpcAgent)) == {
+        ('agent:RpcAgent', 'signal:graph_rpc_called', 'calls'),
+        ('agent:RpcAgent', 'signal:graph_rpc_waited', 'calls'),
+    }
+
+
+def test_topology_attribute_adds_edges_and_adds_up_over_bases() -> None:
+    topology = build_graph(graph_agents.DeclaredChild, graph_agents.JobsWorker)
+    assert edges_of(topology) == {
+        ('agent:DeclaredChild', 'signal:graph_dynamic', 'sends'),
+        ('agent:DeclaredChild', 'signal:graph_rpc_called', 'calls'),
+        ('agent:DeclaredChild', 'queue:graph_jobs', 'produces'),
+        ('queue:graph_jobs', 'agent:JobsWorker', 'consumes'),
+    }
+
+
+@pytest.mark.parametrize('declared, error', [
+    (['graph_dynamic'], 'must be a dict'),
+    ({'send': ['graph_dynamic']}, "unknown key 'send'"),
+    ({'sends': 'graph_dynamic'}, 'must be a list of names'),
+    ({'sends': [1]}, '1 is not a name'),
+])
+def test_topology_attribute_is_checked(declared: Any, error: str) -> None:
+    class Declaring(MicroAgent):
+        topology = declared
+
+    with pytest.raises(TypeError, match=re.escape(error)):
+        sent_by(Declaring)
+
+
+def test_check_reports_a_wrong_topology_attribute(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_command(['tests_support.graph_bad_topology_settings']) == 1
+    assert capsys.readouterr().out == (
+        "error: agent 'wrong': tests_support.graph_bad_topology_settings.Wrong.topology: "
+        "unknown key 'send'; use sends, calls, produces\n")
+
+
+def test_class_nested_in_a_function_is_analysed() -> None:
+    class Nested(MicroAgent):
+        async def go(this) -> None:
+            """A docstring whose lines
+start at column 0 (the source cannot simply be dedented)."""
+            await this.bus.graph_notice.send('nested')  # type: ignore[union-attr]
+
+    assert sent_by(Nested)['sends'] == ['graph_notice']
+
+
+def test_class_without_source_keeps_decorated_edges_and_warns(
+        caplog: pytest.LogCaptureFixture) -> None:
+    namespace: dict[str, Any] = {
+        '__name__': 'graph_generated', 'MicroAgent': MicroAgent, 'receiver': receiver,
+        'consumer': consumer, 'on': on}
+    exec(compile('''
+class Generated(MicroAgent):
+    topology = {'produces': ['graph_batch']}
+
+    @receiver('graph_notice')
+    async def on_notice(self, **kwargs):
+        await self.bus.graph_alias_sent.send('generated')
+
+    @consumer('graph_jobs')
+    async def work(self, **kwargs):
+        pass
+
+    @on('server')
+    async def serve(self):
+        pass
+''', '<generated>', 'exec'), namespace)
+    with caplog.at_level(logging.WARNING, logger='microagent.graph'):
+        topology = build_graph(namespace['Generated'])
+    assert edges_of(topology) == {
+        ('signal:graph_notice', 'agent:Generated', 'receives'),
+        ('queue:graph_jobs', 'agent:Generated', 'consumes'),
+        ('agent:Generated', 'queue:graph_batch', 'produces'),
+    }
+    assert topology.agents[0].servers == ('serve',)
+    assert topology.agents[0].unreadable == ('graph_generated.Generated',)
+    [record] = [r for r in caplog.records if r.name == 'microagent.graph']
+    assert record.levelno == logging.WARNING
+    assert 'graph_generated.Generated is not available' in record.getMessage()
+    assert '`topology`' in record.getMessage()
+
+
+def test_sent_by_is_sorted_and_deterministic() -> None:
+    first = sent_by(graph_agents.AliasAgent)
+    assert first == sent_by(graph_agents.AliasAgent)
+    assert list(first) == ['sends', 'calls', 'produces']
+    for names in first.values():
+        assert names == sorted(names)
+
+
+def test_same_code_gives_the_same_bytes_under_any_hash_seed() -> None:
+    script = ('import sys, microagent\n'
+              f'topology = microagent.build_graph({EXAMPLES!r}, {NAMES!r})\n'
+              'for fmt in ("json", "dot", "mermaid"):\n'
+              '    sys.stdout.buffer.write(topology.export(fmt))\n')
+    outputs = []
+    for seed in ('1', '2'):
+        env = {**os.environ, 'PYTHONHASHSEED': seed}
+        done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                              capture_output=True, timeout=60, check=True)
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1]
+    topology = build_graph(EXAMPLES, NAMES)
+    assert outputs[0] == b''.join(topology.export(fmt) for fmt in ('json', 'dot', 'mermaid'))
+
+
+def test_info_includes_what_the_agent_sends_once_wired(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = graph_agents.RpcAgent().info()
+    assert (info['sends'], info['calls'], info['produces']) == (
+        [], ['graph_rpc_called', 'graph_rpc_waited'], [])
+    json.dumps(info)
+
+
+# -- building ----------------------------------------------------------------------------
+
+def test_agents_are_named_by_class_or_by_settings_key() -> None:
+    topology = build_graph(graph_agents.RpcAgent(), graph_agents.JobsWorker, EXAMPLES)
+    assert [a.name for a in topology.agents] == [
+        'JobsWorker', 'RpcAgent', 'comment_agent', 'email_agent', 'user_agent']
+    assert build_graph(graph_agents.RpcAgent, graph_agents.RpcAgent()).agents == (
+        AgentNode.of('RpcAgent', graph_agents.RpcAgent),)
+
+
+def test_a_name_used_by_two_classes_is_refused() -> None:
+    class RpcAgent(MicroAgent):
+        pass
+
+    with pytest.raises(ValueError, match="agent name 'RpcAgent' is used by"):
+        build_graph(graph_agents.RpcAgent, RpcAgent)
+    with pytest.raises(TypeError, match='not 42'):
+        build_graph(42)  # type: ignore[arg-type]
+
+
+def test_settings_that_cannot_be_used_raise_settings_error() -> None:
+    with pytest.raises(SettingsError, match='graph_no_such_settings: cannot import'):
+        build_graph('tests_support.graph_no_such_settings')
+    with pytest.raises(SettingsError, match=r"SignalNotFound: .*'graph_chk_never_declared'"):
+        build_graph('tests_support.graph_bad_receiver_settings')
+
+
+# -- DOT, SVG, PNG ------------------------------------------------------------------------
+
+def run_dot(source: str) -> bytes:
+    done = subprocess.run(['dot', '-Tsvg'], input=source.encode(), capture_output=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b'', done.stderr.decode()
+    return done.stdout
+
+
+def svg_texts(svg: bytes) -> list[str]:
+    return [''.join(text.itertext()) for text in ET.fromstring(svg).iter(f'{SVG}text')]
+
+
+@needs_dot
+@pytest.mark.parametrize('modules', [[EXAMPLES], [NAMES], [CHECK]])
+def test_dot_accepts_the_dot_output(modules: list[str]) -> None:
+    topology = build_graph(*modules)
+    source = topology.export('dot').decode()
+    texts = svg_texts(run_dot(source))
+    for name in (*topology.signals, *topology.queues, *(a.name for a in topology.agents)):
+        assert name in texts
+    for kind in ('agent', 'signal', 'queue', 'receives', 'consumes', 'sends', 'calls',
+                 'produces'):
+        assert kind in texts  # the legend
+
+
+def test_dot_has_three_node_shapes_and_five_edge_styles() -> None:
+    source = build_graph(EXAMPLES).export('dot').decode()
+    shapes = {node: shape for node, shape in re.findall(r'^\t(\w+) \[.*shape=(\w+)', source,
+                                                      re.MULTILINE)}
+    assert {shapes['agent_user_agent'], shapes['signal_user_created'],
+            shapes['queue_mailer']} == {'box', 'ellipse', 'cylinder'}
+    styles = {(m.group(1), m.group(2)) for m in re.finditer(
+        r'^\t\tlegend_edge_kinds:(\w+):e -> legend_edge_ends:\w+:w \[(.*)\]$', source,
+        re.MULTILINE)}
+    assert {kind for kind, _ in styles} == {'receives', 'consumes', 'sends', 'calls',
+                                           'produces'}
+    assert len({style for _, style in styles}) == 5
+    assert 'periodic post_comment (every 2 s)' in source
+
+
+@needs_dot
+def test_svg_and_png_are_drawn_by_dot() -> None:
+    topology = build_graph(EXAMPLES)
+    assert 'user_agent' in svg_texts(topology.render('svg'))
+    assert topology.render('png').startswith(b'\x89PNG\r\n\x1a\n')
+    with pytest.raises(ValueError, match="not 'pdf'"):
+        topology.render('pdf')
+
+
+def test_missing_dot_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv('PATH', str(tmp_path))
+    with pytest.raises(GraphRenderError, match='apt-get install graphviz'):
+        build_graph(EXAMPLES).render('svg')
+    assert graph_command([EXAMPLES], 'png', str(tmp_path / 'graph.png')) == 1
+    assert 'apt-get install graphviz' in capsys.readouterr().err
+    assert not (tmp_path / 'graph.png').exists()
+
+
+# -- Mermaid ------------------------------------------------------------------------------
+
+MERMAID_ID = r'[A-Za-z][A-Za-z0-9_]*'
+MERMAID_LABEL = r'[^"]*'
+MERMAID_STYLE = r'[a-z-]+:[^,;\s]+(?:,[a-z-]+:[^,;\s]+)*'
+MERMAID_LINES = {
+    'header': re.compile(r'flowchart LR'),
+    'node': re.compile(
+        rf'    (?P<id>{MERMAID_ID})(?:\["(?P<agent>{MERMAID_LABEL})"\]'
+        rf'|\(\["(?P<signal>{MERMAID_LABEL})"\]\)|\[\("(?P<queue>{MERMAID_LABEL})"\)\])'),
+    'edge': re.compile(rf'    (?P<source>{MERMAID_ID}) (?P<arrow>-->|-\.->|==>)'
+                       rf'\|(?P<kind>[a-z]+)\| (?P<target>{MERMAID_ID})'),
+    'classDef': re.compile(rf'    classDef (?P<name>{MERMAID_ID}) {MERMAID_STYLE}'),
+    'class': re.compile(
+        rf'    class (?P<ids>{MERMAID_ID}(?:,{MERMAID_ID})*) (?P<name>{MERMAID_ID})'),
+    'linkStyle': re.compile(rf'    linkStyle (?P<indexes>\d+(?:,\d+)*) {MERMAID_STYLE}'),
+}
+RESERVED_MERMAID_IDS = {'end', 'graph', 'flowchart', 'subgraph', 'class', 'classDef', 'style'}
+
+
+def parse_mermaid(text: str) -> dict[str, Any]:
+    """Check Mermaid flowchart text line by line; return its nodes (id -> (shape, label
+    lines with entity codes decoded)) and edges (source, kind, target)."""
+    assert text.endswith('\n')
+    lines = text[:-1].split('\n')
+    assert MERMAID_LINES['header'].fullmatch(lines[0]), lines[0]
+    nodes: dict[str, tuple[str, list[str]]] = {}
+    edges: list[tuple[str, str, str]] = []
+    classes: set[str] = set()
+    for line in lines[1:]:
+        kind, match = next(((kind, m) for kind, pattern in MERMAID_LINES.items()
+                            if (m := pattern.fullmatch(line))), (None, None))
+        assert match is not None, f'not Mermaid flowchart syntax: {line!r}'
+        if kind == 'node':
+            assert match['id'] not in nodes and match['id'] not in RESERVED_MERMAID_IDS
+            shape = next(s for s in ('agent', 'signal', 'queue') if match[s] is not None)
+            nodes[match['id']] = (shape, decode_mermaid_label(match[shape]))
+        elif kind == 'edge':
+            assert {match['source'], match['target']} <= nodes.keys(), line
+            edges.append((match['source'], match['kind'], match['target']))
+        elif kind == 'classDef':
+            classes.add(match['name'])
+        elif kind == 'class':
+            assert match['name'] in classes and set(match['ids'].split(',')) <= nodes.keys()
+        elif kind == 'linkStyle':
+            assert all(int(i) < len(edges) for i in match['indexes'].split(','))
+    return {'nodes': nodes, 'edges': edges}
+
+
+def decode_mermaid_label(label: str) -> list[str]:
+    """The lines of a label; raw ``<``, ``>``, ``&`` or a ``#`` that does not start an
+    entity code would be read as markup by Mermaid."""
+    lines = label.split('<br/>')
+    for line in lines:
+        assert not re.search(r'[<>&`]|#(?!\d+;)', line), line
+    return [re.sub(r'#(\d+);', lambda m: chr(int(m.group(1))), line) for line in lines]
+
+
+@pytest.mark.parametrize('modules', [[EXAMPLES], [NAMES], [CHECK]])
+def test_mermaid_output_parses_line_by_line(modules: list[str]) -> None:
+    topology = build_graph(*modules)
+    parsed = parse_mermaid(topology.to_mermaid())
+    labels = {(shape, lines[0]) for shape, lines in parsed['nodes'].values()}
+    assert labels == {*(('agent', a.name) for a in topology.agents),
+                      *(('signal', name) for name in topology.signals),
+                      *(('queue', name) for name in topology.queues)}
+    assert len(parsed['edges']) == len(topology.edges)
+    assert {kind for _, kind, _ in parsed['edges']} == {e.kind for e in topology.edges}
+
+
+def test_examples_mermaid_shows_kinds_and_schedule() -> None:
+    parsed = parse_mermaid(build_graph(EXAMPLES).to_mermaid())
+    assert parsed['nodes']['agent_user_agent'] == ('agent', [
+        'user_agent', 'examples.user_agent.UserAgent', 'periodic post_comment (every 2 s)',
+        'cron send_report (* * * * *)'])
+    assert ('agent_user_agent', 'calls', 'signal_rpc_comments_count') in parsed['edges']
+
+
+# -- names that need quoting ------------------------------------------------------------
+
+QUOTED_AGENT = 'агент "ß" <b>&#35;</b> \'q\''
+ODD_SIGNAL = 'we"ird<sig>#1&amp;`x`'
+ODD_QUEUE = 'back\\slash\\l'
+
+
+def test_names_that_need_quoting_survive_json_and_mermaid() -> None:
+    topology = build_graph(NAMES)
+    data = json.loads(topology.to_json())
+    assert [a['name'] for a in data['agents']] == ['billing.v2-eu', QUOTED_AGENT]
+    assert data['signals'] == ['graph_names_signal', ODD_SIGNAL]
+    assert data['queues'] == [ODD_QUEUE, 'graph-eu.1', 'graph.eu-1', 'graph:orders.v2-eu']
+    assert data['agents'][0]['class'] == 'tests_support.graph_names_agents.Émetteur'
+    nodes = parse_mermaid(topology.to_mermaid())['nodes']
+    shown = {lines[0] for _, lines in nodes.values()}
+    assert {QUOTED_AGENT, ODD_SIGNAL, ODD_QUEUE, 'graph-eu.1', 'graph.eu-1'} <= shown
+    assert ['billing.v2-eu', 'tests_support.graph_names_agents.Émetteur'] in [
+        lines for _, lines in nodes.values()]
+
+
+@needs_dot
+def test_names_that_need_quoting_survive_dot_svg_and_png() -> None:
+    topology = build_graph(NAMES)
+    texts = svg_texts(topology.render('svg'))
+    for name in (QUOTED_AGENT, ODD_SIGNAL, ODD_QUEUE, 'billing.v2-eu', 'graph-eu.1',
+                 'graph.eu-1', 'graph:orders.v2-eu',
+                 'tests_support.graph_names_agents.Récepteur'):
+        assert name in texts
+    assert topology.render('png').startswith(b'\x89PNG')
+    for fmt in ('json', 'dot', 'mermaid', 'svg'):
+        assert b's3cret' not in topology.export(fmt)
+
+
+# -- marun --graph --------------------------------------------------------------------------
+
+@needs_dot
+@pytest.mark.parametrize('fmt', ['dot', 'mermaid', 'json', 'svg', 'png'])
+def test_graph_command_writes_each_format_to_a_file(fmt: str, tmp_path: Path) -> None:
+    output = tmp_path / f'topology.{fmt}'
+    assert graph_command([EXAMPLES], fmt, str(output)) == 0
+    assert output.read_bytes() == build_graph(EXAMPLES).export(fmt)
+
+
+def test_graph_command_writes_to_stdout_only_the_graph(
+        capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    assert graph_command([EXAMPLES, NAMES], 'json', None) == 0
+    out, _ = capsysbinary.readouterr()
+    assert out == build_graph(EXAMPLES, NAMES).to_json()
+
+
+def test_graph_command_reports_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert graph_command(['tests_support.graph_no_such_settings'], 'json', None) == 2
+    out, err = capsys.readouterr()
+    assert out == ''
+    assert err.startswith('marun: error: tests_support.graph_no_such_settings: cannot import')
+
+
+def test_graph_command_reports_a_file_it_cannot_write(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / 'missing' / 'topology.json'
+    assert graph_command([EXAMPLES], 'json', str(output)) == 1
+    assert capsys.readouterr().err == (
+        f'marun: error: cannot write {output}: No such file or directory\n')
+
+
+@needs_dot
+def test_committed_diagram_shows_the_examples() -> None:
+    committed = svg_texts((ROOT / 'docs' / 'topology.svg').read_bytes())
+    topology = build_graph(EXAMPLES)
+    for name in (*topology.signals, *topology.queues, *(a.name for a in topology.agents),
+                 *(line for a in topology.agents for line in a.schedule)):
+        assert name in committed, f'{name!r} missing: regenerate docs/topology.svg'
+
+
+# -- marun --check ------------------------------------------------------------------------
+
+CHECK_FINDINGS = [
+    "error: settings tests_support.graph_no_such_settings: cannot import: "
+    "ModuleNotFoundError: No module named 'tests_support.graph_no_such_settings'",
+    "error: settings tests_support.graph_bad_receiver_settings: AGENT['misspelt'][\"backend\"]: "
+    "cannot import 'tests_support.graph_bad_receiver_agent.Misspelt': "
+    "SignalNotFound: no signal is declared with the name 'graph_chk_never_declared'",
+    "error: agent 'sender' (tests_support.graph_check_agents.Sender) sends signal "
+    "'graph_chk_typo', which is not declared",
+    "error: agent 'sender' (tests_support.graph_check_agents.Sender) calls signal "
+    "'graph_chk_missing_rpc', which is not declared",
+    "error: agent 'sender' (tests_support.graph_check_agents.Sender) produces queue "
+    "'graph_chk_nowhere', which is not declared",
+    "warning: signal 'graph_chk_lonely' is sent by 'sender' but no agent receives it",
+    "warning: signal 'graph_chk_unsent' is received by 'receiver' but no agent sends it",
+    "warning: queue 'graph_chk_outbox' is produced by 'sender' but no agent consumes it",
+    "warning: queue 'graph_chk_inbox' is consumed by 'receiver' but no agent produces it",
+    "warning: queue 'graph_chk_shared' is consumed by agents of different classes, which "
+    "would split its messages: 'shared_a' (tests_support.graph_check_agents.SharedA), "
+    "'shared_a_replica' (tests_support.graph_check_agents.SharedA), "
+    "'shared_b' (tests_support.graph_check_agents.SharedB)",
+    "warning: agent 'generated': the source of tests_support.graph_check_agents.Generated "
+    "is not available, what it sends, calls and produces is unknown",
+]
+
+
+def test_check_finds_each_kind_of_finding(capsys: pytest.CaptureFixture[str]) -> None:
+    modules = [CHECK, 'tests_support.graph_no_such_settings',
+               'tests_support.graph_bad_receiver_settings']
+    assert check_command(modules) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == CHECK_FINDINGS
+    assert '5 error(s), 6 warning(s) in 6 agent(s)' in err
+
+
+def test_check_topology_of_agent_classes() -> None:
+    class Lonely(MicroAgent):
+        async def go(self) -> None:
+            await self.bus.graph_notice.send('lonely')  # type: ignore[union-attr]
+
+    findings = microagent.check_topology(build_graph(Lonely))
+    assert [str(f) for f in findings] == [
+        "warning: signal 'graph_notice' is sent by 'Lonely' but no agent receives it"]
+
+
+def test_check_refuses_agent_names_used_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_command([EXAMPLES, EXAMPLES]) == 1
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [
+        f"error: agent name {name!r} is used twice ({EXAMPLES}, {EXAMPLES})"
+        for name in ('user_agent', 'comment_agent', 'email_agent')]

@@ -1,0 +1,1 @@
+"""Fixture modules of the tests (agents and launcher settings); not part of the package."""
