@@ -1099,8 +1099,9 @@ class AbstractSignalBus(abc.ABC):
     async def unbind(self, channel: str) -> None:  # noqa: B027 - optional for backends
         """Unsubscribe from the channel pattern ``channel``."""
 
-    async def close(self) -> None:  # noqa: B027 - optional for backends
-        """Release the bus's connections."""
+    async def close(self) -> None:
+        """Release the bus's connections; a backend calls ``super().close()``."""
+        self._responses_bound = None
 
     # -- receiving --------------------------------------------------------------------
 
@@ -1333,6 +1334,9 @@ class Delivery:
         return f'<Delivery {self.tag!r} {self.body[:60]!r}>'
 
 
+ACK_FLUSH_TIMEOUT = 10.0
+
+
 class ConsumerPool:
     """Consumes one queue for one consumer: the logic every backend reuses.
 
@@ -1399,8 +1403,14 @@ class ConsumerPool:
 
     @property
     def closing(self) -> bool:
-        """True once :meth:`close` began: backends stop fetching."""
+        """True once the pool stops taking messages: backends stop fetching."""
         return self._closing
+
+    def stop_feeding(self) -> None:
+        """Take no more messages: a :meth:`feed` waiting for room returns at once."""
+        self._closing = True
+        if self._room is not None:
+            _resolve(self._room)
 
     async def feed(self, batch: Iterable[Delivery]) -> None:
         """Hand over deliveries; return when the pool has room for more.
@@ -1580,7 +1590,12 @@ class ConsumerPool:
         if self._acker is not None:
             if self._ack_wakeup is not None:
                 _resolve(self._ack_wakeup)
-            await self._acker
+            _, late = await asyncio.wait({self._acker}, timeout=max(timeout, ACK_FLUSH_TIMEOUT))
+            if late:
+                self._acker.cancel()
+                self.log.error('Acknowledging the last messages of %s timed out; they will be '
+                               'delivered again', self.name)
+                await asyncio.gather(self._acker, return_exceptions=True)
         if self._watchdog is not None:
             self._watchdog.cancel()
         released.extend(self._to_release)
@@ -1692,7 +1707,7 @@ class AbstractQueueBroker(abc.ABC):
         pool = self.pools.get(consumer.queue.name)
         if pool is None or pool.consumer is not consumer:
             return
-        pool._closing = True
+        pool.stop_feeding()
         try:
             await self.unbind(pool.name)
         finally:
@@ -1886,7 +1901,7 @@ class MemorySignalBus(AbstractSignalBus):
     async def close(self) -> None:
         for channel in list(self._patterns):
             await self.unbind(channel)
-        self._responses_bound = None
+        await super().close()
 
 
 class _MemoryQueue:

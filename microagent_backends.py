@@ -1,18 +1,51 @@
 """Backends of microagent: the Redis signal bus and broker, the AMQP (RabbitMQ) broker
 and the Kafka broker.
 
-Each client library is imported when its backend is first constructed, so a machine
-with only one of them installed can use that backend; using another raises an
-ImportError that names the pip extra to install (``pip install 'microagent[redis]'``).
+Each client library is imported when its backend is first used, so a machine with only
+one of them installed can use that backend; using another raises an ImportError that
+names the pip extra to install (``pip install 'microagent[redis]'``).
 
-Sections: shared helpers, Redis signal bus, Redis broker, AMQP broker, Kafka broker.
+Sections: shared helpers, Redis, AMQP, Kafka. Each section opens with how its backend
+stores and delivers messages.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import importlib
+import os
 import random
-from collections.abc import Iterator
-from typing import Any
+import re
+import socket
+import urllib.parse
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+
+from microagent import (
+    AbstractQueueBroker,
+    AbstractSignalBus,
+    Consumer,
+    ConsumerPool,
+    Delivery,
+    Queue,
+    QueueException,
+    QueueNotFound,
+    redact_dsn,
+)
+
+if TYPE_CHECKING:
+    import logging
+
+    from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+    from pamqp.commands import Queue as QueueMethods
+    from pamqp.common import FieldTable
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+    from redis.commands.core import AsyncScript
 
 __all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus']
 
@@ -27,7 +60,7 @@ def require(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f'this backend needs the {module.split(".")[0]} package: '
+            f'this backend needs the {module.split(".", maxsplit=1)[0]} package: '
             f"pip install 'microagent[{extra}]'") from exc
 
 
@@ -36,5 +69,1984 @@ def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
     jitter so that many clients do not reconnect in step; endless."""
     delay = first
     while True:
-        yield delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not security
+        yield delay * random.uniform(0.8, 1.2)
         delay = min(delay * 2, cap)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it ended.
+
+    The cancellation is repeated: on Python < 3.12, ``asyncio.wait_for`` (which redis-py
+    uses to write a command) swallows a cancellation that arrives as its inner write
+    completes, and the task would go on waiting for its reply.
+    """
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved: the tasks log their own failures
+
+
+# =====================================================================================
+# Redis: signal bus and broker
+# =====================================================================================
+# Redis backends: :class:`RedisSignalBus` (pub/sub) and :class:`RedisBroker` (lists).
+#
+# Both are built on redis-py's asyncio client (``pip install 'microagent[redis]'``), connect
+# lazily (they can be constructed outside an event loop), reconnect forever with backoff
+# after a lost connection, and never show the DSN's password.
+#
+# Signal bus: every bus holds one pub/sub connection for all of its subscriptions
+# (``PSUBSCRIBE`` patterns), read by one task, and publishes on a separate pooled
+# connection. After a lost connection it reconnects and subscribes all its patterns again;
+# a signal published meanwhile by others is lost (pub/sub is at-most-once), a ``send`` of
+# its own raises :class:`ConnectionError`.
+#
+# Queue broker, at-least-once, wire-compatible with microagent 1.x: a queue is the Redis
+# list named exactly like the queue; producers ``RPUSH`` one JSON object per message and
+# consumers take from the head. A consumer never pops a message into its own memory only:
+# a Lua script moves a batch from the head of the list into the queue's in-flight
+# structure (one round trip, deadlines from the server's clock), where it stays until its
+# handler finished. The keys of queue ``Q`` (``{Q}`` is a Redis Cluster hash tag, so all
+# of them live in the slot of the list ``Q``; braces cannot occur in a queue name, so no
+# queue's list can collide with them):
+#
+# ``Q``
+#     list, the messages waiting, oldest first.
+# ``microagent:{Q}:inflight``
+#     sorted set, message id -> deadline (milliseconds of the server's clock). An id is
+#     ``<consumer token>:<fetch>:<position>``, unique per message taken (also over a
+#     restart of Redis that lost its data), so identical bodies never collide.
+# ``microagent:{Q}:bodies``
+#     hash, message id -> body of the messages in flight.
+# ``Q.dead``
+#     list, the dead letters: JSON envelopes with the body, the error and the attempts.
+#
+# A live consumer extends the deadlines of its in-flight messages every third of
+# ``VISIBILITY_TIMEOUT`` (heartbeat), so a long handler is not delivered twice (unless it
+# blocks the event loop for longer than that); at the same pace every consumer of the
+# queue, and each one as it starts, puts back at the head of the list the in-flight
+# messages whose deadline passed: those of a consumer that died (SIGKILL, lost machine),
+# delivered again after about ``VISIBILITY_TIMEOUT`` seconds. Finished messages are
+# acknowledged in batches (one round trip each), unfinished ones are put back at the head
+# at once on a graceful stop. An empty list is waited on with
+# ``BLMOVE Q Q LEFT LEFT WAIT_TIME``, which returns when a message arrives and leaves the
+# list as it was, so a consumer killed at any instant loses nothing. Needs Redis >= 6.2.
+
+_RedisErrors = tuple[type[BaseException], ...]
+
+
+# =====================================================================================
+# Redis: connections shared by the bus and the broker
+# =====================================================================================
+
+def _redis_errors() -> _RedisErrors:
+    """The errors of a lost or failing connection (imports redis-py, naming its extra)."""
+    client = require('redis.asyncio', 'redis')
+    return client.RedisError, OSError
+
+
+def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
+                  retries: int) -> Redis:
+    """A redis-py asyncio client with its own connection pool; it connects on first use.
+
+    A connection error is retried ``retries`` times at once (so that a pooled connection
+    closed by a server restart is replaced), then raised: the callers own the backoff.
+    """
+    client = require('redis.asyncio', 'redis')
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    redis: Redis = client.Redis.from_url(
+        dsn, socket_connect_timeout=connect_timeout, socket_timeout=read_timeout,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), retries, supported_errors=(client.ConnectionError,)))
+    return redis
+
+
+def _unreachable(dsn: str, error: BaseException) -> ConnectionError:
+    return ConnectionError(f'Redis at {redact_dsn(dsn)} is unreachable: {error}')
+
+
+
+# =====================================================================================
+# Redis signal bus
+# =====================================================================================
+
+class RedisSignalBus(AbstractSignalBus):
+    """Signal bus on Redis pub/sub: ``RedisSignalBus('redis://localhost:6379/0', prefix='APP')``.
+
+    Channels are ``{prefix}:{signal}:{sender}`` (RPC requests add ``#{request_id}``,
+    answers come on ``{prefix}:response:{bus_uid}#{request_id}``), as in microagent 1.x.
+    One pub/sub connection per bus carries all its subscriptions; after a lost
+    connection it reconnects with backoff, forever, and subscribes again.
+    """
+
+    CONNECT_TIMEOUT: ClassVar[float] = 5
+    """Seconds to open a connection."""
+    COMMAND_TIMEOUT: ClassVar[float] = 10
+    """Seconds to wait for the answer to a PUBLISH."""
+    SUBSCRIBE_TIMEOUT: ClassVar[float] = 10
+    """Seconds :meth:`bind` waits for the server to confirm a subscription."""
+
+    def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dsn, prefix, log, **kwargs)
+        self._errors = _redis_errors()
+        self._publisher: Redis | None = None
+        self._subscriber: Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnecting: Iterator[float] | None = None
+        self._patterns: set[str] = set()
+        self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
+
+    async def send(self, channel: str, message: bytes) -> None:
+        """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable."""
+        if self._publisher is None:
+            self._publisher = _redis_client(
+                self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
+        try:
+            await self._publisher.publish(channel, message)
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    async def bind(self, channel: str) -> None:
+        """PSUBSCRIBE ``channel``; return once the server confirmed the subscription."""
+        loop = asyncio.get_running_loop()
+        confirmed: asyncio.Future[None] = loop.create_future()
+        self._confirmations.setdefault(channel, []).append(confirmed)
+        self._patterns.add(channel)
+        try:
+            if self._reader is None:
+                self._reader = loop.create_task(self._read_forever())
+            elif self._pubsub is not None:
+                # On a broken connection the reader reconnects and subscribes every pattern.
+                with contextlib.suppress(*self._errors):
+                    await self._pubsub.psubscribe(channel)
+            await asyncio.wait_for(confirmed, self.SUBSCRIBE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._patterns.discard(channel)
+            raise ConnectionError(
+                f'Redis at {redact_dsn(self.dsn)} did not confirm the subscription to '
+                f'{channel} within {self.SUBSCRIBE_TIMEOUT}s') from None
+        except BaseException:
+            self._patterns.discard(channel)
+            raise
+        finally:
+            waiting = self._confirmations.get(channel, [])
+            if confirmed in waiting:
+                waiting.remove(confirmed)
+            if not waiting:
+                self._confirmations.pop(channel, None)
+
+    async def unbind(self, channel: str) -> None:
+        """PUNSUBSCRIBE ``channel`` (it is not subscribed again after a reconnection)."""
+        self._patterns.discard(channel)
+        pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                await pubsub.punsubscribe(channel)
+            except self._errors as exc:
+                self.log.debug('Unsubscribing %s failed: %s', channel, exc)
+
+    async def close(self) -> None:
+        """Stop the reader and close both connections; the bus may be used again."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await cancel_and_wait(reader)
+        self._patterns.clear()
+        self._reject_confirmations(ConnectionError(f'{self!r} was closed'))
+        self._responses_bound = None
+        clients = (self._publisher, self._subscriber)
+        self._publisher = self._subscriber = None
+        for client in clients:
+            if client is not None:
+                await client.aclose()
+
+    # -- the reader task ----------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        """Hold the pub/sub connection: (re)connect, subscribe every pattern, read."""
+        if self._subscriber is None:
+            self._subscriber = _redis_client(self.dsn, self.CONNECT_TIMEOUT, None, retries=0)
+        while True:
+            pubsub = self._subscriber.pubsub()
+            try:
+                await self._subscribe_and_read(pubsub)
+            except Exception as exc:
+                error = exc
+                if not isinstance(exc, self._errors):
+                    self.log.exception('Reading the pub/sub connection failed')
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._reject_confirmations(_unreachable(self.dsn, error))
+            if self._reconnecting is None:
+                self.log.warning('Pub/sub connection to Redis at %s lost (%s); reconnecting',
+                                 redact_dsn(self.dsn), error)
+                self._reconnecting = reconnect_delays()
+            await asyncio.sleep(next(self._reconnecting))
+
+    async def _subscribe_and_read(self, pubsub: PubSub) -> NoReturn:
+        await pubsub.connect()  # type: ignore[no-untyped-call]
+        self._pubsub = pubsub
+        if self._patterns:
+            await pubsub.psubscribe(*self._patterns)
+        if self._reconnecting is not None:
+            self._reconnecting = None
+            self.log.info('Pub/sub connection to Redis at %s is back, %d patterns subscribed',
+                          redact_dsn(self.dsn), len(self._patterns))
+        handle = self.handle_message
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message['type']
+            if kind == 'pmessage':
+                try:
+                    handle(message['channel'], message['data'])
+                except Exception:
+                    self.log.exception('Handling a message of %r failed', message['channel'])
+            elif kind == 'psubscribe':
+                self._confirm(message['channel'])
+
+    def _confirm(self, pattern: bytes | str) -> None:
+        if isinstance(pattern, bytes):
+            pattern = pattern.decode('utf-8', 'replace')
+        for future in self._confirmations.get(pattern, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def _reject_confirmations(self, error: BaseException) -> None:
+        for futures in self._confirmations.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+
+
+# =====================================================================================
+# Redis broker
+# =====================================================================================
+
+# KEYS: list, inflight, bodies. ARGV: count, visibility ms, consumer token, fetch number.
+# Moves up to `count` messages from the head of the list to the in-flight structure, the
+# i-th under the id "<token>:<fetch number>:<i>", and returns their bodies (the caller
+# knows the ids: half the reply to parse).
+_FETCH = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+local n = #items
+if n == 0 then return items end
+redis.call('LTRIM', KEYS[1], n, -1)
+local now = redis.call('TIME')
+local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    + tonumber(ARGV[2])
+local prefix = ARGV[3] .. ':' .. ARGV[4] .. ':'
+local scored, fields = {}, {}
+for i = 1, n do
+    local id = prefix .. i
+    scored[2 * i - 1] = deadline
+    scored[2 * i] = id
+    fields[2 * i - 1] = id
+    fields[2 * i] = items[i]
+end
+redis.call('ZADD', KEYS[2], unpack(scored))
+redis.call('HSET', KEYS[3], unpack(fields))
+return items
+"""
+
+# KEYS: list, inflight, bodies. ARGV: visibility ms, limit, ids of the live consumer...
+# Extends the deadlines of the given ids that are still in flight (heartbeat), then puts
+# back at the head of the list up to `limit` messages whose deadline passed.
+_KEEP = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local deadline = now_ms + tonumber(ARGV[1])
+if #ARGV > 2 then
+    local scored = {}
+    for i = 3, #ARGV do
+        scored[#scored + 1] = deadline
+        scored[#scored + 1] = ARGV[i]
+    end
+    redis.call('ZADD', KEYS[2], 'XX', unpack(scored))
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0,
+    tonumber(ARGV[2]))
+for i = #expired, 1, -1 do
+    local body = redis.call('HGET', KEYS[3], expired[i])
+    if body then redis.call('LPUSH', KEYS[1], body) end
+end
+if #expired > 0 then
+    redis.call('ZREM', KEYS[2], unpack(expired))
+    redis.call('HDEL', KEYS[3], unpack(expired))
+end
+return #expired
+"""
+
+# KEYS: inflight, bodies. ARGV: ids. Forgets finished messages.
+_ACK = """
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
+return #ARGV
+"""
+
+# KEYS: list, inflight, bodies. ARGV: ids, in delivery order. Puts the messages still in
+# flight back at the head of the list, the first one first.
+_RELEASE = """
+local count = 0
+for i = #ARGV, 1, -1 do
+    if redis.call('ZREM', KEYS[2], ARGV[i]) == 1 then
+        local body = redis.call('HGET', KEYS[3], ARGV[i])
+        if body then
+            redis.call('LPUSH', KEYS[1], body)
+            count = count + 1
+        end
+        redis.call('HDEL', KEYS[3], ARGV[i])
+    end
+end
+return count
+"""
+
+_PUSH_CHUNK = 10_000  # messages per RPUSH in send_many
+_LUA_CHUNK = 2_000  # most messages per script call: Lua's unpack() takes ~8,000 values
+
+
+def _queue_keys(name: str) -> tuple[str, str, str]:
+    """The list, in-flight sorted set and bodies hash of queue ``name``."""
+    return name, f'microagent:{{{name}}}:inflight', f'microagent:{{{name}}}:bodies'
+
+
+class _Scripts:
+    """The broker's Lua scripts, registered on its command client."""
+
+    def __init__(self, client: Redis) -> None:
+        self.fetch: AsyncScript = client.register_script(_FETCH)
+        self.keep: AsyncScript = client.register_script(_KEEP)
+        self.ack: AsyncScript = client.register_script(_ACK)
+        self.release: AsyncScript = client.register_script(_RELEASE)
+
+
+class RedisBroker(AbstractQueueBroker):
+    """At-least-once queue broker on Redis lists: ``RedisBroker('redis://localhost/0')``.
+
+    Settings (class attributes, or keyword arguments as in 1.x):
+    ``ROLLBACK_ATTEMPTS`` (retries before ``{queue}.dead``), ``WAIT_TIME`` (seconds a
+    consumer blocks on an empty queue before asking again), ``VISIBILITY_TIMEOUT``
+    (seconds after which the in-flight messages of a consumer that stopped answering,
+    e.g. killed, are delivered to another one), ``FETCH_LIMIT`` (most messages taken in
+    one round trip; a batch is sized from the consumer pool's capacity). See the module
+    documentation for the keys used.
+    """
+
+    WAIT_TIME: ClassVar[float] = 15
+    VISIBILITY_TIMEOUT: ClassVar[float] = 30
+    FETCH_LIMIT: ClassVar[int] = 500
+    CONNECT_TIMEOUT: ClassVar[float] = 5
+    COMMAND_TIMEOUT: ClassVar[float] = 10
+
+    def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, log, **kwargs)
+        self._errors = _redis_errors()
+        self._token = uuid.uuid4().hex[:16]
+        self._fetches = 0  # fetches so far: with the token and a position, the ids
+        self._client: Redis | None = None
+        self._blocking: Redis | None = None
+        self._scripts: _Scripts | None = None
+        self._fetchers: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: dict[str, set[bytes]] = {}
+        self._keeper: asyncio.Task[None] | None = None
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _commands(self) -> _Scripts:
+        """The scripts on the command client (both made on first use)."""
+        if self._scripts is None:
+            self._scripts = _Scripts(self._command_client())
+        return self._scripts
+
+    def _command_client(self) -> Redis:
+        if self._client is None:
+            self._client = _redis_client(
+                self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
+        return self._client
+
+    def _blocking_client(self) -> Redis:
+        """The client for BLMOVE: its read timeout outlasts ``WAIT_TIME``."""
+        if self._blocking is None:
+            wait = self.WAIT_TIME
+            self._blocking = _redis_client(
+                self.dsn, self.CONNECT_TIMEOUT, wait + self.COMMAND_TIMEOUT if wait > 0 else None,
+                retries=0)
+        return self._blocking
+
+    # -- producing ----------------------------------------------------------------------
+
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        """RPUSH ``message`` to the list ``name``; return once Redis stored it, or raise
+        :class:`ConnectionError`."""
+        try:
+            await self._command_client().rpush(name, message)
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
+        """RPUSH many messages in one round trip."""
+        try:
+            async with self._command_client().pipeline(transaction=False) as pipe:
+                for start in range(0, len(messages), _PUSH_CHUNK):
+                    pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
+                await pipe.execute()
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    async def queue_length(self, name: str) -> int:
+        """How many messages wait in the list ``name`` (not counting those in flight)."""
+        try:
+            return await self._command_client().llen(name)
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    # -- consuming ----------------------------------------------------------------------
+
+    async def bind(self, name: str) -> None:
+        """Start consuming ``name``: first put back what dead consumers left in flight."""
+        pool = self.pools[name]
+        try:
+            await self._keep(name)
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+        loop = asyncio.get_running_loop()
+        self._fetchers[name] = loop.create_task(self._consume(name, pool))
+        if self._keeper is None:
+            self._keeper = loop.create_task(self._keep_alive())
+
+    async def unbind(self, name: str) -> None:
+        """Stop fetching at once; every wait of the fetcher can be interrupted safely."""
+        fetcher = self._fetchers.pop(name, None)
+        if fetcher is not None:
+            await cancel_and_wait(fetcher)
+
+    async def _consume(self, name: str, pool: ConsumerPool) -> None:
+        size = max(1, min(pool.capacity, self.FETCH_LIMIT, _LUA_CHUNK))
+        reconnecting: Iterator[float] | None = None
+        while not pool.closing:
+            try:
+                batch = await self._fetch_safely(name, size)
+                if reconnecting is not None:
+                    reconnecting = None
+                    self.log.info('Consuming %s from Redis at %s again',
+                                  name, redact_dsn(self.dsn))
+                if batch:
+                    await pool.feed(batch)
+                else:
+                    await self._wait_for_messages(name)
+            except Exception as exc:
+                if not isinstance(exc, self._errors):
+                    self.log.exception('Consuming %s failed', name)
+                if reconnecting is None:
+                    self.log.warning('Consuming %s from Redis at %s failed (%s); reconnecting',
+                                     name, redact_dsn(self.dsn), exc)
+                    reconnecting = reconnect_delays()
+                await asyncio.sleep(next(reconnecting))
+
+    async def _fetch_safely(self, name: str, size: int) -> list[Delivery]:
+        """Fetch a batch; when cancelled meanwhile, put what it took back at the head."""
+        fetch = asyncio.ensure_future(self._fetch(name, size))
+        try:
+            return await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.release(name, await fetch)
+            raise
+
+    async def _fetch(self, name: str, size: int) -> list[Delivery]:
+        self._fetches += 1
+        prefix = f'{self._token}:{self._fetches}:'
+        bodies = await self._commands().fetch(
+            keys=_queue_keys(name), args=[size, self._visibility_ms(), self._token, self._fetches])
+        batch = [Delivery(body, None, f'{prefix}{position}'.encode())
+                 for position, body in enumerate(bodies, 1)]
+        if batch:
+            self._in_flight.setdefault(name, set()).update(d.tag for d in batch)
+        return batch
+
+    async def _wait_for_messages(self, name: str) -> None:
+        """Block until the list is not empty (or ``WAIT_TIME`` passed), leaving it as is:
+        moving its head to its head is a no-op that BLMOVE waits for."""
+        wait: Any = max(self.WAIT_TIME, 0)  # annotated int in redis-py; Redis takes fractions
+        await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
+
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:
+        """Forget finished messages, one round trip per batch."""
+        tags = self._forget(name, deliveries)
+        keys = _queue_keys(name)[1:]
+        try:
+            for start in range(0, len(tags), _LUA_CHUNK):
+                await self._commands().ack(keys=keys, args=tags[start:start + _LUA_CHUNK])
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:
+        """Put unfinished messages back at the head of the list, in their order."""
+        tags = self._forget(name, deliveries)
+        if not tags:
+            return
+        try:
+            await self._commands().release(keys=_queue_keys(name), args=tags)
+        except self._errors as exc:
+            raise _unreachable(self.dsn, exc) from exc
+
+    def _forget(self, name: str, deliveries: Sequence[Delivery]) -> list[bytes]:
+        """Stop the heartbeat of these messages (even if acknowledging them fails: they
+        are then delivered again after the visibility timeout)."""
+        tags = [d.tag for d in deliveries]
+        ids = self._in_flight.get(name)
+        if ids is not None:
+            ids.difference_update(tags)
+        return tags
+
+    # -- heartbeat and recovery of dead consumers' messages ---------------------------
+
+    def _visibility_ms(self) -> int:
+        return max(1, int(self.VISIBILITY_TIMEOUT * 1000))
+
+    async def _keep(self, name: str) -> None:
+        """Extend this consumer's deadlines in ``name`` and requeue the expired ones."""
+        ids = list(self._in_flight.get(name, ()))
+        keys, limit = _queue_keys(name), min(self.FETCH_LIMIT, _LUA_CHUNK)
+        requeued = 0
+        for start in range(0, max(len(ids), 1), _LUA_CHUNK):
+            requeued += await self._commands().keep(
+                keys=keys, args=[self._visibility_ms(), limit, *ids[start:start + _LUA_CHUNK]])
+        if requeued:
+            self.log.warning('Put back %d messages of %s left unfinished in flight for %ss '
+                             '(a consumer died?)', requeued, name, self.VISIBILITY_TIMEOUT)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.VISIBILITY_TIMEOUT / 3, 0.02))
+            for name in list(self._in_flight):
+                if not self._in_flight[name] and name not in self._fetchers:
+                    del self._in_flight[name]
+            for name in {*self._fetchers, *self._in_flight}:
+                try:
+                    await self._keep(name)
+                except Exception as exc:
+                    if not isinstance(exc, self._errors):
+                        self.log.exception('Heartbeat of %s failed', name)
+                    self.log.debug('Heartbeat of %s failed: %s', name, exc)
+
+    async def close(self) -> None:
+        """Stop consumers gracefully (acknowledging what finished), then close the
+        connections; the broker may be used again."""
+        for pool in list(self.pools.values()):
+            await self.unbind_consumer(pool.consumer)
+        for name in list(self._fetchers):
+            await self.unbind(name)
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            await cancel_and_wait(keeper)
+        clients = (self._client, self._blocking)
+        self._client = self._blocking = None
+        self._scripts = None
+        for client in clients:
+            if client is not None:
+                await client.aclose()
+
+
+# =====================================================================================
+# AMQP (RabbitMQ) broker
+# =====================================================================================
+# AMQP (RabbitMQ) queue broker: :class:`AMQPBroker`, built on aiormq.
+#
+# Install with ``pip install 'microagent[amqp]'``. The broker connects lazily (it can be
+# constructed outside an event loop), holds one connection with a client-provided name
+# (``broker.connection_name``, shown by RabbitMQ's tools), and after losing it reconnects
+# forever with backoff; consumers subscribe again by themselves. The DSN's password never
+# shows in reprs, logs or errors.
+#
+# Channels of the connection:
+#
+# - publishing, in publisher-confirm mode: :meth:`AMQPBroker.send` returns once RabbitMQ
+#   confirmed the message. Messages are published persistent (``delivery_mode=2``) and
+#   ``mandatory``: a message that no queue would receive raises :class:`QueueException`
+#   instead of being dropped silently.
+# - one per consumed queue: ``basic_consume`` with manual acknowledgements,
+#   ``prefetch_count`` = the consumer pool's capacity (see :class:`AMQPBroker`).
+# - one for declarations and ``queue_length``: a passive declare of a missing queue closes
+#   its channel, so that channel is kept apart and opened again when needed.
+#
+# Wire format, interoperable with microagent 1.x: a message is a JSON object body,
+# published to the default exchange with routing key = queue name, or, for a
+# ``Queue(name, exchange, topics)``, to that exchange with routing key = the ``topic=`` of
+# the send (default: the queue's first topic, or its name). A queue that already exists is
+# used as it is (passive declare: 1.x declares non-durable queues, FastStream durable ones,
+# and re-declaring with other properties is a channel error); a missing one is declared
+# durable, by consumers and producers alike (a message sent before its consumer ever ran
+# is kept). An exchange is declared ``topic`` and durable when missing, and the queue is
+# bound to it by each of its topics (or its name).
+#
+# Delivery: at-least-once. Finished messages are acknowledged in batches (``multiple=True``
+# up to the highest contiguous finished delivery tag, the rest one by one), unfinished ones
+# go back with ``basic_nack(requeue=True)`` on a graceful stop, and RabbitMQ delivers again
+# whatever a dead consumer (or a lost connection) left unacknowledged. Messages handed to a
+# consumer pool just before a connection was lost may be handled twice.
+
+MAX_PREFETCH = 65535  # prefetch_count is a 16-bit field
+CONTENT_TYPE = 'application/json'
+PERSISTENT = 2
+
+
+class _Unreachable(ConnectionError):
+    """RabbitMQ cannot be reached; the message already names the (redacted) server."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Errors:
+    """aiormq's exception classes, imported with the library."""
+    not_found: type[Exception]  # a channel closed by a 404: no such queue or exchange
+    returned: type[Exception]  # a mandatory message that no queue would receive
+    refused: type[Exception]  # a message RabbitMQ did not confirm (basic.nack)
+    channel: type[Exception]  # any error that closed a channel, not the connection
+    failures: tuple[type[BaseException], ...]  # everything a lost or failing link raises
+
+
+def _aiormq_errors() -> _Errors:
+    errors = require('aiormq', 'amqp').exceptions
+    return _Errors(
+        not_found=errors.ChannelNotFoundEntity, returned=errors.PublishError,
+        refused=errors.DeliveryError, channel=errors.AMQPChannelError,
+        failures=(errors.AMQPError, errors.ChannelInvalidStateError, OSError, RuntimeError,
+                  asyncio.TimeoutError))
+
+
+def _connection_name(dsn: str) -> str:
+    """The ``name=`` of the DSN, or one that tells where this broker runs."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
+    names = query.get('name')
+    if names and names[0]:
+        return names[0]
+    return f'microagent {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:12]}'
+
+
+def _declaration(name: str) -> Queue | None:
+    """The declared :class:`Queue` called ``name`` (dead-letter queues may be undeclared)."""
+    try:
+        return Queue.get(name)
+    except QueueNotFound:
+        return None
+
+
+def _describe(error: BaseException | str | None) -> str:
+    if error is None or isinstance(error, str):
+        return error or 'no connection yet'
+    return str(error) or type(error).__name__
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+async def _first_ended(*futures: asyncio.Future[Any]) -> BaseException | None:
+    """Wait until one of ``futures`` is done and return why. Their exceptions are not
+    raised here (a channel closed normally carries a CancelledError), and none is
+    cancelled: aiormq < 7 hands out its own ``closing`` future, not an observer."""
+    done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    ended = done.pop()
+    return None if ended.cancelled() else ended.exception()
+
+
+
+def _settlement(unsettled: dict[int, None], tags: Sequence[int]) -> tuple[int | None, list[int]]:
+    """Take ``tags`` out of ``unsettled`` (the delivery tags of a channel still to settle,
+    in delivery order); return the tag to settle with ``multiple=True`` (it covers every
+    tag below the lowest one still unsettled) and the tags to settle one by one."""
+    taken = [tag for tag in tags if unsettled.pop(tag, False) is None]
+    lowest_open = next(iter(unsettled), None)
+    if lowest_open is None:
+        return (max(taken) if taken else None), []
+    below = [tag for tag in taken if tag < lowest_open]
+    return (max(below) if below else None), sorted(tag for tag in taken if tag > lowest_open)
+
+
+class _Consumption:
+    """The consumption of one queue, from ``bind`` to ``unbind``, over reconnections.
+
+    ``channel``, ``consumer_tag`` and ``unsettled`` (delivery tags received and neither
+    acknowledged nor released, in delivery order) belong to the current subscription
+    and are replaced by the next one. Deliveries wait in ``buffer`` until the feeder
+    task hands them to the pool in batches.
+    """
+
+    def __init__(self, name: str, pool: ConsumerPool, prefetch: int,
+                 declare: Mapping[str, Any]) -> None:
+        self.name = name
+        self.pool = pool
+        self.prefetch = prefetch
+        self.declare = declare
+        self.channel: AbstractChannel | None = None
+        self.consumer_tag: str | None = None
+        self.unsettled: dict[int, None] = {}
+        self.settling = asyncio.Lock()  # keeps settlement frames in the order they were planned
+        self.buffer: list[Delivery] = []
+        self.wakeup: asyncio.Future[None] | None = None
+        self.stopping = False
+        self.keeper: asyncio.Task[None] | None = None
+        self.feeder: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f'<Consumption {self.name} prefetch={self.prefetch}>'
+
+
+class AMQPBroker(AbstractQueueBroker):
+    """At-least-once queue broker on RabbitMQ: ``AMQPBroker('amqp://guest:guest@host/')``.
+
+    ``send(name, message, topic=None, exchange=None, properties=None)``: ``topic`` is the
+    routing key for a queue declared with an exchange; ``exchange`` publishes to another
+    exchange with ``name`` as routing key (1.x style); ``properties`` adds AMQP message
+    properties (``headers``, ``priority``...). It returns once RabbitMQ confirmed the
+    message; during an outage it waits up to ``CONNECT_TIMEOUT`` for the reconnection,
+    then raises :class:`ConnectionError`.
+
+    Consumers get the aiormq ``DeliveredMessage`` as ``amqp=``. Consumer options, besides
+    the common ones:
+
+    - ``autoack=False``: the handler acknowledges with ``await broker.putout(amqp)``
+      (a message not put out goes back to the queue when its consumer stops).
+    - ``prefetch``: RabbitMQ's ``prefetch_count``. The default is the pool's capacity
+      (``max(2 * concurrency, PREFETCH)``), not the concurrency: the messages buffered
+      beyond the running handlers keep the workers busy while acknowledgements, sent in
+      batches, travel. Use ``prefetch=concurrency`` (or 1) for long jobs that several
+      replicas should share fairly.
+    - ``declare_queue``: ``queue_declare`` options for a missing queue (default
+      ``{'durable': True}``), e.g. ``{'arguments': {'x-queue-type': 'quorum'}}``.
+
+    Settings (class attributes, or keyword arguments): ``ROLLBACK_ATTEMPTS``,
+    ``RETRY_BACKOFF``, ``PREFETCH`` (see :class:`AbstractQueueBroker`), ``CONNECT_TIMEOUT``,
+    ``CONFIRM_TIMEOUT``, ``OPERATION_TIMEOUT`` (seconds), ``PUBLISH_BATCH`` (messages of a
+    ``send_many`` awaiting their confirmations at once).
+    """
+
+    RAW_MESSAGE_ARG: ClassVar[str | None] = 'amqp'
+    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = (
+        AbstractQueueBroker.CONSUMER_OPTIONS | {'declare_queue', 'prefetch'})
+    CONNECT_TIMEOUT: ClassVar[float] = 10
+    """Seconds to open the connection; also the longest a send waits for a reconnection."""
+    CONFIRM_TIMEOUT: ClassVar[float] = 30
+    """Seconds RabbitMQ has to confirm a published message."""
+    OPERATION_TIMEOUT: ClassVar[float] = 10
+    """Seconds for a declaration, a subscription, a channel to open or close."""
+    PUBLISH_BATCH: ClassVar[int] = 1000
+
+    def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, log, **kwargs)
+        if urllib.parse.urlsplit(dsn).scheme not in ('amqp', 'amqps'):
+            raise ValueError(f'{type(self).__name__} needs an amqp:// or amqps:// DSN, '
+                             f'not {redact_dsn(dsn)!r}')
+        self._errors = _aiormq_errors()
+        self._properties = require('aiormq', 'amqp').spec.Basic.Properties
+        self.connection_name = _connection_name(dsn)
+        self._consumptions: dict[str, _Consumption] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the connection and what was declared on it (at start and on close)."""
+        self._supervisor: asyncio.Task[None] | None = None
+        self._connection: AbstractConnection | None = None
+        self._connected = asyncio.Event()
+        self._last_error: BaseException | None = None
+        self._publisher: AbstractChannel | None = None
+        self._publisher_lock = asyncio.Lock()
+        self._admin: AbstractChannel | None = None
+        self._admin_lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._exchanges: set[str] = set()
+        self._unconfirmed = 0
+        self._all_confirmed = asyncio.Event()
+        self._all_confirmed.set()
+
+    def _failure(self, what: str, error: BaseException) -> Exception:
+        """The error to raise for a failed operation, without the DSN's password."""
+        if isinstance(error, (_Unreachable, QueueException)):
+            return error
+        where = redact_dsn(self.dsn)
+        if isinstance(error, self._errors.channel):
+            return QueueException(f'{what}: RabbitMQ at {where} refused: {_describe(error)}')
+        return _Unreachable(f'{what}: RabbitMQ at {where} is unreachable: {_describe(error)}')
+
+    # -- the connection -----------------------------------------------------------------
+
+    async def _live_connection(self, timeout: float | None) -> AbstractConnection:
+        """The open connection; wait up to ``timeout`` seconds for it (None: forever),
+        also while a lost one is being replaced."""
+        loop = asyncio.get_running_loop()
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = loop.create_task(self._keep_connected())
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            connection = self._connection
+            if connection is not None and connection.is_opened:
+                return connection
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise _Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
+                                   f'{_describe(self._last_error)}')
+            if connection is not None:  # lost; wait until the supervisor lets it go
+                await asyncio.wait([connection.closing], timeout=remaining)
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), remaining)
+
+    async def _keep_connected(self) -> None:
+        """Hold the connection: connect, wait until it is lost, reconnect with backoff."""
+        delays: Iterator[float] | None = None
+        while True:
+            try:
+                connection = await self._connect()
+            except Exception as exc:
+                self._last_error = exc
+                if delays is None:
+                    self.log.warning('Cannot connect to RabbitMQ at %s (%s); retrying',
+                                     redact_dsn(self.dsn), _describe(exc))
+                    delays = reconnect_delays()
+                else:
+                    self.log.debug('Connecting to RabbitMQ at %s failed again: %s',
+                                   redact_dsn(self.dsn), _describe(exc))
+                await asyncio.sleep(next(delays))
+                continue
+            self._connection = connection
+            self._connected.set()
+            if delays is not None:
+                self.log.info('Connected to RabbitMQ at %s again', redact_dsn(self.dsn))
+            reason = await _first_ended(connection.closing)
+            self._connected.clear()
+            self._connection = self._publisher = self._admin = None
+            self._declared.clear()  # a restarted server lost its non-durable queues
+            self._exchanges.clear()
+            self._last_error = reason or ConnectionError('connection closed')
+            self.log.warning('Connection to RabbitMQ at %s lost (%s); reconnecting',
+                             redact_dsn(self.dsn), _describe(self._last_error))
+            delays = reconnect_delays()
+            await asyncio.sleep(next(delays))
+
+    async def _connect(self) -> AbstractConnection:
+        aiormq = require('aiormq', 'amqp')
+        try:
+            connection: AbstractConnection = aiormq.Connection(self.dsn)
+        except Exception:
+            raise ValueError(f'invalid AMQP DSN {redact_dsn(self.dsn)}') from None
+        properties: FieldTable = {'connection_name': self.connection_name}
+        try:
+            await asyncio.wait_for(connection.connect(properties), self.CONNECT_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
+    async def _open_channel(self, *, publisher_confirms: bool) -> AbstractChannel:
+        """A new channel; when the connection dies meanwhile, one on the next connection
+        (within ``CONNECT_TIMEOUT``: opening a channel publishes nothing, so this is safe)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.CONNECT_TIMEOUT
+        while True:
+            connection = await self._live_connection(max(0.0, deadline - loop.time()))
+            try:
+                return await connection.channel(
+                    publisher_confirms=publisher_confirms, timeout=self.OPERATION_TIMEOUT)
+            except self._errors.failures:
+                if connection.is_opened and not connection.is_closed:
+                    raise
+
+    async def _publishing_channel(self) -> AbstractChannel:
+        channel = self._publisher
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._publisher_lock:
+            channel = self._publisher
+            if channel is None or channel.is_closed:
+                channel = self._publisher = await self._open_channel(publisher_confirms=True)
+            return channel
+
+    async def _admin_channel(self) -> AbstractChannel:
+        """The channel for declarations (hold ``_admin_lock``); reopened after an error."""
+        channel = self._admin
+        if channel is None or channel.is_closed:
+            channel = self._admin = await self._open_channel(publisher_confirms=False)
+        return channel
+
+    # -- declarations -------------------------------------------------------------------
+
+    async def _passive_declare(self, name: str) -> QueueMethods.DeclareOk | None:
+        """The queue's declare-ok, or None when it does not exist (hold ``_admin_lock``)."""
+        channel = await self._admin_channel()
+        try:
+            return await channel.queue_declare(
+                name, passive=True, timeout=self.OPERATION_TIMEOUT)
+        except self._errors.not_found:
+            return None
+
+    async def _ensure_exchange(self, exchange: str) -> None:
+        """Declare a missing exchange, topic and durable (hold ``_admin_lock``)."""
+        if exchange in self._exchanges:
+            return
+        channel = await self._admin_channel()
+        try:
+            await channel.exchange_declare(exchange, passive=True, timeout=self.OPERATION_TIMEOUT)
+        except self._errors.not_found:
+            channel = await self._admin_channel()
+            await channel.exchange_declare(
+                exchange, exchange_type='topic', durable=True, timeout=self.OPERATION_TIMEOUT)
+            self.log.info('Declared exchange %s (topic, durable)', exchange)
+        self._exchanges.add(exchange)
+
+    async def _ensure_queue(self, name: str, declare: Mapping[str, Any] | None = None, *,
+                            check: bool = False) -> None:
+        """Make sure queue ``name`` exists (used as it is when it does, declared durable
+        when missing) and is bound to its exchange by its topics. Once per broker unless
+        ``check``."""
+        if name in self._declared and not check:
+            return
+        queue = _declaration(name)
+        exchange = queue.exchange if queue is not None else ''
+        async with self._admin_lock:
+            if name in self._declared and not check:
+                return
+            if exchange:
+                await self._ensure_exchange(exchange)
+            if await self._passive_declare(name) is None:
+                options = {'durable': True, **(declare or {})}
+                channel = await self._admin_channel()
+                await channel.queue_declare(name, timeout=self.OPERATION_TIMEOUT, **options)
+                self.log.info('Declared queue %s %s', name, options)
+            if exchange and queue is not None:
+                channel = await self._admin_channel()
+                for topic in queue.topics or (name,):
+                    await channel.queue_bind(
+                        name, exchange, routing_key=topic, timeout=self.OPERATION_TIMEOUT)
+            self._declared.add(name)
+
+    async def declare_queue(self, name: str, **options: Any) -> QueueMethods.DeclareOk:
+        """Declare queue ``name`` with ``queue_declare`` options (``durable``,
+        ``arguments``...), as in microagent 1.x; return RabbitMQ's declare-ok."""
+        try:
+            async with self._admin_lock:
+                channel = await self._admin_channel()
+                info: QueueMethods.DeclareOk = await channel.queue_declare(
+                    name, timeout=self.OPERATION_TIMEOUT, **options)
+        except self._errors.failures as exc:
+            raise self._failure(f'declaring queue {name}', exc) from exc
+        self.log.info('Declared queue %s: %s messages, %s consumers',
+                      name, info.message_count, info.consumer_count)
+        self._declared.add(name)
+        return info
+
+    async def queue_length(self, name: str) -> int:
+        """How many messages wait in queue ``name`` (not counting unacknowledged ones);
+        0 for a queue that does not exist (it is not created)."""
+        try:
+            async with self._admin_lock:
+                info = await self._passive_declare(name)
+        except self._errors.failures as exc:
+            raise self._failure(f'measuring queue {name}', exc) from exc
+        return int(info.message_count or 0) if info is not None else 0
+
+    # -- producing ----------------------------------------------------------------------
+
+    def _route(self, name: str, topic: str | None, exchange: str | None) -> tuple[str, str]:
+        """The exchange and routing key of a message for queue ``name``."""
+        if exchange is not None:
+            return exchange, topic or name
+        queue = _declaration(name)
+        if queue is None or not queue.exchange:
+            if topic is not None:
+                raise QueueException(
+                    f'queue {name!r} has no exchange: topic= needs Queue(name, exchange, topics)')
+            return '', name
+        return queue.exchange, topic or (queue.topics[0] if queue.topics else name)
+
+    async def send(self, name: str, message: bytes | str, **kwargs: Any) -> None:
+        """Publish ``message`` (JSON bytes; a str is encoded, as 1.x sent str) for queue
+        ``name``; return once RabbitMQ confirmed it. Options: ``topic``, ``exchange``,
+        ``properties`` (see the class)."""
+        body = message.encode() if isinstance(message, str) else message
+        await self.send_many(name, [body], **kwargs)
+
+    async def send_many(self, name: str, messages: list[bytes], *, topic: str | None = None,
+                        exchange: str | None = None,
+                        properties: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Publish several messages, awaiting their confirmations together."""
+        if kwargs:
+            raise TypeError(f'{type(self).__name__}.send got unknown options '
+                            f'{", ".join(sorted(kwargs))}; it takes topic, exchange, properties')
+        target, routing_key = self._route(name, topic, exchange)
+        self._unconfirmed += len(messages)
+        self._all_confirmed.clear()
+        try:
+            for attempt in (1, 2):
+                try:
+                    if exchange is None:
+                        await self._ensure_queue(name)
+                    await self._publish(target, routing_key, messages, properties or {})
+                    return
+                except (self._errors.returned, self._errors.not_found) as exc:
+                    if attempt == 2 or exchange is not None:
+                        raise self._unroutable(name, target, routing_key, exc) from exc
+                    self._declared.discard(name)  # deleted meanwhile? declare it again
+                    self._exchanges.discard(target)
+                except self._errors.refused as exc:
+                    raise QueueException(
+                        f'RabbitMQ refused to store a message for {name!r}: {exc}') from exc
+                except self._errors.failures as exc:
+                    raise self._failure(
+                        f'sending to {name} (the message may not be stored)', exc) from exc
+        finally:
+            self._unconfirmed -= len(messages)
+            if not self._unconfirmed:
+                self._all_confirmed.set()
+
+    def _unroutable(self, name: str, exchange: str, routing_key: str, error: BaseException
+                    ) -> QueueException:
+        if isinstance(error, self._errors.returned):
+            return QueueException(
+                f'RabbitMQ returned a message for {name!r}: no queue is bound to exchange '
+                f'{exchange!r} by routing key {routing_key!r}')
+        return QueueException(f'cannot send to {name!r}: {_describe(error)}')
+
+    async def _publish(self, exchange: str, routing_key: str, bodies: Sequence[bytes],
+                       extra: Mapping[str, Any]) -> None:
+        channel = await self._publishing_channel()
+        publish = partial(channel.basic_publish, exchange=exchange, routing_key=routing_key,
+                          mandatory=True, timeout=self.CONFIRM_TIMEOUT)
+        make = partial(self._properties, delivery_mode=PERSISTENT, content_type=CONTENT_TYPE)
+        if len(bodies) == 1:
+            await publish(bodies[0], properties=make(**extra))
+            return
+        step = max(1, self.PUBLISH_BATCH)
+        for start in range(0, len(bodies), step):
+            results = await asyncio.gather(
+                *(publish(body, properties=make(**extra)) for body in bodies[start:start + step]),
+                return_exceptions=True)
+            errors = [result for result in results if isinstance(result, BaseException)]
+            if errors:
+                returned = [error for error in errors if isinstance(error, self._errors.returned)]
+                error = (returned or errors)[0]
+                if isinstance(error, asyncio.CancelledError):  # its channel closed, not us
+                    raise ConnectionError('the channel closed before RabbitMQ confirmed')
+                raise error
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def _consumer_settings(self, pool: ConsumerPool) -> tuple[int, Mapping[str, Any]]:
+        """The consumer's ``prefetch`` and ``declare_queue`` options, checked."""
+        options = pool.consumer.options
+        prefetch = options.get('prefetch')
+        if prefetch is None:
+            prefetch = min(pool.capacity, MAX_PREFETCH)
+        elif (isinstance(prefetch, bool) or not isinstance(prefetch, int)
+              or not 1 <= prefetch <= MAX_PREFETCH):
+            raise QueueException(f'{pool.consumer.key}: prefetch must be a whole number from 1 '
+                                 f'to {MAX_PREFETCH}, not {prefetch!r}')
+        declare = options.get('declare_queue') or {}
+        if not isinstance(declare, Mapping):
+            raise QueueException(f'{pool.consumer.key}: declare_queue must be a dict of '
+                                 f'queue_declare options, not {declare!r}')
+        return prefetch, declare
+
+    async def bind(self, name: str) -> None:
+        """Subscribe to queue ``name`` (declaring it when missing); return once RabbitMQ
+        confirmed the subscription. It is renewed after every reconnection."""
+        pool = self.pools[name]
+        consumption = _Consumption(name, pool, *self._consumer_settings(pool))
+        self._consumptions[name] = consumption
+        loop = asyncio.get_running_loop()
+        live: asyncio.Future[None] = loop.create_future()
+        consumption.feeder = loop.create_task(self._feed(consumption))
+        consumption.keeper = loop.create_task(self._keep_consuming(consumption, live))
+        try:
+            await live
+        except BaseException:
+            await cancel_and_wait(consumption.keeper)
+            await cancel_and_wait(consumption.feeder)
+            await self._unsubscribed(consumption)
+            self._consumptions.pop(name, None)
+            raise
+
+    async def _keep_consuming(self, consumption: _Consumption, live: asyncio.Future[None]
+                              ) -> None:
+        """Subscribe, wait until the subscription ends (lost connection or channel, or
+        cancelled by RabbitMQ), subscribe again with backoff; forever."""
+        name, where = consumption.name, redact_dsn(self.dsn)
+        delays: Iterator[float] | None = None
+        while True:
+            try:
+                connection = await self._live_connection(
+                    None if live.done() else self.CONNECT_TIMEOUT)
+                ended = await self._subscribe(consumption, connection)
+            except Exception as exc:
+                await self._unsubscribed(consumption)
+                if not live.done():
+                    live.set_exception(self._failure(f'consuming {name}', exc))
+                    return
+                if delays is None:
+                    self.log.warning('Subscribing to %s on RabbitMQ at %s failed (%s); retrying',
+                                     name, where, _describe(exc))
+            else:
+                if not live.done():
+                    live.set_result(None)
+                elif delays is not None:
+                    self.log.info('Consuming %s from RabbitMQ at %s again', name, where)
+                delays = None
+                closed, cancelled = ended
+                try:
+                    reason = await _first_ended(closed, cancelled)
+                finally:
+                    by_server = cancelled.done()
+                    cancelled.cancel()
+                await self._unsubscribed(consumption)
+                why = ('RabbitMQ cancelled the consumer: queue deleted?' if by_server
+                       else _describe(reason or 'channel closed'))
+                self.log.warning('Consuming %s from RabbitMQ at %s stopped (%s); subscribing '
+                                 'again', name, where, why)
+            if delays is None:
+                delays = reconnect_delays()
+            await asyncio.sleep(next(delays))
+
+    async def _subscribe(self, consumption: _Consumption, connection: AbstractConnection
+                         ) -> tuple[asyncio.Future[Any], asyncio.Future[None]]:
+        """Open a channel and consume on it; return the futures that end it: the
+        channel's closing, and the consumer cancelled by RabbitMQ (the queue was
+        deleted; aiormq 7 reports it, older versions do not)."""
+        await self._ensure_queue(consumption.name, consumption.declare, check=True)
+        channel = await connection.channel(
+            publisher_confirms=False, timeout=self.OPERATION_TIMEOUT)
+        consumption.channel = channel
+        consumption.unsettled = {}
+        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        cancel_callbacks = getattr(channel, 'on_consumer_cancel_callbacks', None)
+        if cancel_callbacks is not None:
+            cancel_callbacks.add(lambda _frame: _resolve(cancelled))
+        await channel.basic_qos(prefetch_count=consumption.prefetch,
+                                timeout=self.OPERATION_TIMEOUT)
+        ok = await channel.basic_consume(
+            consumption.name, partial(self._on_message, consumption, channel),
+            timeout=self.OPERATION_TIMEOUT)
+        consumption.consumer_tag = ok.consumer_tag
+        return channel.closing, cancelled
+
+    async def _unsubscribed(self, consumption: _Consumption) -> None:
+        """Give up the subscription's channel; RabbitMQ delivers its unacknowledged
+        messages again (those still in the buffer are dropped here)."""
+        channel, consumption.channel = consumption.channel, None
+        consumption.consumer_tag = None
+        consumption.unsettled = {}
+        consumption.buffer.clear()
+        await self._close_channel(channel)
+
+    async def _close_channel(self, channel: AbstractChannel | None) -> None:
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*self._errors.failures):
+                await asyncio.wait_for(channel.close(), self.OPERATION_TIMEOUT)
+
+    async def _on_message(self, consumption: _Consumption, channel: AbstractChannel,
+                          message: DeliveredMessage) -> None:
+        """aiormq's consumer callback: buffer the delivery for the feeder."""
+        tag = message.delivery_tag
+        if channel is not consumption.channel or tag is None:
+            return  # a channel given up: RabbitMQ requeues its messages as it closes
+        if consumption.stopping:
+            with contextlib.suppress(*self._errors.failures):
+                await self._settle(consumption, [tag], ack=False)
+            return
+        consumption.unsettled[tag] = None
+        consumption.buffer.append(Delivery(message.body, message, tag))
+        wakeup, consumption.wakeup = consumption.wakeup, None
+        _resolve(wakeup)
+
+    async def _feed(self, consumption: _Consumption) -> None:
+        """Hand what arrived together to the pool as one batch (it waits when full)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not consumption.buffer:
+                consumption.wakeup = loop.create_future()
+                await consumption.wakeup
+                continue
+            batch, consumption.buffer = consumption.buffer, []
+            await consumption.pool.feed(batch)
+
+    async def unbind(self, name: str) -> None:
+        """Stop the subscription (the channel stays open until the pool has settled what
+        it holds); deliveries not yet handed to the pool go back to the queue."""
+        consumption = self._consumptions.get(name)
+        if consumption is None:
+            return
+        await cancel_and_wait(consumption.keeper)
+        channel, consumer_tag = consumption.channel, consumption.consumer_tag
+        if channel is not None and consumer_tag is not None and not channel.is_closed:
+            try:
+                await channel.basic_cancel(consumer_tag, timeout=self.OPERATION_TIMEOUT)
+            except self._errors.failures as exc:
+                self.log.debug('Cancelling the consumer of %s failed: %s', name, _describe(exc))
+        consumption.stopping = True
+        await cancel_and_wait(consumption.feeder)
+        leftovers, consumption.buffer = consumption.buffer, []
+        if leftovers:
+            with contextlib.suppress(*self._errors.failures):
+                await self._settle(consumption, [d.tag for d in leftovers], ack=False)
+
+    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
+        """Stop a consumer gracefully, then close its channel."""
+        name = consumer.queue.name
+        pool = self.pools.get(name)
+        try:
+            await super().unbind_consumer(consumer, grace)
+        finally:
+            if pool is not None and pool.consumer is consumer:
+                consumption = self._consumptions.pop(name, None)
+                if consumption is not None:
+                    await self._unsubscribed(consumption)
+
+    # -- settling deliveries --------------------------------------------------------------
+
+    async def _settle(self, consumption: _Consumption, tags: Sequence[int], *, ack: bool
+                      ) -> None:
+        """Acknowledge (or release: nack with requeue) delivery tags of the current
+        channel, with one ``multiple=True`` frame for the contiguous part."""
+        channel = consumption.channel
+        if channel is None or channel.is_closed:
+            return
+        async with consumption.settling:
+            if channel is not consumption.channel:
+                return
+            highest, singles = _settlement(consumption.unsettled, tags)
+            if highest is not None:
+                await self._settle_frame(channel, highest, multiple=True, ack=ack)
+            for tag in singles:
+                await self._settle_frame(channel, tag, multiple=False, ack=ack)
+
+    @staticmethod
+    async def _settle_frame(channel: AbstractChannel, tag: int, *, multiple: bool, ack: bool
+                            ) -> None:
+        if ack:
+            await channel.basic_ack(tag, multiple=multiple)
+        else:
+            await channel.basic_nack(tag, multiple=multiple, requeue=True)
+
+    async def _settle_deliveries(self, name: str, deliveries: list[Delivery], *, ack: bool
+                                 ) -> None:
+        consumption = self._consumptions.get(name)
+        if consumption is None:
+            return
+        channel = consumption.channel
+        tags = [d.tag for d in deliveries if d.raw is not None and d.raw.channel is channel]
+        if len(tags) < len(deliveries):
+            self.log.debug('%d messages of %s came on a channel since lost; RabbitMQ delivers '
+                           'them again', len(deliveries) - len(tags), name)
+        if not tags:
+            return
+        try:
+            await self._settle(consumption, tags, ack=ack)
+        except self._errors.failures as exc:
+            action = 'acknowledging' if ack else 'releasing'
+            raise self._failure(f'{action} {len(tags)} messages of {name}', exc) from exc
+
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:
+        """Acknowledge finished deliveries (``multiple=True`` where contiguous)."""
+        await self._settle_deliveries(name, deliveries, ack=True)
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:
+        """Put unfinished deliveries back in the queue (``basic_nack`` with requeue)."""
+        await self._settle_deliveries(name, deliveries, ack=False)
+
+    async def putout(self, amqp: DeliveredMessage) -> None:
+        """Acknowledge a message consumed with ``autoack=False`` (microagent 1.x API)::
+
+            @consumer(queues.mailer, autoack=False)
+            async def send_mail(self, amqp, **message):
+                ...
+                await self.broker.putout(amqp)
+
+        Putting out a message twice is harmless. When its channel was lost meanwhile it
+        cannot be acknowledged any more (RabbitMQ delivers it again): that is logged.
+        """
+        tag = amqp.delivery_tag
+        if tag is None:
+            return
+        try:
+            for consumption in self._consumptions.values():
+                if consumption.channel is amqp.channel:
+                    await self._settle(consumption, [tag], ack=True)
+                    return
+            if amqp.channel.is_closed:
+                self.log.warning('Cannot acknowledge message %s of %s: its channel is closed '
+                                 '(RabbitMQ delivers it again)', tag, amqp.routing_key)
+                return
+            await amqp.channel.basic_ack(tag)
+        except self._errors.failures as exc:
+            self.log.warning('Acknowledging message %s of %s failed (%s); RabbitMQ delivers '
+                             'it again', tag, amqp.routing_key, _describe(exc))
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop consumers gracefully, wait for the confirmations of pending sends, close
+        the channels and the connection. The broker may be used again."""
+        for pool in list(self.pools.values()):
+            await self.unbind_consumer(pool.consumer)
+        for name in list(self._consumptions):
+            await self.unbind(name)
+            await self._unsubscribed(self._consumptions.pop(name))
+        if not self._all_confirmed.is_set():
+            try:
+                await asyncio.wait_for(self._all_confirmed.wait(), self.CONFIRM_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.log.warning('Closing with %d messages not yet confirmed by RabbitMQ',
+                                 self._unconfirmed)
+        await cancel_and_wait(self._supervisor)
+        connection = self._connection
+        self._reset()
+        if connection is not None:
+            with contextlib.suppress(*self._errors.failures):
+                await asyncio.wait_for(connection.close(), self.OPERATION_TIMEOUT)
+
+
+# =====================================================================================
+# Kafka broker
+# =====================================================================================
+# Kafka backend: :class:`KafkaBroker`, a queue broker on aiokafka.
+#
+# ``pip install 'microagent[kafka]'``. Wire format of microagent 1.x: a queue is the topic
+# named like the queue, a message is one record whose value is the JSON object's bytes
+# (no key, no headers), so 1.x producers and this broker interoperate both ways.
+#
+# Producing: one long-lived ``AIOKafkaProducer`` per broker, started on the first send
+# and flushed by :meth:`KafkaBroker.close`. ``send`` returns once the broker acknowledged
+# the record (``acks='all'``); when Kafka cannot be reached it raises
+# :class:`ConnectionError` after at most ``SEND_TIMEOUT`` seconds, never a false success.
+#
+# Consuming, at-least-once: all consumers of a queue form one consumer group
+# (``microagent.{queue}``, or the consumer option ``group_id``), so replicas split the
+# topic's partitions. Records are fetched in batches (``getmany``) sized by the consumer
+# pool and fed to it with backpressure; auto-commit is off. For each partition the broker
+# commits the offset below which every record is finished (handled or dead-lettered):
+# on the first acknowledgement after a quiet period at once, under load at most every
+# ``COMMIT_INTERVAL`` seconds; also when partitions are revoked by a rebalance and when a
+# consumer stops. A record not finished (released at a stop, or its consumer killed) is
+# never committed past, so the group delivers it again: after a rebalance to another
+# member, or to the next consumer of the group. Records of partitions revoked while their
+# handlers run are delivered again to the partitions' new owner (at-least-once allows the
+# duplicate; their late acknowledgements are ignored).
+#
+# Topics are created when missing (``PARTITIONS`` partitions, ``REPLICATION_FACTOR``
+# replicas) before the first send to them and before consuming them, dead-letter topics
+# ``{queue}.dead`` included. ``queue_length`` is the consumer group's lag.
+#
+# Tested against Tansu 0.6 (a Kafka-protocol broker) as well as written for Kafka. What
+# differs there, and how this module copes:
+#
+# - A group is formed only after half the session timeout (a JoinGroup is answered then),
+#   so :meth:`KafkaBroker.bind` takes ``SESSION_TIMEOUT / 2``; Kafka has its own initial
+#   rebalance delay (``group.initial.rebalance.delay.ms``, 3 s by default).
+# - The first generation of a group is numbered 0, and aiokafka sends LeaveGroup only for
+#   generations above 0: a consumer of that generation that stops is dropped from the
+#   group after ``SESSION_TIMEOUT`` only, and its partitions wait until then (nothing is
+#   lost; the next consumer just starts later).
+# - ListOffsets reports as a partition's end the base offset of its last record *batch*
+#   plus one; ``queue_length`` therefore takes the end from a fetch's high watermark.
+# - An OffsetFetch for all partitions of a group breaks the connection: partitions are
+#   always named.
+# - Topics are created on a first produce; with its in-memory storage a restarted Tansu
+#   has forgotten topics, offsets and groups (the clients reconnect and carry on).
+
+_TOPIC_NAME = re.compile(r'^[A-Za-z0-9._-]{1,249}$')
+_TOPIC_ALREADY_EXISTS = 36
+_DEFAULT_PORT = 9092
+_FETCH_WAIT_MS = 1000
+_SEND_OPTIONS = frozenset({'key', 'partition', 'timestamp_ms', 'headers'})
+_IGNORED_SEND_OPTIONS = frozenset({'topic'})  # AMQP routing, meaningless here
+
+
+# =====================================================================================
+# Kafka broker
+# =====================================================================================
+
+def _aiokafka() -> Any:
+    """The aiokafka package (imported on first use, naming the extra when missing)."""
+    return require('aiokafka', 'kafka')
+
+
+def _bootstrap_servers(dsn: str) -> list[str]:
+    """``kafka://host:port[,host:port...]`` as aiokafka's list of ``host:port``."""
+    parsed = urllib.parse.urlsplit(dsn)
+    if parsed.scheme != 'kafka':
+        raise ValueError(f'KafkaBroker needs a kafka://host:port DSN, not {redact_dsn(dsn)!r}')
+    if '@' in parsed.netloc:
+        raise ValueError(f'KafkaBroker takes no credentials in the DSN ({redact_dsn(dsn)}): '
+                         'pass sasl_* / ssl_context through CLIENT_OPTIONS')
+    hosts = [host.strip() for host in parsed.netloc.split(',') if host.strip()]
+    if not hosts:
+        raise ValueError(f'KafkaBroker DSN {redact_dsn(dsn)!r} names no host')
+    return [host if re.search(r':\d+$', host) else f'{host}:{_DEFAULT_PORT}' for host in hosts]
+
+
+def _topic(name: str) -> str:
+    """The Kafka topic of queue ``name``: the same name, which Kafka must accept."""
+    if not _TOPIC_NAME.match(name):
+        raise QueueException(f'queue {name!r} cannot be a Kafka topic: use only letters, '
+                             'digits, ".", "_" and "-" (at most 249)')
+    return name
+
+
+async def _stop(client: Any) -> None:
+    """Stop an aiokafka producer or consumer, or close an admin client."""
+    stop = getattr(client, 'stop', None) or client.close
+    await stop()
+
+
+
+class _PartitionOffsets:
+    """The records of one partition fetched during one assignment of it, to find the
+    offset to commit: the first one not finished, or the one after the last fetched.
+
+    ``active`` turns False when the partition is revoked: acknowledgements of records
+    fetched before are then ignored (the partition's new owner delivers them again).
+    """
+
+    __slots__ = ('active', 'committed', 'fetched', 'finished', 'next_offset', 'partition')
+
+    def __init__(self, partition: Any) -> None:
+        self.partition = partition
+        self.fetched: deque[int] = deque()
+        self.finished: set[int] = set()
+        self.next_offset: int | None = None
+        self.committed: int | None = None
+        self.active = True
+
+    def position(self) -> int | None:
+        """The offset below which every fetched record is finished."""
+        fetched, finished = self.fetched, self.finished
+        while fetched and fetched[0] in finished:
+            finished.discard(fetched.popleft())
+        return fetched[0] if fetched else self.next_offset
+
+
+class _Subscription:
+    """One queue consumed by one broker: its aiokafka consumer in the queue's group,
+    the fetching and committing tasks, and the offsets of the records in the pool."""
+
+    def __init__(self, name: str, group_id: str, consumer: Any, pool: ConsumerPool) -> None:
+        self.name = name
+        self.group_id = group_id
+        self.consumer = consumer
+        self.pool = pool
+        self.partitions: dict[Any, _PartitionOffsets] = {}
+        self.dirty: set[_PartitionOffsets] = set()
+        self.finished = asyncio.Event()
+        self.commit_lock = asyncio.Lock()
+        self.fetcher: asyncio.Task[None] | None = None
+        self.committer: asyncio.Task[None] | None = None
+        self.commit_failing = False
+
+    def track(self, batches: Mapping[Any, list[Any]]) -> list[Delivery]:
+        """Deliveries for the records of a ``getmany``, remembered per partition."""
+        deliveries: list[Delivery] = []
+        for partition, records in batches.items():
+            if not records:
+                continue
+            offsets = self.partitions.get(partition)
+            if offsets is None:
+                offsets = self.partitions[partition] = _PartitionOffsets(partition)
+            offsets.fetched.extend(record.offset for record in records)
+            offsets.next_offset = records[-1].offset + 1
+            deliveries.extend(Delivery(record.value or b'', record, offsets)
+                              for record in records)
+        return deliveries
+
+    def finish(self, deliveries: Iterable[Delivery]) -> None:
+        dirty = self.dirty
+        for delivery in deliveries:
+            offsets: _PartitionOffsets = delivery.tag
+            if offsets.active:
+                offsets.finished.add(delivery.raw.offset)
+                dirty.add(offsets)
+        if dirty:
+            self.finished.set()
+
+    def to_commit(self, partitions: Iterable[Any] | None = None) -> dict[Any, int]:
+        """Offsets that moved since their last commit (of ``partitions``, or all)."""
+        if partitions is None:
+            candidates, self.dirty = self.dirty, set()
+        else:
+            candidates = {self.partitions[p] for p in partitions if p in self.partitions}
+            self.dirty -= candidates
+        offsets: dict[Any, int] = {}
+        for tracked in candidates:
+            position = tracked.position()
+            if tracked.active and position is not None and position != tracked.committed:
+                offsets[tracked.partition] = position
+        return offsets
+
+    def committed(self, offsets: Mapping[Any, int]) -> None:
+        for partition, offset in offsets.items():
+            tracked = self.partitions.get(partition)
+            if tracked is not None:
+                tracked.committed = offset
+
+    def retry(self, offsets: Mapping[Any, int]) -> None:
+        """Commit these partitions again with the next commit."""
+        tracked = [self.partitions[p] for p in offsets if p in self.partitions]
+        if tracked:
+            self.dirty.update(tracked)
+            self.finished.set()
+
+    def revoke(self, partitions: Iterable[Any]) -> None:
+        for partition in partitions:
+            tracked = self.partitions.pop(partition, None)
+            if tracked is not None:
+                tracked.active = False
+                self.dirty.discard(tracked)
+
+
+class _RebalanceListener:
+    """Commits what is finished in the partitions a rebalance takes away.
+
+    Registered as a virtual ``aiokafka.ConsumerRebalanceListener`` (aiokafka is
+    imported lazily, so this module cannot subclass it)."""
+
+    def __init__(self, broker: KafkaBroker, subscription: _Subscription) -> None:
+        self.broker = broker
+        self.subscription = subscription
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        if not revoked:
+            return
+        try:
+            await asyncio.wait_for(self.broker._commit(self.subscription, revoked),
+                                   self.broker._commit_timeout)
+        except asyncio.TimeoutError:
+            self.broker.log.warning('Committing offsets of %s timed out in a rebalance; '
+                                    'their records may be delivered again',
+                                    self.subscription.name)
+        self.subscription.revoke(revoked)
+        self.broker.log.info('Kafka group %s: partitions %s of %s revoked',
+                             self.subscription.group_id,
+                             sorted(p.partition for p in revoked), self.subscription.name)
+
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        self.broker.log.info('Kafka group %s: partitions %s of %s assigned',
+                             self.subscription.group_id,
+                             sorted(p.partition for p in assigned), self.subscription.name)
+
+
+class KafkaBroker(AbstractQueueBroker):
+    """Queue broker on Kafka: ``KafkaBroker('kafka://localhost:9092')``.
+
+    The DSN may list several bootstrap servers: ``kafka://k1:9092,k2:9092``. Nothing
+    connects before the first send or consumer. Handlers get the aiokafka
+    ``ConsumerRecord`` as ``kafka=``. Consumer option ``group_id`` replaces the default
+    group ``microagent.{queue}``; ``autoack=False`` is refused (offsets are committed
+    only after handling). ``send`` accepts aiokafka's ``key`` (bytes or str),
+    ``partition``, ``timestamp_ms`` and ``headers``; records without a key are spread
+    over the partitions, so order is kept per key (or partition), not per queue.
+
+    Settings (class attributes, or keyword arguments):
+    ``PARTITIONS`` (8) and ``REPLICATION_FACTOR`` (1) of the topics it creates; the
+    partitions bound how many replicas of a consumer share a queue's work.
+    ``SESSION_TIMEOUT`` (10 s): a consumer that stops heart-beating (killed, frozen) is
+    dropped from its group after that long and its partitions go to the others; Kafka
+    brokers accept 6 to 300 s by default.
+    ``COMMIT_INTERVAL`` (1 s) between offset commits under load.
+    ``SEND_TIMEOUT`` (30 s) for a send (and a topic creation) to be acknowledged.
+    ``START_TIMEOUT`` (60 s) for a consumer to join its group.
+    ``CLOSE_TIMEOUT`` (10 s) for the last commits and flush when stopping.
+    ``CLIENT_OPTIONS`` ({}): more keyword arguments for every aiokafka client
+    (``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_context``...).
+    """
+
+    RAW_MESSAGE_ARG: ClassVar[str | None] = 'kafka'
+    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = (
+        AbstractQueueBroker.CONSUMER_OPTIONS | {'group_id'})
+    PARTITIONS: ClassVar[int] = 8
+    REPLICATION_FACTOR: ClassVar[int] = 1
+    SESSION_TIMEOUT: ClassVar[float] = 10.0
+    COMMIT_INTERVAL: ClassVar[float] = 1.0
+    SEND_TIMEOUT: ClassVar[float] = 30.0
+    START_TIMEOUT: ClassVar[float] = 60.0
+    CLOSE_TIMEOUT: ClassVar[float] = 10.0
+    CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, log, **kwargs)
+        self.servers = _bootstrap_servers(dsn)
+        aiokafka = _aiokafka()
+        self._errors: tuple[type[BaseException], ...] = (
+            aiokafka.errors.KafkaError, OSError, asyncio.TimeoutError)
+        self._producer: Any = None
+        self._admin: Any = None
+        self._reader: Any = None
+        self._start_lock = asyncio.Lock()
+        self._reader_lock = asyncio.Lock()
+        self._topics: set[str] = set()
+        self._subscriptions: dict[str, _Subscription] = {}
+
+    # --- clients, started on first use --------------------------------------------
+
+    def _client_options(self) -> dict[str, Any]:
+        return {'bootstrap_servers': self.servers,
+                'request_timeout_ms': int(self.SEND_TIMEOUT * 1000), **self.CLIENT_OPTIONS}
+
+    async def _started(self, attribute: str, create: Callable[[], Any]) -> Any:
+        """The client kept as ``attribute``, created and started by the first caller
+        (concurrent first uses wait for it); a client that fails to start is closed."""
+        async with self._start_lock:
+            running = getattr(self, attribute)
+            if running is not None:
+                return running
+            client = create()
+            try:
+                await asyncio.wait_for(client.start(), self.SEND_TIMEOUT)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await _stop(client)
+                raise
+            setattr(self, attribute, client)
+            return client
+
+    async def _producer_started(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        return await self._started('_producer', lambda: _aiokafka().AIOKafkaProducer(
+            acks='all', client_id='microagent-producer', **self._client_options()))
+
+    async def _admin_started(self) -> Any:
+        if self._admin is not None:
+            return self._admin
+        return await self._started('_admin', lambda: require(
+            'aiokafka.admin', 'kafka').AIOKafkaAdminClient(
+                client_id='microagent-admin', **self._client_options()))
+
+    async def _reader_started(self) -> Any:
+        """A consumer outside any group, to read the partitions' offsets."""
+        if self._reader is not None:
+            return self._reader
+        return await self._started('_reader', lambda: _aiokafka().AIOKafkaConsumer(
+            client_id='microagent-offsets', enable_auto_commit=False, fetch_max_wait_ms=100,
+            **self._client_options()))
+
+    def _failure(self, what: str, error: BaseException) -> Exception:
+        """The error to raise for a failed Kafka operation: :class:`ConnectionError` when
+        Kafka could not be reached or did not answer in time."""
+        aiokafka = _aiokafka()
+        unreachable = (OSError, asyncio.TimeoutError, aiokafka.errors.KafkaConnectionError,
+                       aiokafka.errors.KafkaTimeoutError, aiokafka.errors.NodeNotReadyError,
+                       aiokafka.errors.NoBrokersAvailable)
+        detail = str(error) or type(error).__name__
+        if isinstance(error, unreachable) or getattr(error, 'retriable', False):
+            return ConnectionError(
+                f'Kafka at {redact_dsn(self.dsn)} is unreachable: {what} failed: {detail}')
+        return QueueException(f'Kafka at {redact_dsn(self.dsn)}: {what} failed: {detail}')
+
+    # --- topics --------------------------------------------------------------------
+
+    async def _ensure_topic(self, name: str) -> None:
+        """Create topic ``name`` unless it exists (once per broker and topic)."""
+        if name in self._topics:
+            return
+        admin = await self._admin_started()
+        new_topic = require('aiokafka.admin', 'kafka').NewTopic(
+            name, self.PARTITIONS, self.REPLICATION_FACTOR)
+        response = await asyncio.wait_for(admin.create_topics([new_topic]), self.SEND_TIMEOUT)
+        for error in response.topic_errors:
+            code, message = error[1], error[2] if len(error) > 2 else None
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                raise QueueException(f'Kafka at {redact_dsn(self.dsn)} did not create topic '
+                                     f'{name}: error {code} {message or ""}'.rstrip())
+            if code == 0:
+                self.log.info('Created Kafka topic %s (%d partitions)', name, self.PARTITIONS)
+        self._topics.add(name)
+
+    # --- producing -----------------------------------------------------------------
+
+    @staticmethod
+    def _send_options(options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - _SEND_OPTIONS - _IGNORED_SEND_OPTIONS
+        if unknown:
+            raise TypeError(f'KafkaBroker.send got unknown options {", ".join(sorted(unknown))}'
+                            f'; known: {", ".join(sorted(_SEND_OPTIONS))}')
+        chosen = {key: value for key, value in options.items() if key in _SEND_OPTIONS}
+        if isinstance(chosen.get('key'), str):
+            chosen['key'] = chosen['key'].encode()
+        return chosen
+
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        """Produce ``message`` to topic ``name``; return once Kafka acknowledged it.
+
+        Raises :class:`ConnectionError` when Kafka is unreachable (within
+        ``SEND_TIMEOUT``); the message may then not be stored.
+        """
+        options = self._send_options(kwargs)
+        topic = _topic(name)
+        try:
+            producer = await self._producer_started()
+            await self._ensure_topic(topic)
+            await producer.send_and_wait(topic, message, **options)
+        except self._errors as exc:
+            raise self._failure(f'sending to {name}', exc) from exc
+
+    async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
+        """Produce several messages, batched by the producer; return once all are
+        acknowledged (on an error, some of them may be stored)."""
+        options = self._send_options(kwargs)
+        topic = _topic(name)
+        try:
+            producer = await self._producer_started()
+            await self._ensure_topic(topic)
+            acks = [await producer.send(topic, message, **options) for message in messages]
+            await asyncio.gather(*acks)
+        except self._errors as exc:
+            raise self._failure(f'sending to {name}', exc) from exc
+
+    # --- consuming -----------------------------------------------------------------
+
+    async def bind(self, name: str) -> None:
+        """Join the queue's consumer group; return once partitions are assigned and
+        fetching runs. Raises :class:`ConnectionError` when Kafka is unreachable."""
+        pool = self.pools[name]
+        options = pool.consumer.options
+        if not options.get('autoack', True):
+            raise QueueException(f'{pool.consumer.key}: KafkaBroker commits offsets after '
+                                 'handling; autoack=False is not supported')
+        group_id = options.get('group_id') or f'microagent.{name}'
+        if not isinstance(group_id, str):
+            raise QueueException(f'{pool.consumer.key}: group_id must be a string')
+        topic = _topic(name)
+        aiokafka = _aiokafka()
+        session_ms = int(self.SESSION_TIMEOUT * 1000)
+        consumer = aiokafka.AIOKafkaConsumer(
+            group_id=group_id, client_id=f'microagent-{name}', enable_auto_commit=False,
+            auto_offset_reset='earliest', session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(session_ms // 3, 100), **self._client_options())
+        subscription = _Subscription(name, group_id, consumer, pool)
+        listener = _RebalanceListener(self, subscription)
+        aiokafka.ConsumerRebalanceListener.register(_RebalanceListener)
+        consumer.subscribe([topic], listener=listener)
+        try:
+            await self._ensure_topic(topic)
+            await asyncio.wait_for(consumer.start(), self.START_TIMEOUT)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            if isinstance(exc, self._errors):
+                raise self._failure(f'joining group {group_id} for {name}', exc) from exc
+            raise
+        self._subscriptions[name] = subscription
+        loop = asyncio.get_running_loop()
+        subscription.fetcher = loop.create_task(self._fetch(subscription))
+        subscription.committer = loop.create_task(self._commit_periodically(subscription))
+
+    async def _fetch(self, subscription: _Subscription) -> None:
+        """Feed the pool with batches of records, forever; retry failures with backoff
+        (aiokafka reconnects by itself)."""
+        consumer, pool = subscription.consumer, subscription.pool
+        size = max(1, pool.capacity)
+        failing = None
+        while not pool.closing:
+            try:
+                batches = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=size)
+            except Exception as exc:
+                failing = failing or reconnect_delays()
+                delay = next(failing)
+                self.log.warning('Fetching %s from Kafka at %s failed (%s); again in %.1fs',
+                                 subscription.name, redact_dsn(self.dsn),
+                                 str(exc) or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            if failing is not None:
+                failing = None
+                self.log.info('Fetching %s from Kafka at %s again',
+                              subscription.name, redact_dsn(self.dsn))
+            if batches:
+                await pool.feed(subscription.track(batches))
+
+    async def _commit_periodically(self, subscription: _Subscription) -> None:
+        while True:
+            await subscription.finished.wait()
+            subscription.finished.clear()
+            await self._commit(subscription)
+            await asyncio.sleep(self.COMMIT_INTERVAL)
+
+    @property
+    def _commit_timeout(self) -> float:
+        """Seconds a commit may take: well within a rebalance, which waits for the
+        members' revocation callbacks (aiokafka retries some errors forever)."""
+        return min(self.SEND_TIMEOUT, self.SESSION_TIMEOUT / 2)
+
+    async def _commit(self, subscription: _Subscription,
+                      partitions: Iterable[Any] | None = None) -> None:
+        """Commit the finished offsets (of ``partitions``, or of every partition); what
+        fails is committed again with the next commit."""
+        async with subscription.commit_lock:
+            offsets = subscription.to_commit(partitions)
+            if not offsets:
+                return
+            try:
+                await asyncio.wait_for(subscription.consumer.commit(offsets),
+                                       self._commit_timeout)
+            except Exception as exc:
+                subscription.retry(offsets)
+                if not subscription.commit_failing:
+                    subscription.commit_failing = True
+                    self.log.warning(
+                        'Committing offsets of %s (group %s) failed; retrying (their records '
+                        'are delivered again if it never succeeds): %s', subscription.name,
+                        subscription.group_id, str(exc) or type(exc).__name__)
+            else:
+                subscription.committed(offsets)
+                if subscription.commit_failing:
+                    subscription.commit_failing = False
+                    self.log.info('Committing offsets of %s works again', subscription.name)
+
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:
+        """Mark records finished; their offsets are committed soon after."""
+        subscription = self._subscriptions.get(name)
+        if subscription is not None:
+            subscription.finish(deliveries)
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:
+        """Nothing to send: the offsets of unfinished records are never committed, so
+        the group delivers them again (to the next consumer, or after a rebalance)."""
+
+    async def unbind(self, name: str) -> None:
+        """Stop fetching at once; the group membership lasts until the pool drained
+        (see :meth:`unbind_consumer`), so that finished records can be committed."""
+        subscription = self._subscriptions.get(name)
+        if subscription is None:
+            return
+        await cancel_and_wait(subscription.fetcher)
+        subscription.fetcher = None
+        with contextlib.suppress(Exception):
+            subscription.consumer.pause(*subscription.consumer.assignment())
+
+    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
+        """Stop a consumer gracefully; then commit what finished and leave the group,
+        so that its partitions go to the other consumers at once."""
+        name = consumer.queue.name
+        pool = self.pools.get(name)
+        try:
+            await super().unbind_consumer(consumer, grace)
+        finally:
+            subscription = self._subscriptions.get(name)
+            if pool is not None and pool.consumer is consumer and subscription is not None:
+                del self._subscriptions[name]
+                await self._finish(subscription)
+
+    async def _finish(self, subscription: _Subscription) -> None:
+        await cancel_and_wait(subscription.fetcher)
+        async with subscription.commit_lock:  # not in the middle of a commit: aiokafka
+            await cancel_and_wait(subscription.committer)  # would finish it after the stop
+        try:
+            await asyncio.wait_for(self._commit(subscription), self.CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.log.warning('Committing the last offsets of %s timed out; their records may '
+                             'be delivered again', subscription.name)
+        try:
+            await asyncio.wait_for(subscription.consumer.stop(), self.CLOSE_TIMEOUT)
+        except Exception as exc:
+            self.log.warning('Stopping the Kafka consumer of %s failed: %s',
+                             subscription.name, str(exc) or type(exc).__name__)
+
+    def partitions(self, name: str) -> frozenset[int]:
+        """The partitions of queue ``name`` that this broker's consumer holds now (empty
+        while its group rebalances, or when it does not consume ``name``)."""
+        subscription = self._subscriptions.get(name)
+        if subscription is None:
+            return frozenset()
+        return frozenset(tp.partition for tp in subscription.consumer.assignment())
+
+    # --- lag -----------------------------------------------------------------------
+
+    async def queue_length(self, name: str) -> int:
+        """The lag of the queue's consumer group: over the topic's partitions, the end
+        offset minus the group's committed offset (the first offset when none)."""
+        topic = _topic(name)
+        subscription = self._subscriptions.get(name)
+        group_id = subscription.group_id if subscription else f'microagent.{name}'
+        try:
+            await self._ensure_topic(topic)
+            return await asyncio.wait_for(self._lag(topic, group_id), self.SEND_TIMEOUT)
+        except self._errors as exc:
+            raise self._failure(f'reading the lag of {name}', exc) from exc
+
+    async def _lag(self, topic: str, group_id: str) -> int:
+        admin = await self._admin_started()
+        described = await admin.describe_topics([topic])
+        partitions = [_aiokafka().TopicPartition(topic, partition['partition'])
+                      for partition in described[0]['partitions']]
+        if not partitions:
+            return 0
+        starts, ends = await self._offset_range(partitions)
+        committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        lag = 0
+        for partition in partitions:
+            done = committed.get(partition)
+            position = max(starts[partition], done.offset if done is not None else -1)
+            lag += max(0, ends[partition] - position)
+        return lag
+
+    async def _offset_range(self, partitions: list[Any]) -> tuple[dict[Any, int], dict[Any, int]]:
+        """The first and the end offset of each partition.
+
+        The end is the high watermark of a fetch of the partition's last record rather
+        than the end that ListOffsets reports alone: some Kafka-protocol brokers (Tansu
+        0.6) report there the base offset of the last record *batch* plus one, which
+        misses the other records of a batch (``send_many``). On Kafka both agree; the
+        fetch costs one round trip and the last batch of each partition.
+        """
+        reader = await self._reader_started()
+        async with self._reader_lock:
+            starts = await reader.beginning_offsets(partitions)
+            ends = dict(await reader.end_offsets(partitions))
+            pending = {tp for tp in partitions if ends[tp] > starts[tp]}
+            if not pending:
+                return starts, ends
+            reader.assign(list(pending))
+            try:
+                for partition in pending:
+                    reader.seek(partition, ends[partition] - 1)
+                while pending:
+                    await reader.getmany(*pending, timeout_ms=100)
+                    for partition in list(pending):
+                        highwater = reader.highwater(partition)
+                        if highwater is not None:
+                            ends[partition] = max(ends[partition], highwater)
+                            pending.discard(partition)
+            finally:
+                reader.unsubscribe()
+        return starts, ends
+
+    # --- closing -------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit finished offsets and leave the groups, flush and stop the producer,
+        stop the admin client. The broker can be used again afterwards."""
+        subscriptions = list(self._subscriptions.values())
+        self._subscriptions.clear()
+        for subscription in subscriptions:
+            await self._finish(subscription)
+        clients = {'producer': self._producer, 'offsets reader': self._reader,
+                   'admin client': self._admin}
+        self._producer = self._reader = self._admin = None
+        self._topics.clear()
+        for what, client in clients.items():
+            if client is None:
+                continue
+            try:
+                await asyncio.wait_for(_stop(client), self.CLOSE_TIMEOUT)
+            except Exception as exc:
+                self.log.warning('Stopping the Kafka %s failed: %s', what,
+                                 str(exc) or type(exc).__name__)

@@ -1,0 +1,34 @@
+"""A consumer process for the SIGKILL test of the Redis broker.
+
+Usage: ``python redis_stuck_consumer.py DSN QUEUE VISIBILITY_TIMEOUT``. It consumes
+QUEUE; its handler prints ``inside`` (flushed) and then never returns, until the test
+kills the process.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from microagent import MicroAgent, Queue, consumer
+from microagent_backends import RedisBroker
+
+
+async def main(dsn: str, name: str, visibility_timeout: float) -> None:
+    queue = Queue(name)
+
+    class Stuck(MicroAgent):
+        @consumer(queue, timeout=3600, concurrency=1)
+        async def handle(self, **payload: object) -> None:
+            print('inside', flush=True)
+            await asyncio.Event().wait()
+
+    agent = Stuck(broker=RedisBroker(dsn, VISIBILITY_TIMEOUT=visibility_timeout))
+    await agent.start()
+    await asyncio.Event().wait()
+
+
+if __name__ == '__main__':
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
