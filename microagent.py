@@ -1674,6 +1674,10 @@ class AbstractQueueBroker(abc.ABC):
     async def release(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
         """Give unfinished deliveries back to the queue, to be delivered again."""
 
+    async def unbound(self, name: str) -> None:  # noqa: B027 - optional for backends
+        """The consumer of ``name`` has drained (everything acknowledged or released):
+        release what consuming it held (a channel, a consumer group membership)."""
+
     async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
         """Store the envelope of a message that could not be handled in ``{name}.dead``."""
         await self.send(f'{name}.dead', envelope)
@@ -1711,8 +1715,11 @@ class AbstractQueueBroker(abc.ABC):
         try:
             await self.unbind(pool.name)
         finally:
-            await pool.close(grace)
-            self.pools.pop(pool.name, None)
+            try:
+                await pool.close(grace)
+            finally:
+                self.pools.pop(pool.name, None)
+                await self.unbound(pool.name)
 
 
 class BoundQueue:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 from microagent import (
     AbstractQueueBroker,
     AbstractSignalBus,
-    Consumer,
     ConsumerPool,
     Delivery,
     Queue,
@@ -1299,17 +1298,11 @@ class AMQPBroker(AbstractQueueBroker):
             with contextlib.suppress(*self._errors.failures):
                 await self._settle(consumption, [d.tag for d in leftovers], ack=False)
 
-    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
-        """Stop a consumer gracefully, then close its channel."""
-        name = consumer.queue.name
-        pool = self.pools.get(name)
-        try:
-            await super().unbind_consumer(consumer, grace)
-        finally:
-            if pool is not None and pool.consumer is consumer:
-                consumption = self._consumptions.pop(name, None)
-                if consumption is not None:
-                    await self._unsubscribed(consumption)
+    async def unbound(self, name: str) -> None:
+        """The consumer of ``name`` has drained: close its channel."""
+        consumption = self._consumptions.pop(name, None)
+        if consumption is not None:
+            await self._unsubscribed(consumption)
 
     # -- settling deliveries --------------------------------------------------------------
 
@@ -1932,18 +1925,12 @@ class KafkaBroker(AbstractQueueBroker):
         with contextlib.suppress(Exception):
             subscription.consumer.pause(*subscription.consumer.assignment())
 
-    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
-        """Stop a consumer gracefully; then commit what finished and leave the group,
-        so that its partitions go to the other consumers at once."""
-        name = consumer.queue.name
-        pool = self.pools.get(name)
-        try:
-            await super().unbind_consumer(consumer, grace)
-        finally:
-            subscription = self._subscriptions.get(name)
-            if pool is not None and pool.consumer is consumer and subscription is not None:
-                del self._subscriptions[name]
-                await self._finish(subscription)
+    async def unbound(self, name: str) -> None:
+        """The consumer of ``name`` has drained: commit what finished and leave the
+        group, so that its partitions go to the other consumers at once."""
+        subscription = self._subscriptions.pop(name, None)
+        if subscription is not None:
+            await self._finish(subscription)
 
     async def _finish(self, subscription: _Subscription) -> None:
         await cancel_and_wait(subscription.fetcher)
