@@ -33,6 +33,7 @@ from microagent_backends import AMQPBroker, KafkaBroker, RedisBroker, RedisSigna
 
 WAIT = 15.0  # seconds any single expectation may take before the test fails
 T = TypeVar('T')
+STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'stuck_consumer.py'
 
 
 async def eventually(check: Callable[[], Awaitable[T]], timeout: float = WAIT) -> T:
@@ -63,7 +64,6 @@ class StructItem(msgspec.Struct):
 # Redis
 # =====================================================================================
 
-REDIS_STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'redis_stuck_consumer.py'
 
 def inflight_key(queue: str) -> str:
     return f'microagent:{{{queue}}}:inflight'
@@ -254,11 +254,12 @@ async def test_redis_consumer_killed_while_handling_is_replaced_without_loss(
     producer = RedisBroker(redis_dsn)
     await getattr(producer, unique).send({'job': 42})
     await producer.close()
-    with child_process([python, str(REDIS_STUCK_CONSUMER), redis_dsn, unique, '0.5'],
+    with child_process([python, str(STUCK_CONSUMER), 'RedisBroker', redis_dsn, unique,
+                        'VISIBILITY_TIMEOUT=0.5'],
                        stdout=subprocess.PIPE) as process:
         assert process.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30)
-        assert line.strip() == b'inside'
+        assert line.strip() == b'inside {"job": 42}'
         assert await raw.llen(unique) == 0
         assert await raw.zcard(inflight_key(unique)) == 1  # kept in Redis while handled
         os.kill(process.pid, signal.SIGKILL)
@@ -733,7 +734,6 @@ async def test_redis_bus_wire_format_is_that_of_1x(buses: Callable[[], RedisSign
 # AMQP (RabbitMQ)
 # =====================================================================================
 
-AMQP_STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'amqp_stuck_consumer.py'
 
 class Rabbit:
     """A plain aiormq client for the tests' own checks, as microagent 1.x uses RabbitMQ."""
@@ -1183,13 +1183,13 @@ async def test_amqp_consumer_killed_while_handling_is_redelivered(
         amqp_dsn: str, amqp_broker: AMQPBroker, rabbit: Rabbit, unique: str) -> None:
     queue = Queue(unique)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(AMQP_STUCK_CONSUMER), amqp_dsn, queue.name,
+        sys.executable, str(STUCK_CONSUMER), 'AMQPBroker', amqp_dsn, queue.name,
         stdout=asyncio.subprocess.PIPE)
     try:
         await getattr(amqp_broker, queue.name).send({'n': 7})
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), WAIT)
-        assert line == b'inside 7\n'
+        assert line == b'inside {"n": 7}\n'
         os.kill(process.pid, signal.SIGKILL)
         await asyncio.wait_for(process.wait(), WAIT)
     finally:
@@ -1399,7 +1399,6 @@ async def test_amqp_unreachable_server_raises_without_the_password(
 # Kafka
 # =====================================================================================
 
-KAFKA_STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'kafka_stuck_consumer.py'
 
 async def within(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
     """Await an agent's start or stop, failing the test if it hangs."""
@@ -1669,11 +1668,12 @@ async def test_kafka_consumer_killed_while_handling_is_replaced_without_loss(
     producer = brokers()
     await getattr(producer, unique).send({'job': 42})
     session_timeout = str(kafka_settings['SESSION_TIMEOUT'])
-    with child_process([python, str(KAFKA_STUCK_CONSUMER), kafka_dsn, unique, session_timeout],
+    with child_process([python, str(STUCK_CONSUMER), 'KafkaBroker', kafka_dsn, unique,
+                        f'SESSION_TIMEOUT={session_timeout}'],
                        stdout=subprocess.PIPE) as process:
         assert process.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 30)
-        assert line.strip() == b'inside'
+        assert line.strip() == b'inside {"job": 42}'
         os.kill(process.pid, signal.SIGKILL)
         await asyncio.to_thread(process.wait, WAIT)
     assert await producer.queue_length(unique) == 1  # taken, never committed
