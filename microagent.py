@@ -19,8 +19,6 @@ import ast
 import asyncio
 import collections
 import contextlib
-import dataclasses
-import html
 import importlib
 import inspect
 import keyword
@@ -29,7 +27,6 @@ import os
 import re
 import sys
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -470,15 +467,13 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ReceiverArgs:
+class ReceiverArgs(msgspec.Struct, frozen=True):
     """``@receiver``: the method receives these signals."""
     signals: tuple[Signal, ...]
     timeout: float
 
 
-@dataclasses.dataclass(frozen=True)
-class ConsumerArgs:
+class ConsumerArgs(msgspec.Struct, frozen=True):
     """``@consumer``: the method consumes this queue."""
     queue: Queue
     timeout: float
@@ -487,24 +482,21 @@ class ConsumerArgs:
     options: dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class PeriodicArgs:
+class PeriodicArgs(msgspec.Struct, frozen=True):
     """``@periodic``: the method runs every ``period`` seconds."""
     period: float
     timeout: float
     start_after: float
 
 
-@dataclasses.dataclass(frozen=True)
-class CronArgs:
+class CronArgs(msgspec.Struct, frozen=True):
     """``@cron``: the method runs on a cron schedule."""
     spec: str
     timeout: float
     tz: str | None
 
 
-@dataclasses.dataclass(frozen=True)
-class HookArgs:
+class HookArgs(msgspec.Struct, frozen=True):
     """``@on``: the method runs at a lifecycle event, or as a server task."""
     label: str
 
@@ -689,6 +681,51 @@ async def _call(func: Callable[..., Any], timeout: float | None, **kwargs: Any) 
     return result
 
 
+class Watchdog:
+    """Cancels the tasks that outlive their deadline, checking a few times per timeout:
+    one timer for many tasks instead of a timeout per call, on the hot paths (receivers,
+    consumers). A task watched with :meth:`watch` is cancelled once past its deadline;
+    its ``CancelledError`` then means a timeout (:meth:`expired`), and :meth:`forget`,
+    called when the guarded call ended, consumes that cancellation."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._interval = 1.0
+
+    def watch(self, task: asyncio.Task[Any], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadlines[task] = loop.time() + timeout
+        self._interval = min(self._interval, max(timeout / 10, 0.005))
+        if self._timer is None:
+            self._timer = loop.call_later(self._interval, self._check)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        return task in self._expired
+
+    def forget(self, task: asyncio.Task[Any]) -> None:
+        self._deadlines.pop(task, None)
+        if task in self._expired:
+            self._expired.discard(task)
+            if sys.version_info >= (3, 11):
+                task.uncancel()
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, deadline in self._deadlines.items():
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._timer = loop.call_later(self._interval, self._check) if self._deadlines else None
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def _collect_declarations(cls: type) -> dict[str, tuple[Declaration, ...]]:
     """Method name -> declarations, over the MRO: the most derived declaration wins.
 
@@ -715,8 +752,7 @@ def _collect_declarations(cls: type) -> dict[str, tuple[Declaration, ...]]:
     return found
 
 
-@dataclasses.dataclass(eq=False)
-class Receiver:
+class Receiver(msgspec.Struct, eq=False):
     """A receiver method of a running agent, bound to one signal."""
     agent: MicroAgent
     handler: Callable[..., Any]
@@ -732,8 +768,7 @@ class Receiver:
         return f'<Receiver {self.key} of {self.signal.name}>'
 
 
-@dataclasses.dataclass(eq=False)
-class Consumer:
+class Consumer(msgspec.Struct, eq=False):
     """A consumer method of a running agent, bound to its queue."""
     agent: MicroAgent
     handler: Callable[..., Any]
@@ -1073,11 +1108,12 @@ class AbstractSignalBus(abc.ABC):
                                   f'not {prefix!r}')
         self.dsn = dsn
         self.prefix = prefix
-        self.uid = uuid.uuid4().hex
+        self.uid = os.urandom(16).hex()
         self.log = log or logger or logging.getLogger('microagent.bus')
         self.receivers: dict[str, list[Receiver]] = {}
         self._requests: dict[str, ResponseStream] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchdog = Watchdog()
         self._responses_bound: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -1162,8 +1198,17 @@ class AbstractSignalBus(abc.ABC):
         if problem:
             self.log.warning('Signal %s from %s does not match its declaration: %s',
                              name, sender, problem)
-        task = asyncio.get_running_loop().create_task(
-            self._dispatch(signal, sender, request_id, payload, list(receivers)))
+        loop = asyncio.get_running_loop()
+        if request_id:
+            self._track(loop.create_task(
+                self._answer(signal, sender, request_id, payload, list(receivers))))
+            return
+        for receiver in list(receivers):
+            result = self._start_receiver(receiver, signal, sender, payload)
+            if inspect.isawaitable(result):
+                self._track(loop.create_task(self._finish_receiver(receiver, signal, result)))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -1176,12 +1221,15 @@ class AbstractSignalBus(abc.ABC):
         except SerializingError as exc:
             self.log.error('Dropped an RPC answer to %s: %s', request_id, exc)
 
-    async def _dispatch(self, signal: Signal, sender: str, request_id: str,
-                        payload: JSONObject, receivers: list[Receiver]) -> None:
-        answers = await asyncio.gather(
-            *(self._run_receiver(r, signal, sender, payload) for r in receivers))
-        if not request_id:
-            return
+    async def _answer(self, signal: Signal, sender: str, request_id: str,
+                      payload: JSONObject, receivers: list[Receiver]) -> None:
+        answers = [self._start_receiver(r, signal, sender, payload) for r in receivers]
+        running = [i for i, value in enumerate(answers) if inspect.isawaitable(value)]
+        if running:
+            finished = await asyncio.gather(
+                *(self._finish_receiver(receivers[i], signal, answers[i]) for i in running))
+            for i, value in zip(running, finished, strict=True):
+                answers[i] = value
         answer = {r.key: value for r, value in zip(receivers, answers, strict=True)}
         try:
             body = encode_json(answer)
@@ -1193,16 +1241,32 @@ class AbstractSignalBus(abc.ABC):
         except Exception:
             self.log.exception('Sending the RPC answer to %s failed', signal.name)
 
-    async def _run_receiver(self, receiver: Receiver, signal: Signal, sender: str,
-                            payload: JSONObject) -> Any:
+    def _start_receiver(self, receiver: Receiver, signal: Signal, sender: str,
+                        payload: JSONObject) -> Any:
+        """Call a receiver: a sync one runs to its end here (its answer is returned),
+        an async one gives the awaitable that :meth:`_finish_receiver` runs."""
         try:
-            return await _call(receiver.handler, receiver.timeout,
-                               signal=signal, sender=sender, **payload)
-        except asyncio.TimeoutError:
+            return receiver.handler(signal=signal, sender=sender, **payload)
+        except Exception:
+            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        return None
+
+    async def _finish_receiver(self, receiver: Receiver, signal: Signal,
+                               awaitable: Awaitable[Any]) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self._watchdog.watch(task, receiver.timeout)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if not self._watchdog.expired(task):
+                raise
             self.log.error('Receiver %s timed out after %ss on %s',
                            receiver.key, receiver.timeout, signal.name)
         except Exception:
             self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        finally:
+            self._watchdog.forget(task)
         return None
 
     async def drain(self, grace: float | None = None) -> None:
@@ -1242,7 +1306,7 @@ class AbstractSignalBus(abc.ABC):
         The answer subscription is live before the request is published.
         """
         await self._bind_responses()
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()
         stream = ResponseStream(asyncio.get_running_loop().time() + timeout)
         self._requests[request_id] = stream
         try:
@@ -1373,9 +1437,7 @@ class ConsumerPool:
         self._closing = False
         self._workers: list[asyncio.Task[None]] = []
         self._acker: asyncio.Task[None] | None = None
-        self._deadlines: dict[asyncio.Task[None], float] = {}
-        self._expired: set[asyncio.Task[None]] = set()
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog = Watchdog()
         self._raw_arg = broker.RAW_MESSAGE_ARG
         self._dto_class = consumer.dto_class
         self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
@@ -1387,19 +1449,6 @@ class ConsumerPool:
         loop = asyncio.get_running_loop()
         self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
         self._acker = loop.create_task(self._acknowledge())
-        self._watch()
-
-    def _watch(self) -> None:
-        """Cancel the handlers that outlived their timeout, checking a few times per
-        timeout: one timer per pool instead of one per message."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for worker, deadline in self._deadlines.items():
-            if deadline <= now and worker not in self._expired:
-                self._expired.add(worker)
-                worker.cancel()
-        interval = min(max(self.consumer.timeout / 10, 0.005), 1.0)
-        self._watchdog = loop.call_later(interval, self._watch)
 
     @property
     def closing(self) -> bool:
@@ -1473,20 +1522,15 @@ class ConsumerPool:
         result = self.consumer.handler(**kwargs)
         if not inspect.isawaitable(result):
             return
-        loop = asyncio.get_running_loop()
-        self._deadlines[worker] = loop.time() + self.consumer.timeout
+        self._watchdog.watch(worker, self.consumer.timeout)
         try:
             await result
         except asyncio.CancelledError:
-            if worker not in self._expired:
+            if not self._watchdog.expired(worker):
                 raise
             raise asyncio.TimeoutError from None
         finally:
-            del self._deadlines[worker]
-            if worker in self._expired:  # the watchdog's cancel is consumed here
-                self._expired.discard(worker)
-                if sys.version_info >= (3, 11):
-                    worker.uncancel()
+            self._watchdog.forget(worker)
 
     async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> bool | None:
         """True: done, to acknowledge; False: to release; None: the handler acks it."""
@@ -1596,8 +1640,7 @@ class ConsumerPool:
                 self.log.error('Acknowledging the last messages of %s timed out; they will be '
                                'delivered again', self.name)
                 await asyncio.gather(self._acker, return_exceptions=True)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self._watchdog.close()
         released.extend(self._to_release)
         if released:
             try:
@@ -2128,8 +2171,7 @@ class GraphRenderError(RuntimeError):
 _Reference = tuple[str, str | None]
 
 
-@dataclasses.dataclass(frozen=True)
-class _ClassScan:
+class _ClassScan(msgspec.Struct, frozen=True):
     """What the source of one class sends, calls and produces (None: no source)."""
     found: frozenset[tuple[str, str]] | None
 
@@ -2308,8 +2350,7 @@ def _seconds_text(seconds: float) -> str:
     return f'{seconds:g} s'
 
 
-@dataclasses.dataclass(frozen=True)
-class AgentNode:
+class AgentNode(msgspec.Struct, frozen=True):
     """One agent of a :class:`Topology`: its name, its class and what it touches.
 
     ``receives``, ``consumes``, ``periodic``, ``cron`` and ``servers`` come from the
@@ -2383,8 +2424,7 @@ class AgentNode:
         yield from (Edge(me, f'queue:{name}', 'produces') for name in self.produces)
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Edge:
+class Edge(msgspec.Struct, frozen=True, order=True):
     """``source`` → ``target`` (``agent:NAME``, ``signal:NAME``, ``queue:NAME``), of
     ``kind`` receives, consumes, sends, calls or produces."""
     source: str
@@ -2392,8 +2432,7 @@ class Edge:
     kind: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Topology:
+class Topology(msgspec.Struct, frozen=True):
     """Agents, the signals and queues they touch, and the edges between them.
 
     Built by :func:`build_graph`; exported by :meth:`to_json`, :meth:`to_dot`,
@@ -2571,6 +2610,7 @@ _EDGE_STYLES: dict[str, dict[str, str]] = {
 
 def _html(text: str) -> str:
     """``text`` escaped for a Graphviz HTML-like label."""
+    import html
     return html.escape(_printable(text), quote=True)
 
 
@@ -2697,8 +2737,7 @@ def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -
     return 0
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Finding:
+class Finding(msgspec.Struct, frozen=True, order=True):
     """One problem found by :func:`check_topology`: ``error`` or ``warning``."""
     severity: str
     message: str
