@@ -435,14 +435,22 @@ class RedisBroker(AbstractQueueBroker):
     ``ROLLBACK_ATTEMPTS`` (retries before ``{queue}.dead``), ``WAIT_TIME`` (seconds a
     consumer blocks on an empty queue before asking again), ``VISIBILITY_TIMEOUT``
     (seconds after which the in-flight messages of a consumer that stopped answering,
-    e.g. killed, are delivered to another one), ``FETCH_LIMIT`` (most messages taken in
-    one round trip; a batch is sized from the consumer pool's capacity). See the module
+    e.g. killed, are delivered to another one), ``FETCH_LIMIT`` (messages taken in one
+    round trip, 500), ``LINGER`` (seconds a consumer waits after taking fewer messages
+    than it asked for, before asking again: a steady trickle of messages is then taken in
+    batches rather than one round trip each; 0 asks again at once). See the module
     documentation for the keys used.
+
+    A consumer holds up to ``FETCH_LIMIT`` plus its pool's capacity (``max(2 *
+    concurrency, PREFETCH)``) messages, in flight, waiting for a free worker. For long
+    jobs that several replicas should share fairly, lower both:
+    ``RedisBroker(dsn, FETCH_LIMIT=1, PREFETCH=1)``.
     """
 
     WAIT_TIME: ClassVar[float] = 15
     VISIBILITY_TIMEOUT: ClassVar[float] = 30
     FETCH_LIMIT: ClassVar[int] = 500
+    LINGER: ClassVar[float] = 0.002
     CONNECT_TIMEOUT: ClassVar[float] = 5
     COMMAND_TIMEOUT: ClassVar[float] = 10
 
@@ -513,12 +521,13 @@ class RedisBroker(AbstractQueueBroker):
     async def bind(self, name: str) -> None:
         """Start consuming ``name``: first put back what dead consumers left in flight."""
         pool = self.pools[name]
+        size = max(1, min(self.FETCH_LIMIT, _LUA_CHUNK))
         try:
             await self._keep(name)
         except self._errors as exc:
             raise _unreachable(self.dsn, exc) from exc
         loop = asyncio.get_running_loop()
-        self._fetchers[name] = loop.create_task(self._consume(name, pool))
+        self._fetchers[name] = loop.create_task(self._consume(name, pool, size))
         if self._keeper is None:
             self._keeper = loop.create_task(self._keep_alive())
 
@@ -528,8 +537,7 @@ class RedisBroker(AbstractQueueBroker):
         if fetcher is not None:
             await cancel_and_wait(fetcher)
 
-    async def _consume(self, name: str, pool: ConsumerPool) -> None:
-        size = max(1, min(pool.capacity, self.FETCH_LIMIT, _LUA_CHUNK))
+    async def _consume(self, name: str, pool: ConsumerPool, size: int) -> None:
         reconnecting: Iterator[float] | None = None
         while not pool.closing:
             try:
@@ -540,8 +548,10 @@ class RedisBroker(AbstractQueueBroker):
                                   name, redact_dsn(self.dsn))
                 if batch:
                     await pool.feed(batch)
-                else:
+                if not batch:
                     await self._wait_for_messages(name)
+                elif len(batch) < size and self.LINGER > 0:
+                    await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
                 if not isinstance(exc, self._errors):
                     self.log.exception('Consuming %s failed', name)

@@ -184,6 +184,44 @@ async def test_redis_identical_messages_are_kept_apart_in_flight(
     assert entered == [{'same': 'body'}] * 3
 
 
+async def test_redis_fetch_limit_and_prefetch_bound_what_a_consumer_holds(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    """FETCH_LIMIT=1, PREFETCH=1, concurrency 1: one message running, two waiting in the
+    pool (its capacity is 2 x concurrency), the rest left in the list for other replicas."""
+    queue = Queue(unique)
+    entered, gate = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    class Slow(MicroAgent):
+        @consumer(queue, concurrency=1)
+        async def work(self, n: int) -> None:
+            entered.set()
+            await gate.wait()
+            handled.append(n)
+
+    broker = RedisBroker(redis_dsn, FETCH_LIMIT=1, PREFETCH=1)
+    await getattr(broker, unique).send_many([{'n': n} for n in range(10)])
+    agent = Slow(broker=broker)
+    await agent.start()
+    try:
+        await asyncio.wait_for(entered.wait(), WAIT)
+        await eventually(lambda: _equals(raw.zcard(inflight_key(unique)), 3))
+        await asyncio.sleep(0.2)  # a fetcher that did not stop would take more meanwhile
+        assert await raw.zcard(inflight_key(unique)) == 3
+        assert await raw.llen(unique) == 7
+        gate.set()
+        await eventually(lambda: drained(raw, unique))
+    finally:
+        gate.set()
+        await agent.stop()
+        await broker.close()
+    assert handled == list(range(10))
+
+
+async def _equals(awaitable: Awaitable[int], expected: int) -> bool:
+    return await awaitable == expected
+
+
 async def test_redis_handler_failing_twice_is_called_three_times_and_not_again(
         redis_broker: RedisBroker, raw: aioredis.Redis, unique: str) -> None:
     queue = Queue(unique)
