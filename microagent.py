@@ -1945,7 +1945,11 @@ class MemorySignalBus(AbstractSignalBus):
         self._patterns.add(channel)
 
     async def unbind(self, channel: str) -> None:
-        self._hub.subscriptions.get(channel, set()).discard(self)
+        subscribers = self._hub.subscriptions.get(channel)
+        if subscribers is not None:
+            subscribers.discard(self)
+            if not subscribers:
+                del self._hub.subscriptions[channel]
         self._patterns.discard(channel)
 
     async def close(self) -> None:

@@ -584,6 +584,30 @@ async def test_memory_hubs_are_shared_by_name_only(names: Any, unique: str) -> N
     assert await getattr(other, queue.name).length() == 0
 
 
+
+async def test_memory_bus_forgets_the_channels_of_stopped_agents(names: Any, unique: str
+                                                                  ) -> None:
+    """Agents started and stopped over and over on one memory:// bus leave nothing behind:
+    a signal sent afterwards reaches no stopped agent."""
+    signal, got = Signal(names.s, ['n']), Recorder()
+
+    class Agent(MicroAgent):
+        @receiver(signal)
+        def handle(self, n: int, **kwargs: Any) -> None:
+            got(n=n)
+
+    bus = MemorySignalBus(f'memory://{unique}')
+    for _ in range(3):
+        agent = Agent(bus=bus)
+        await agent.start()
+        await agent.stop()
+    await bus.close()
+    assert microagent._BusHub.hubs[unique].subscriptions == {}
+    await getattr(MemorySignalBus(f'memory://{unique}'), names.s).send('tester', n=1)
+    await asyncio.sleep(0)  # a delivery would be scheduled by now
+    assert got.calls == []
+
+
 # -- broker ------------------------------------------------------------------------------
 
 async def test_one_consumer_per_queue_per_broker(names: Any, memory: Any) -> None:
