@@ -1777,6 +1777,8 @@ class KafkaBroker(AbstractQueueBroker):
 
     @staticmethod
     def _send_options(options: dict[str, Any]) -> dict[str, Any]:
+        if not options:
+            return options
         unknown = set(options) - _SEND_OPTIONS - _IGNORED_SEND_OPTIONS
         if unknown:
             raise TypeError(f'KafkaBroker.send got unknown options {", ".join(sorted(unknown))}'
