@@ -21,7 +21,7 @@ import socket
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -1130,8 +1130,12 @@ class AMQPBroker(AbstractQueueBroker):
     async def _publish(self, exchange: str, routing_key: str, bodies: Sequence[bytes],
                        extra: Mapping[str, Any]) -> None:
         channel = await self._publishing_channel()
-        publish = partial(channel.basic_publish, exchange=exchange, routing_key=routing_key,
-                          mandatory=True, timeout=self.CONFIRM_TIMEOUT)
+        # wait=False (aiormq's Channel has it since 6.x; its AbstractChannel does not say
+        # so): await the confirmation only, not also the socket write, which would hold
+        # the channel's lock and serialize the publishes of a batch.
+        basic_publish: Callable[..., Awaitable[Any]] = channel.basic_publish
+        publish = partial(basic_publish, exchange=exchange, routing_key=routing_key,
+                          mandatory=True, timeout=self.CONFIRM_TIMEOUT, wait=False)
         make = partial(self._properties, delivery_mode=PERSISTENT, content_type=CONTENT_TYPE)
         if len(bodies) == 1:
             await publish(bodies[0], properties=make(**extra))
