@@ -521,13 +521,12 @@ class RedisBroker(AbstractQueueBroker):
     async def bind(self, name: str) -> None:
         """Start consuming ``name``: first put back what dead consumers left in flight."""
         pool = self.pools[name]
-        size = max(1, min(self.FETCH_LIMIT, _LUA_CHUNK))
         try:
             await self._keep(name)
         except self._errors as exc:
             raise _unreachable(self.dsn, exc) from exc
         loop = asyncio.get_running_loop()
-        self._fetchers[name] = loop.create_task(self._consume(name, pool, size))
+        self._fetchers[name] = loop.create_task(self._consume(name, pool))
         if self._keeper is None:
             self._keeper = loop.create_task(self._keep_alive())
 
@@ -537,7 +536,8 @@ class RedisBroker(AbstractQueueBroker):
         if fetcher is not None:
             await cancel_and_wait(fetcher)
 
-    async def _consume(self, name: str, pool: ConsumerPool, size: int) -> None:
+    async def _consume(self, name: str, pool: ConsumerPool) -> None:
+        size = max(1, min(self.FETCH_LIMIT, _LUA_CHUNK))
         reconnecting: Iterator[float] | None = None
         while not pool.closing:
             try:
@@ -546,11 +546,11 @@ class RedisBroker(AbstractQueueBroker):
                     reconnecting = None
                     self.log.info('Consuming %s from Redis at %s again',
                                   name, redact_dsn(self.dsn))
-                if batch:
-                    await pool.feed(batch)
                 if not batch:
                     await self._wait_for_messages(name)
-                elif len(batch) < size and self.LINGER > 0:
+                    continue
+                await pool.feed(batch)
+                if len(batch) < size and self.LINGER > 0:
                     await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
                 if not isinstance(exc, self._errors):

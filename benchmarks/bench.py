@@ -357,6 +357,8 @@ class Backend:
     title = ''
     queues = True
     signals = False
+    broker_class = ''  # the names of the framework's classes in microagent_backends
+    bus_class = ''
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -373,10 +375,15 @@ class Backend:
         """Close the raw clients of the benchmark itself."""
 
     def broker(self) -> AbstractQueueBroker:
-        raise NotImplementedError
+        import microagent_backends
+        broker: AbstractQueueBroker = getattr(microagent_backends, self.broker_class)(self.dsn)
+        return broker
 
     def bus(self, prefix: str) -> AbstractSignalBus:
-        raise NotImplementedError
+        import microagent_backends
+        bus: AbstractSignalBus = getattr(microagent_backends, self.bus_class)(
+            self.dsn, prefix=prefix)
+        return bus
 
     async def prepare(self, queue: str) -> None:
         """Create what a queue needs before it is used (topic, AMQP queue)."""
@@ -436,8 +443,8 @@ class MemoryBackend(Backend):
         return MemoryBroker(self.dsn)
 
     def bus(self, prefix: str) -> AbstractSignalBus:
-        # A hub per workload: a hub keeps every pattern ever subscribed and scans them all
-        # on each publish, so one shared hub would slow down from run to run.
+        # A hub per workload: a publish scans the patterns of its hub, so the workloads
+        # are kept from sharing (and slowing) one.
         return MemorySignalBus(f'{self.dsn}-{prefix}', prefix=prefix)
 
     async def fill(self, queue: str, bodies: list[bytes]) -> None:
@@ -505,6 +512,8 @@ class RedisBackend(Backend):
     key = 'redis'
     title = 'Redis'
     signals = True
+    broker_class = 'RedisBroker'
+    bus_class = 'RedisSignalBus'
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn)
@@ -532,14 +541,6 @@ class RedisBackend(Backend):
         if self._admin is not None:
             await self._admin.aclose()
             self._admin = None
-
-    def broker(self) -> AbstractQueueBroker:
-        from microagent_backends import RedisBroker
-        return RedisBroker(self.dsn)
-
-    def bus(self, prefix: str) -> AbstractSignalBus:
-        from microagent_backends import RedisSignalBus
-        return RedisSignalBus(self.dsn, prefix=prefix)
 
     @staticmethod
     def _keys(queue: str) -> tuple[str, str, str, str]:
@@ -641,6 +642,7 @@ class RedisBackend(Backend):
 class AMQPBackend(Backend):
     key = 'amqp'
     title = 'RabbitMQ'
+    broker_class = 'AMQPBroker'
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn)
@@ -672,10 +674,6 @@ class AMQPBackend(Backend):
             with contextlib.suppress(Exception):
                 await self._connection.close()
             self._connection = None
-
-    def broker(self) -> AbstractQueueBroker:
-        from microagent_backends import AMQPBroker
-        return AMQPBroker(self.dsn)
 
     async def prepare(self, queue: str) -> None:
         channel = await self.channel()
@@ -731,6 +729,7 @@ class AMQPBackend(Backend):
 class KafkaBackend(Backend):
     key = 'kafka'
     title = 'Kafka'
+    broker_class = 'KafkaBroker'
 
     def __init__(self, dsn: str, private_server: Any = None) -> None:
         super().__init__(dsn)
@@ -770,10 +769,6 @@ class KafkaBackend(Backend):
             with contextlib.suppress(Exception):
                 await self._admin.close()
             self._admin = None
-
-    def broker(self) -> AbstractQueueBroker:
-        from microagent_backends import KafkaBroker
-        return KafkaBroker(self.dsn)
 
     async def prepare(self, queue: str) -> None:
         from aiokafka.admin import NewTopic
