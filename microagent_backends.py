@@ -21,7 +21,15 @@ import socket
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -151,8 +159,10 @@ def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
                   retries: int) -> Redis:
     """A redis-py asyncio client with its own connection pool; it connects on first use.
 
-    A connection error is retried ``retries`` times at once (so that a pooled connection
-    closed by a server restart is replaced), then raised: the callers own the backoff.
+    ``retries``: how many times redis-py sends a command again, at once, after the
+    connection broke before its reply arrived. Only for commands whose replay is safe
+    (see the Redis section): the command may have run already. A pooled connection that
+    the server closed meanwhile is replaced when it is taken from the pool, retry or not.
     """
     client = require('redis.asyncio', 'redis')
     from redis.asyncio.retry import Retry
@@ -168,6 +178,13 @@ def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
 def _unreachable(dsn: str, error: BaseException) -> ConnectionError:
     return ConnectionError(f'Redis at {redact_dsn(dsn)} is unreachable: {error}')
 
+
+async def _drop_idle_connections(client: Redis | None) -> None:
+    """Close the client's idle pooled connections (after another one failed: they are
+    likely dead too, e.g. half-open), so that the next commands open fresh ones."""
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.connection_pool.disconnect(inuse_connections=False)
 
 
 # =====================================================================================
@@ -409,6 +426,15 @@ end
 return count
 """
 
+# KEYS: inflight, bodies, dead-letter list. ARGV: id, envelope. Moves a message still in
+# flight to the dead letters, once: a replay finds it gone and stores nothing.
+_DEAD = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[2])
+return 1
+"""
+
 _PUSH_CHUNK = 10_000  # messages per RPUSH in send_many
 _LUA_CHUNK = 2_000  # most messages per script call: Lua's unpack() takes ~8,000 values
 
@@ -419,13 +445,14 @@ def _queue_keys(name: str) -> tuple[str, str, str]:
 
 
 class _Scripts:
-    """The broker's Lua scripts, registered on its command client."""
+    """The broker's Lua scripts, registered on the client that runs them."""
 
     def __init__(self, client: Redis) -> None:
         self.fetch: AsyncScript = client.register_script(_FETCH)
         self.keep: AsyncScript = client.register_script(_KEEP)
         self.ack: AsyncScript = client.register_script(_ACK)
         self.release: AsyncScript = client.register_script(_RELEASE)
+        self.dead: AsyncScript = client.register_script(_DEAD)
 
 
 class RedisBroker(AbstractQueueBroker):
@@ -438,8 +465,12 @@ class RedisBroker(AbstractQueueBroker):
     e.g. killed, are delivered to another one), ``FETCH_LIMIT`` (messages taken in one
     round trip, 500), ``LINGER`` (seconds a consumer waits after taking fewer messages
     than it asked for, before asking again: a steady trickle of messages is then taken in
-    batches rather than one round trip each; 0 asks again at once). See the module
-    documentation for the keys used.
+    batches rather than one round trip each; 0 asks again at once), ``CONNECT_TIMEOUT``
+    and ``COMMAND_TIMEOUT`` (seconds to connect, and to wait for a reply). A connection
+    that went silent is noticed within ``COMMAND_TIMEOUT``, or ``WAIT_TIME +
+    COMMAND_TIMEOUT`` for a consumer waiting on an empty queue (10 s by default). See the
+    module documentation for the keys used and why no command can lose a message when
+    its reply is lost.
 
     A consumer holds up to ``FETCH_LIMIT`` plus its pool's capacity (``max(2 *
     concurrency, PREFETCH)``) messages, in flight, waiting for a free worker. For long
@@ -447,12 +478,12 @@ class RedisBroker(AbstractQueueBroker):
     ``RedisBroker(dsn, FETCH_LIMIT=1, PREFETCH=1)``.
     """
 
-    WAIT_TIME: ClassVar[float] = 15
+    WAIT_TIME: ClassVar[float] = 5
     VISIBILITY_TIMEOUT: ClassVar[float] = 30
     FETCH_LIMIT: ClassVar[int] = 500
     LINGER: ClassVar[float] = 0.002
     CONNECT_TIMEOUT: ClassVar[float] = 5
-    COMMAND_TIMEOUT: ClassVar[float] = 10
+    COMMAND_TIMEOUT: ClassVar[float] = 5
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
@@ -460,13 +491,19 @@ class RedisBroker(AbstractQueueBroker):
         self._token = uuid.uuid4().hex[:16]
         self._fetches = 0  # fetches so far: with the token and a position, the ids
         self._client: Redis | None = None
+        self._fetching: Redis | None = None
         self._blocking: Redis | None = None
         self._scripts: _Scripts | None = None
+        self._fetch_script: AsyncScript | None = None
         self._fetchers: dict[str, asyncio.Task[None]] = {}
         self._in_flight: dict[str, set[bytes]] = {}
+        self._unanswered: dict[str, list[bytes]] = {}
         self._keeper: asyncio.Task[None] | None = None
 
     # -- connections ----------------------------------------------------------------------
+    # Three clients: commands whose replay is harmless (sends, acks, releases, heartbeats,
+    # dead letters, lengths) may be sent again once by redis-py after a broken connection;
+    # fetches never are (see _fetch); BLMOVE waits up to WAIT_TIME on a connection of its own.
 
     def _commands(self) -> _Scripts:
         """The scripts on the command client (both made on first use)."""
@@ -480,6 +517,14 @@ class RedisBroker(AbstractQueueBroker):
                 self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
         return self._client
 
+    def _fetch_command(self) -> AsyncScript:
+        """The fetch script, on a client that never sends a command twice."""
+        if self._fetch_script is None:
+            self._fetching = _redis_client(
+                self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=0)
+            self._fetch_script = self._fetching.register_script(_FETCH)
+        return self._fetch_script
+
     def _blocking_client(self) -> Redis:
         """The client for BLMOVE: its read timeout outlasts ``WAIT_TIME``."""
         if self._blocking is None:
@@ -489,42 +534,45 @@ class RedisBroker(AbstractQueueBroker):
                 retries=0)
         return self._blocking
 
+    @contextlib.asynccontextmanager
+    async def _talking(self) -> AsyncIterator[None]:
+        """Translate a failed command into :class:`ConnectionError` (without the DSN's
+        password). The idle pooled connections of every client are dropped: they share
+        the failed one's network path, and each would wait out its own read timeout."""
+        try:
+            yield
+        except self._errors as exc:
+            for client in (self._client, self._fetching, self._blocking):
+                await _drop_idle_connections(client)
+            raise _unreachable(self.dsn, exc) from exc
+
     # -- producing ----------------------------------------------------------------------
 
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
         """RPUSH ``message`` to the list ``name``; return once Redis stored it, or raise
         :class:`ConnectionError`."""
-        try:
+        async with self._talking():
             await self._command_client().rpush(name, message)
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
 
     async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
         """RPUSH many messages in one round trip."""
-        try:
-            async with self._command_client().pipeline(transaction=False) as pipe:
-                for start in range(0, len(messages), _PUSH_CHUNK):
-                    pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
-                await pipe.execute()
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
+        async with self._talking(), self._command_client().pipeline(transaction=False) as pipe:
+            for start in range(0, len(messages), _PUSH_CHUNK):
+                pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
+            await pipe.execute()
 
     async def queue_length(self, name: str) -> int:
         """How many messages wait in the list ``name`` (not counting those in flight)."""
-        try:
+        async with self._talking():
             return await self._command_client().llen(name)
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
 
     # -- consuming ----------------------------------------------------------------------
 
     async def bind(self, name: str) -> None:
         """Start consuming ``name``: first put back what dead consumers left in flight."""
         pool = self.pools[name]
-        try:
+        async with self._talking():
             await self._keep(name)
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
         loop = asyncio.get_running_loop()
         self._fetchers[name] = loop.create_task(self._consume(name, pool))
         if self._keeper is None:
@@ -535,12 +583,18 @@ class RedisBroker(AbstractQueueBroker):
         fetcher = self._fetchers.pop(name, None)
         if fetcher is not None:
             await cancel_and_wait(fetcher)
+        try:
+            await self._release_unanswered(name)
+        except ConnectionError as exc:
+            self.log.warning('%s; what its last fetch took is delivered again after %ss',
+                             exc, self.VISIBILITY_TIMEOUT)
 
     async def _consume(self, name: str, pool: ConsumerPool) -> None:
         size = max(1, min(self.FETCH_LIMIT, _LUA_CHUNK))
         reconnecting: Iterator[float] | None = None
         while not pool.closing:
             try:
+                await self._release_unanswered(name)
                 batch = await self._fetch_safely(name, size)
                 if reconnecting is not None:
                     reconnecting = None
@@ -553,11 +607,10 @@ class RedisBroker(AbstractQueueBroker):
                 if len(batch) < size and self.LINGER > 0:
                     await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
-                if not isinstance(exc, self._errors):
+                if not isinstance(exc, ConnectionError):
                     self.log.exception('Consuming %s failed', name)
                 if reconnecting is None:
-                    self.log.warning('Consuming %s from Redis at %s failed (%s); reconnecting',
-                                     name, redact_dsn(self.dsn), exc)
+                    self.log.warning('Consuming %s: %s; reconnecting', name, exc)
                     reconnecting = reconnect_delays()
                 await asyncio.sleep(next(reconnecting))
 
@@ -572,41 +625,78 @@ class RedisBroker(AbstractQueueBroker):
             raise
 
     async def _fetch(self, name: str, size: int) -> list[Delivery]:
+        """Move up to ``size`` messages into flight under new ids and return them.
+
+        The script is never sent twice: sent again after its reply was lost, it would
+        take the next messages. A fetch that failed is *unanswered*: it may have run, so
+        its ids are released (put back at the head, if they exist) before the next fetch.
+        """
         self._fetches += 1
         prefix = f'{self._token}:{self._fetches}:'
-        bodies = await self._commands().fetch(
-            keys=_queue_keys(name), args=[size, self._visibility_ms(), self._token, self._fetches])
+        script = self._fetch_command()
+        try:
+            async with self._talking():
+                bodies = await script(keys=_queue_keys(name), args=[
+                    size, self._visibility_ms(), self._token, self._fetches])
+        except BaseException:
+            ids = [f'{prefix}{position}'.encode() for position in range(1, size + 1)]
+            self._unanswered.setdefault(name, []).extend(ids)
+            raise
         batch = [Delivery(body, None, f'{prefix}{position}'.encode())
                  for position, body in enumerate(bodies, 1)]
         if batch:
             self._in_flight.setdefault(name, set()).update(d.tag for d in batch)
         return batch
 
+    async def _release_unanswered(self, name: str) -> None:
+        """Put back what fetches whose reply never came may have taken (a no-op for the
+        ids that do not exist: releasing is safe to repeat)."""
+        ids = self._unanswered.get(name)
+        if not ids:
+            return
+        for start in range(0, len(ids), _LUA_CHUNK):
+            async with self._talking():
+                released = await self._commands().release(
+                    keys=_queue_keys(name), args=ids[start:start + _LUA_CHUNK])
+            if released:
+                self.log.warning('Put back %d messages of %s taken by a fetch whose reply '
+                                 'was lost', released, name)
+        del self._unanswered[name]
+
     async def _wait_for_messages(self, name: str) -> None:
         """Block until the list is not empty (or ``WAIT_TIME`` passed), leaving it as is:
         moving its head to its head is a no-op that BLMOVE waits for."""
         wait: Any = max(self.WAIT_TIME, 0)  # annotated int in redis-py; Redis takes fractions
-        await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
+        async with self._talking():
+            await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:
         """Forget finished messages, one round trip per batch."""
         tags = self._forget(name, deliveries)
         keys = _queue_keys(name)[1:]
-        try:
+        async with self._talking():
             for start in range(0, len(tags), _LUA_CHUNK):
                 await self._commands().ack(keys=keys, args=tags[start:start + _LUA_CHUNK])
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
 
     async def release(self, name: str, deliveries: list[Delivery]) -> None:
         """Put unfinished messages back at the head of the list, in their order."""
         tags = self._forget(name, deliveries)
         if not tags:
             return
-        try:
+        async with self._talking():
             await self._commands().release(keys=_queue_keys(name), args=tags)
-        except self._errors as exc:
-            raise _unreachable(self.dsn, exc) from exc
+
+    async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
+        """Move the message from flight to ``{name}.dead`` in one step, exactly once (a
+        message no longer in flight was put back in the queue meanwhile: it is not
+        dead-lettered but delivered again)."""
+        _, inflight, bodies = _queue_keys(name)
+        async with self._talking():
+            moved = await self._commands().dead(
+                keys=[inflight, bodies, f'{name}.dead'], args=[delivery.tag, envelope])
+        if not moved:
+            self.log.warning('A message of %s to dead-letter was no longer in flight (its '
+                             'deadline passed); it is delivered again', name)
 
     def _forget(self, name: str, deliveries: Sequence[Delivery]) -> list[bytes]:
         """Stop the heartbeat of these messages (even if acknowledging them fails: they
@@ -642,9 +732,10 @@ class RedisBroker(AbstractQueueBroker):
                     del self._in_flight[name]
             for name in {*self._fetchers, *self._in_flight}:
                 try:
-                    await self._keep(name)
+                    async with self._talking():
+                        await self._keep(name)
                 except Exception as exc:
-                    if not isinstance(exc, self._errors):
+                    if not isinstance(exc, ConnectionError):
                         self.log.exception('Heartbeat of %s failed', name)
                     self.log.debug('Heartbeat of %s failed: %s', name, exc)
 
@@ -658,9 +749,9 @@ class RedisBroker(AbstractQueueBroker):
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             await cancel_and_wait(keeper)
-        clients = (self._client, self._blocking)
-        self._client = self._blocking = None
-        self._scripts = None
+        clients = (self._client, self._fetching, self._blocking)
+        self._client = self._fetching = self._blocking = None
+        self._scripts = self._fetch_script = None
         for client in clients:
             if client is not None:
                 await client.aclose()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +30,19 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiormq.abc import DeliveredMessage
 
-from conftest import KAFKA_DSN, RedisServer, TansuServer, child_process, free_port, tansu_available
+import microagent_backends
+from conftest import (
+    KAFKA_DSN,
+    RedisServer,
+    TansuServer,
+    address,
+    child_process,
+    free_port,
+    tansu_available,
+)
 from microagent import MicroAgent, Queue, QueueException, Signal, consumer, encode_json, receiver
 from microagent_backends import AMQPBroker, KafkaBroker, RedisBroker, RedisSignalBus
+from tests_support.faultproxy import FaultProxy
 
 WAIT = 15.0  # seconds any single expectation may take before the test fails
 T = TypeVar('T')
@@ -2026,3 +2039,182 @@ async def test_kafka_consumer_resumes_after_the_server_restarts(
         await within(agent.stop())
         await asyncio.gather(producer.close(), kafka_broker.close())
     assert time.monotonic() - started < WAIT  # the stop is not stuck on the lost group
+
+
+# =====================================================================================
+# Faults through a TCP proxy: lost replies, resets, blackholes, half-open connections
+# =====================================================================================
+# The framework talks to the server through tests_support/faultproxy.py; every message is
+# counted by its id in this process (handlers) and on a direct connection to the server
+# (what is left in queues, dead letters), never through the proxy. A message counts as
+# sent when its send returned: those must all be handled (or dead-lettered) in the end.
+
+HALF_OPEN_DETECTED = 15.0  # seconds within which a silent connection must be noticed
+
+
+def proxied(dsn: str, proxy: FaultProxy) -> str:
+    """``dsn`` with its host and port replaced by the proxy's."""
+    parsed = urllib.parse.urlsplit(dsn)
+    auth, _, _ = parsed.netloc.rpartition('@')
+    return parsed._replace(netloc=f'{auth}@' * bool(auth) + f'127.0.0.1:{proxy.port}').geturl()
+
+
+class Ledger:
+    """What a fault test sent and what its consumer handled, by message id."""
+
+    def __init__(self, queue: Queue, fail_every: int = 0) -> None:
+        self.queue = queue
+        self.fail_every = fail_every
+        self.sent: set[int] = set()
+        self.handled: collections.Counter[int] = collections.Counter()
+        self.send_errors = 0
+        self.changed = asyncio.Event()
+
+    def fails(self, i: int) -> bool:
+        return bool(self.fail_every) and i % self.fail_every == 0
+
+    def agent_class(self, concurrency: int = 8) -> type[MicroAgent]:
+        ledger = self
+
+        class Counting(MicroAgent):
+            @consumer(ledger.queue, concurrency=concurrency, retries=0)
+            async def take(self, i: int, **_: Any) -> None:
+                if ledger.fails(i):
+                    raise RuntimeError(f'poison {i}')
+                ledger.handled[i] += 1
+                ledger.changed.set()
+
+        return Counting
+
+    async def send(self, broker: Any, ids: range, *, until_stored: bool = False) -> None:
+        """Send each id; with ``until_stored``, send again what raised ConnectionError."""
+        bound = getattr(broker, self.queue.name)
+        for i in ids:
+            while True:
+                try:
+                    await bound.send({'i': i})
+                except ConnectionError:
+                    self.send_errors += 1
+                    if until_stored:
+                        continue
+                else:
+                    self.sent.add(i)
+                break
+
+    def missing(self, dead: set[int]) -> set[int]:
+        """Sent ids neither handled nor (for the poisoned ones) dead-lettered."""
+        return {i for i in self.sent if (i not in dead if self.fails(i) else i not in self.handled)}
+
+    async def all_done(self, dead_letters: Callable[[], Awaitable[set[int]]],
+                       timeout: float = 45.0) -> None:
+        """Wait until every sent message was handled or dead-lettered; fail with the
+        ids that were not after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = self.missing(await dead_letters())
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f'{len(missing)} of {len(self.sent)} sent messages were '
+                                     f'neither handled nor dead-lettered: {sorted(missing)[:20]}')
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.2)
+
+
+def redis_dead_letters(raw: aioredis.Redis, name: str) -> Callable[[], Awaitable[set[int]]]:
+    async def read() -> set[int]:
+        envelopes = await raw.lrange(f'{name}.dead', 0, -1)
+        return {json.loads(json.loads(e)['body'])['i'] for e in envelopes}
+    return read
+
+
+def script_sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+REDIS_COMMANDS = {  # what identifies each command of the Redis broker on the wire
+    'fetch': script_sha(microagent_backends._FETCH),
+    'heartbeat': script_sha(microagent_backends._KEEP),
+    'ack': script_sha(microagent_backends._ACK),
+    'release': script_sha(microagent_backends._RELEASE),
+    'dead-letter': script_sha(microagent_backends._DEAD),
+    'send': b'RPUSH',
+    'wait': b'BLMOVE',
+}
+
+
+async def test_redis_fetch_whose_reply_is_lost_loses_nothing(redis_dsn: str, raw: aioredis.Redis,
+                                                             unique: str) -> None:
+    """Issue 9's reproduction: 9 messages, FETCH_LIMIT=3, the reply of the first fetch is
+    lost after Redis ran it. Sent again blindly, the fetch took the next 3 under the same
+    ids and the first 3 vanished from every key."""
+    await raw.rpush(unique, *(encode_json({'i': i}) for i in range(9)))
+    ledger = Ledger(Queue(unique))
+    ledger.sent.update(range(9))
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        proxy.drop_reply(REDIS_COMMANDS['fetch'])
+        broker = RedisBroker(proxied(redis_dsn, proxy), FETCH_LIMIT=3)
+        agent = ledger.agent_class(concurrency=1)(broker=broker)
+        await agent.start()
+        try:
+            await ledger.all_done(redis_dead_letters(raw, unique), timeout=10)
+        finally:
+            await agent.stop()
+            await broker.close()
+        assert proxy.replies_dropped == 1
+    assert set(ledger.handled) == set(range(9))
+    assert await drained(raw, unique)
+
+
+@pytest.mark.parametrize('command', sorted(set(REDIS_COMMANDS) - {'release'}))
+async def test_redis_broker_loses_nothing_when_a_reply_is_lost(
+        redis_dsn: str, raw: aioredis.Redis, unique: str, command: str) -> None:
+    """Each command's reply dropped once (the command ran, the connection broke before
+    the reply): every sent message is handled or dead-lettered, nothing stays behind."""
+    ledger = Ledger(Queue(unique), fail_every=10)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        broker = RedisBroker(proxied(redis_dsn, proxy), FETCH_LIMIT=20, VISIBILITY_TIMEOUT=1.5,
+                             WAIT_TIME=0.5, ROLLBACK_ATTEMPTS=0)
+        agent = ledger.agent_class()(broker=broker)
+        await ledger.send(broker, range(100))  # the first fetch takes some
+        proxy.drop_reply(REDIS_COMMANDS[command])
+        await agent.start()
+        try:
+            if command == 'wait':  # its reply is the one that says a message arrived
+                await asyncio.wait_for(proxy.matched.wait(), WAIT)
+            await ledger.send(broker, range(100, 300))
+            await ledger.all_done(redis_dead_letters(raw, unique))
+        finally:
+            await agent.stop()
+            await broker.close()
+        assert proxy.replies_dropped == 1, f'no reply of {command} was dropped'
+    assert ledger.send_errors == 0  # the commands that may be sent again were
+    assert await eventually(lambda: drained(raw, unique))
+
+
+async def test_redis_release_whose_reply_is_lost_puts_each_message_back_once(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    """A stop releases the messages its consumer held; the reply of that release is lost
+    and redis-py sends it again: each message is back in the list once."""
+    await raw.rpush(unique, *(encode_json({'i': i}) for i in range(50)))
+    taken = asyncio.Event()
+
+    class Stuck(MicroAgent):
+        @consumer(Queue(unique), concurrency=1, timeout=0.5)
+        async def take(self, i: int) -> None:
+            taken.set()
+            await asyncio.Event().wait()  # cancelled at the stop, after its grace
+
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        broker = RedisBroker(proxied(redis_dsn, proxy), FETCH_LIMIT=50)
+        agent = Stuck(broker=broker)
+        await agent.start()
+        await asyncio.wait_for(taken.wait(), WAIT)
+        proxy.drop_reply(REDIS_COMMANDS['release'])
+        await asyncio.wait_for(agent.stop(), WAIT)
+        await broker.close()
+        assert proxy.replies_dropped == 1
+    assert sorted(json.loads(body)['i'] for body in await raw.lrange(unique, 0, -1)) == list(
+        range(50))
+    assert await raw.zcard(inflight_key(unique)) == 0
