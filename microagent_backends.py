@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import os
 import random
 import re
@@ -191,6 +192,9 @@ async def _drop_idle_connections(client: Redis | None) -> None:
 # Redis signal bus
 # =====================================================================================
 
+_PING = 'microagent'  # the message of the bus's PINGs (redis-py swallows its own ones)
+
+
 class RedisSignalBus(AbstractSignalBus):
     """Signal bus on Redis pub/sub: ``RedisSignalBus('redis://localhost:6379/0', prefix='APP')``.
 
@@ -202,10 +206,14 @@ class RedisSignalBus(AbstractSignalBus):
 
     CONNECT_TIMEOUT: ClassVar[float] = 5
     """Seconds to open a connection."""
-    COMMAND_TIMEOUT: ClassVar[float] = 10
+    COMMAND_TIMEOUT: ClassVar[float] = 5
     """Seconds to wait for the answer to a PUBLISH."""
     SUBSCRIBE_TIMEOUT: ClassVar[float] = 10
     """Seconds :meth:`bind` waits for the server to confirm a subscription."""
+    HEALTH_CHECK_INTERVAL: ClassVar[float] = 5
+    """Seconds of silence on the pub/sub connection after which it is sent a PING; with
+    no answer within as long again, it is taken for dead (half-open) and replaced: a
+    silent connection is noticed within twice this."""
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  **kwargs: Any) -> None:
@@ -216,17 +224,24 @@ class RedisSignalBus(AbstractSignalBus):
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._reconnecting: Iterator[float] | None = None
+        self._pubsub_connected = False
         self._patterns: set[str] = set()
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
 
     async def send(self, channel: str, message: bytes) -> None:
-        """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable."""
+        """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable.
+
+        A PUBLISH whose connection broke before the reply is sent once more (a pooled
+        connection that a server restart closed is often noticed only then), so a signal
+        whose reply was lost may reach its receivers twice.
+        """
         if self._publisher is None:
             self._publisher = _redis_client(
                 self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
         try:
             await self._publisher.publish(channel, message)
         except self._errors as exc:
+            await _drop_idle_connections(self._publisher)
             raise _unreachable(self.dsn, exc) from exc
 
     async def bind(self, channel: str) -> None:
@@ -300,7 +315,10 @@ class RedisSignalBus(AbstractSignalBus):
                 self._pubsub = None
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._reject_confirmations(_unreachable(self.dsn, error))
+            if self._pubsub_connected:  # the patterns are subscribed again on reconnecting
+                self._pubsub_connected = False
+            else:  # Redis is unreachable: a bind waiting for its confirmation fails now
+                self._reject_confirmations(_unreachable(self.dsn, error))
             if self._reconnecting is None:
                 self.log.warning('Pub/sub connection to Redis at %s lost (%s); reconnecting',
                                  redact_dsn(self.dsn), error)
@@ -310,17 +328,28 @@ class RedisSignalBus(AbstractSignalBus):
     async def _subscribe_and_read(self, pubsub: PubSub) -> NoReturn:
         await pubsub.connect()  # type: ignore[no-untyped-call]
         self._pubsub = pubsub
+        self._pubsub_connected = True
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
         if self._reconnecting is not None:
             self._reconnecting = None
             self.log.info('Pub/sub connection to Redis at %s is back, %d patterns subscribed',
                           redact_dsn(self.dsn), len(self._patterns))
-        handle = self.handle_message
+        handle, interval = self.handle_message, self.HEALTH_CHECK_INTERVAL
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        pinged: float | None = None
         while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
+            message = await pubsub.get_message(timeout=interval)
+            if message is None:  # silence: ask, and give up when no answer comes
+                now = loop.time()
+                if pinged is not None and now - pinged >= interval:
+                    raise ConnectionError(f'no answer from Redis for {now - heard:.0f}s')
+                if pinged is None and now - heard >= interval:
+                    pinged = now
+                    await asyncio.wait_for(pubsub.ping(_PING), interval)
                 continue
+            heard, pinged = loop.time(), None
             kind = message['type']
             if kind == 'pmessage':
                 try:
@@ -832,6 +861,15 @@ def _connection_name(dsn: str) -> str:
     return f'microagent {socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:12]}'
 
 
+def _with_heartbeat(dsn: str, heartbeat: int) -> str:
+    """The DSN with ``heartbeat=`` added to its query, unless it has one."""
+    parsed = urllib.parse.urlsplit(dsn)
+    if 'heartbeat' in urllib.parse.parse_qs(parsed.query):
+        return dsn
+    query = f'{parsed.query}&' * bool(parsed.query) + f'heartbeat={int(heartbeat)}'
+    return parsed._replace(query=query).geturl()
+
+
 def _declaration(name: str) -> Queue | None:
     """The declared :class:`Queue` called ``name`` (dead-letter queues may be undeclared)."""
     try:
@@ -941,6 +979,10 @@ class AMQPBroker(AbstractQueueBroker):
     OPERATION_TIMEOUT: ClassVar[float] = 10
     """Seconds for a declaration, a subscription, a channel to open or close."""
     PUBLISH_BATCH: ClassVar[int] = 1000
+    HEARTBEAT: ClassVar[int] = 3
+    """AMQP heartbeat timeout in seconds, unless the DSN gives ``heartbeat=``: a
+    connection that carries nothing for ``(HEARTBEAT + 1) * 3`` seconds (12 s) is taken
+    for dead and replaced (RabbitMQ's own default, 60 s, takes three minutes)."""
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
@@ -1037,7 +1079,8 @@ class AMQPBroker(AbstractQueueBroker):
     async def _connect(self) -> AbstractConnection:
         aiormq = require('aiormq', 'amqp')
         try:
-            connection: AbstractConnection = aiormq.Connection(self.dsn)
+            connection: AbstractConnection = aiormq.Connection(_with_heartbeat(
+                self.dsn, self.HEARTBEAT))
         except Exception:
             raise ValueError(f'invalid AMQP DSN {redact_dsn(self.dsn)}') from None
         properties: FieldTable = {'connection_name': self.connection_name}
@@ -1600,6 +1643,19 @@ def _topic(name: str) -> str:
     return name
 
 
+async def _within(awaitable: Awaitable[Any], timeout: float) -> Any:
+    """Await ``awaitable`` for up to ``timeout`` seconds, then raise TimeoutError without
+    cancelling it: aiokafka finishes a commit in a task of its own, whose failure would be
+    logged as never retrieved once its caller was cancelled. What it ends with later is
+    retrieved and dropped (the caller already reported the timeout)."""
+    task = asyncio.ensure_future(awaitable)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    finished, _ = await asyncio.wait({task}, timeout=timeout)
+    if not finished:
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 async def _stop(client: Any) -> None:
     """Stop an aiokafka producer or consumer, or close an admin client."""
     stop = getattr(client, 'stop', None) or client.close
@@ -1760,10 +1816,15 @@ class KafkaBroker(AbstractQueueBroker):
     brokers accept 6 to 300 s by default.
     ``COMMIT_INTERVAL`` (1 s) between offset commits under load.
     ``SEND_TIMEOUT`` (30 s) for a send (and a topic creation) to be acknowledged.
+    ``REQUEST_TIMEOUT`` (10 s) for any request to Kafka to be answered: a connection that
+    went silent (half-open) is noticed within it. Raise it for a large consumer group
+    whose rebalances take longer (a JoinGroup request waits for the whole group).
     ``START_TIMEOUT`` (60 s) for a consumer to join its group.
     ``CLOSE_TIMEOUT`` (10 s) for the last commits and flush when stopping.
-    ``CLIENT_OPTIONS`` ({}): more keyword arguments for every aiokafka client
-    (``security_protocol``, ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_context``...).
+    ``CLIENT_OPTIONS`` ({}): more keyword arguments for the aiokafka clients, each
+    getting those its class takes (``security_protocol``, ``sasl_mechanism``,
+    ``ssl_context``... for all; ``max_request_size`` for the producer,
+    ``max_partition_fetch_bytes`` for the consumers).
     """
 
     RAW_MESSAGE_ARG: ClassVar[str | None] = 'kafka'
@@ -1774,6 +1835,7 @@ class KafkaBroker(AbstractQueueBroker):
     SESSION_TIMEOUT: ClassVar[float] = 10.0
     COMMIT_INTERVAL: ClassVar[float] = 1.0
     SEND_TIMEOUT: ClassVar[float] = 30.0
+    REQUEST_TIMEOUT: ClassVar[float] = 10.0
     START_TIMEOUT: ClassVar[float] = 60.0
     CLOSE_TIMEOUT: ClassVar[float] = 10.0
     CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {}
@@ -1782,6 +1844,7 @@ class KafkaBroker(AbstractQueueBroker):
         super().__init__(dsn, log, **kwargs)
         self.servers = _bootstrap_servers(dsn)
         aiokafka = _aiokafka()
+        self._check_client_options(aiokafka)
         self._errors: tuple[type[BaseException], ...] = (
             aiokafka.errors.KafkaError, OSError, asyncio.TimeoutError)
         self._producer: Any = None
@@ -1794,9 +1857,24 @@ class KafkaBroker(AbstractQueueBroker):
 
     # --- clients, started on first use --------------------------------------------
 
-    def _client_options(self) -> dict[str, Any]:
-        return {'bootstrap_servers': self.servers,
-                'request_timeout_ms': int(self.SEND_TIMEOUT * 1000), **self.CLIENT_OPTIONS}
+    def _check_client_options(self, aiokafka: Any) -> None:
+        """Refuse a ``CLIENT_OPTIONS`` key that no aiokafka client takes (a typo)."""
+        clients = (aiokafka.AIOKafkaProducer, aiokafka.AIOKafkaConsumer,
+                   require('aiokafka.admin', 'kafka').AIOKafkaAdminClient)
+        known = {name for client in clients for name in inspect.signature(client).parameters}
+        unknown = sorted(set(self.CLIENT_OPTIONS) - known)
+        if unknown:
+            raise TypeError(f'{type(self).__name__}: no aiokafka client takes the '
+                            f'CLIENT_OPTIONS {", ".join(unknown)}')
+
+    def _client_options(self, client_class: Any) -> dict[str, Any]:
+        """The options for an aiokafka client: the servers, the request timeout and the
+        ``CLIENT_OPTIONS`` that this client's class takes (``max_request_size`` is the
+        producer's only, for example)."""
+        options = {'bootstrap_servers': self.servers,
+                   'request_timeout_ms': int(self.REQUEST_TIMEOUT * 1000), **self.CLIENT_OPTIONS}
+        accepted = inspect.signature(client_class).parameters
+        return {key: value for key, value in options.items() if key in accepted}
 
     async def _started(self, attribute: str, create: Callable[[], Any]) -> Any:
         """The client kept as ``attribute``, created and started by the first caller
@@ -1818,23 +1896,25 @@ class KafkaBroker(AbstractQueueBroker):
     async def _producer_started(self) -> Any:
         if self._producer is not None:
             return self._producer
-        return await self._started('_producer', lambda: _aiokafka().AIOKafkaProducer(
-            acks='all', client_id='microagent-producer', **self._client_options()))
+        producer = _aiokafka().AIOKafkaProducer
+        return await self._started('_producer', lambda: producer(
+            acks='all', client_id='microagent-producer', **self._client_options(producer)))
 
     async def _admin_started(self) -> Any:
         if self._admin is not None:
             return self._admin
-        return await self._started('_admin', lambda: require(
-            'aiokafka.admin', 'kafka').AIOKafkaAdminClient(
-                client_id='microagent-admin', **self._client_options()))
+        admin = require('aiokafka.admin', 'kafka').AIOKafkaAdminClient
+        return await self._started('_admin', lambda: admin(
+            client_id='microagent-admin', **self._client_options(admin)))
 
     async def _reader_started(self) -> Any:
         """A consumer outside any group, to read the partitions' offsets."""
         if self._reader is not None:
             return self._reader
-        return await self._started('_reader', lambda: _aiokafka().AIOKafkaConsumer(
+        reader = _aiokafka().AIOKafkaConsumer
+        return await self._started('_reader', lambda: reader(
             client_id='microagent-offsets', enable_auto_commit=False, fetch_max_wait_ms=100,
-            **self._client_options()))
+            **self._client_options(reader)))
 
     def _failure(self, what: str, error: BaseException) -> Exception:
         """The error to raise for a failed Kafka operation: :class:`ConnectionError` when
@@ -1930,7 +2010,8 @@ class KafkaBroker(AbstractQueueBroker):
         consumer = aiokafka.AIOKafkaConsumer(
             group_id=group_id, client_id=f'microagent-{name}', enable_auto_commit=False,
             auto_offset_reset='earliest', session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(session_ms // 3, 100), **self._client_options())
+            heartbeat_interval_ms=max(session_ms // 3, 100),
+            **self._client_options(aiokafka.AIOKafkaConsumer))
         subscription = _Subscription(name, group_id, consumer, pool)
         listener = _RebalanceListener(self, subscription)
         aiokafka.ConsumerRebalanceListener.register(_RebalanceListener)
@@ -1995,8 +2076,7 @@ class KafkaBroker(AbstractQueueBroker):
             if not offsets:
                 return
             try:
-                await asyncio.wait_for(subscription.consumer.commit(offsets),
-                                       self._commit_timeout)
+                await _within(subscription.consumer.commit(offsets), self._commit_timeout)
             except Exception as exc:
                 subscription.retry(offsets)
                 if not subscription.commit_failing:

