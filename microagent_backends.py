@@ -1329,18 +1329,22 @@ class AMQPBroker(AbstractQueueBroker):
         """Subscribe, wait until the subscription ends (lost connection or channel, or
         cancelled by RabbitMQ), subscribe again with backoff; forever."""
         name, where = consumption.name, redact_dsn(self.dsn)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.CONNECT_TIMEOUT  # for the first subscription
         delays: Iterator[float] | None = None
         while True:
             try:
                 connection = await self._live_connection(
-                    None if live.done() else self.CONNECT_TIMEOUT)
+                    None if live.done() else max(0.0, deadline - loop.time()))
                 ended = await self._subscribe(consumption, connection)
             except Exception as exc:
                 await self._unsubscribed(consumption)
                 if not live.done():
-                    live.set_exception(self._failure(f'consuming {name}', exc))
-                    return
-                if delays is None:
+                    failure = self._failure(f'consuming {name}', exc)
+                    if isinstance(failure, QueueException) or loop.time() >= deadline:
+                        live.set_exception(failure)
+                        return
+                elif delays is None:
                     self.log.warning('Subscribing to %s on RabbitMQ at %s failed (%s); retrying',
                                      name, where, _describe(exc))
             else:

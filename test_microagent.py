@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import http.server
 import json
@@ -727,6 +728,24 @@ async def test_failing_and_malformed_messages_go_to_the_dead_letter_queue(
     assert 'order_id' in by_body['{"order_id": 3}']['error'] or by_body['{"order_id": 3}'][
         'error'].startswith('TypeError')
     assert handled.calls.count({'order_id': 1}) == 3
+
+
+async def test_a_dead_letter_keeps_the_bytes_of_a_body_that_is_not_utf8(
+        names: Any, memory: Any) -> None:
+    _, broker = memory
+
+    class Agent(MicroAgent):
+        @consumer(Queue(names.q))
+        async def handle(self, **kwargs: Any) -> None:
+            raise AssertionError('a malformed body never reaches the handler')
+
+    garbage = b'\xff\xfe{"a": 1}\x80'
+    async with Agent(broker=broker):
+        await broker.send(names.q, garbage)
+        [envelope] = await dead_letters(broker, names.q, 1)
+    assert 'body' not in envelope
+    assert base64.b64decode(envelope['body_base64']) == garbage
+    assert envelope['attempts'] == 0
 
 
 async def test_concurrency_is_bounded_and_one_keeps_order(names: Any, memory: Any) -> None:

@@ -2466,3 +2466,41 @@ async def test_redis_bus_survives_a_lost_reply(redis_dsn: str, unique: str,
             await bus.close()
             await direct.close()
         assert proxy.replies_dropped == 1
+
+
+def kafka_request(api_key: int, text: str) -> Callable[[bytes], bool]:
+    """Picks a Kafka request of ``api_key`` (0 produce, 1 fetch, 8 offset commit) that
+    names ``text`` (a topic or group)."""
+    return lambda data: data[4:6] == api_key.to_bytes(2, 'big') and text.encode() in data
+
+
+AMQP_METHOD = {'ack': b'\x00\x3c\x00\x50', 'consume': b'\x00\x3c\x00\x14'}  # class, method
+
+
+@pytest.mark.parametrize(('behind_proxy', 'command'), [
+    ('amqp', 'publish'), ('amqp', 'ack'), ('amqp', 'consume'),
+    ('kafka', 'produce'), ('kafka', 'fetch'), ('kafka', 'commit'),
+], indirect=['behind_proxy'])
+async def test_broker_loses_nothing_when_a_reply_is_lost(behind_proxy: BehindProxy, unique: str,
+                                                         command: str) -> None:
+    """The reply of one command is dropped and its connection reset: every message whose
+    send returned is handled (a send whose confirmation was lost raises, or is stored)."""
+    match: Any = {
+        'publish': b'{"i":150}', 'ack': AMQP_METHOD['ack'], 'consume': AMQP_METHOD['consume'],
+        'produce': kafka_request(0, unique), 'fetch': kafka_request(1, unique),
+        'commit': kafka_request(8, unique)}[command]
+    ledger = Ledger(Queue(unique))
+    broker = behind_proxy.broker(PARTITIONS=2) if behind_proxy.kind == 'kafka' else (
+        behind_proxy.broker())
+    agent = ledger.agent_class()(broker=broker)
+    await ledger.send(broker, range(100))
+    behind_proxy.proxy.drop_reply(match)
+    await asyncio.wait_for(agent.start(), 30)
+    try:
+        await ledger.send(broker, range(100, 300))
+        await ledger.all_done(timeout=45)
+    finally:
+        await asyncio.wait_for(agent.stop(), 30)
+        await broker.close()
+    assert behind_proxy.proxy.replies_dropped == 1, f'no reply of {command} was dropped'
+    assert len(ledger.sent) >= 299
