@@ -3291,9 +3291,14 @@ def _load_for_check(modules: Iterable[str]) -> tuple[list[_Placement], list[Find
     return agents, findings
 
 
-def check_command(modules: Iterable[str]) -> int:
-    """``marun --check MODULE...``: print one line per finding (``error: ...`` or
-    ``warning: ...``) and return 1 if there is an error, else 0."""
+def check_command(modules: Iterable[str], against: str | None = None) -> int:
+    """``marun --check [--against FILE] MODULE...``: print one line per finding
+    (``error: ...`` or ``warning: ...``) and return 1 if there is an error, else 0.
+
+    With ``against``, an AsyncAPI document written by an earlier ``marun --graph
+    asyncapi``, each change that breaks an agent deployed from it is an error too
+    (``error: breaking: ...``, see :func:`breaking_changes`).
+    """
     with contextlib.redirect_stdout(sys.stderr):
         agents, findings = _load_for_check(modules)
         nodes = []
@@ -3302,13 +3307,235 @@ def check_command(modules: Iterable[str]) -> int:
                 nodes.append(_placed_node(*placement))
             except TypeError as exc:  # a wrong ``topology`` attribute
                 findings.append(Finding('error', f'agent {placement[0]!r}: {exc}'))
-        findings += check_topology(Topology(tuple(nodes)))
+        topology = Topology(tuple(nodes))
+        findings += check_topology(topology)
+        if against is not None:
+            findings += _contract_findings(against, topology)
     for finding in findings:
         print(finding)
     errors = sum(finding.severity == 'error' for finding in findings)
     print(f'marun --check: {errors} error(s), {len(findings) - errors} warning(s) in '
           f'{len(agents)} agent(s)', file=sys.stderr)
     return 1 if errors else 0
+
+
+# -- marun --check --against: what breaks the contract of an earlier AsyncAPI document --
+
+# Schema keywords that document rather than constrain: a change of them breaks nobody.
+_ANNOTATION_KEYWORDS = frozenset({'$comment', 'default', 'deprecated', 'description',
+                                  'examples', 'externalDocs', 'readOnly', 'title',
+                                  'writeOnly'})
+# Schema keywords whose value maps names to schemas.
+_SCHEMA_MAP_KEYWORDS = frozenset({'$defs', 'definitions', 'dependentSchemas', 'properties',
+                                  'patternProperties'})
+_SENDER_PARAMETER = ':{sender}'
+
+
+class _Contract(msgspec.Struct, frozen=True):
+    """What an AsyncAPI document of ``marun --graph asyncapi`` promises: the payload
+    schema of each signal (by prefix and name) and of each queue, the signals that are
+    called (RPC) and those that some agent receives."""
+    signals: dict[tuple[str, str], Any]
+    queues: dict[str, Any]
+    called: frozenset[tuple[str, str]]
+    received: frozenset[tuple[str, str]]
+
+
+def _as_dict(value: Any) -> JSONObject:
+    return value if isinstance(value, dict) else {}
+
+
+def _pointed(document: JSONObject, ref: str) -> Any:
+    """What a local ``$ref`` (``#/components/schemas/Order``) points to; raise
+    ValueError."""
+    import urllib.parse
+    if not ref.startswith('#/'):
+        raise ValueError(f'$ref {ref!r} does not point into the document')
+    node: Any = document
+    for part in ref[2:].split('/'):
+        key = urllib.parse.unquote(part).replace('~1', '/').replace('~0', '~')
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f'$ref {ref!r} points to nothing')
+        node = node[key]
+    return node
+
+
+def _followed(document: JSONObject, node: Any) -> JSONObject:
+    """``node``, or what its ``$ref`` (and theirs) point to."""
+    seen: set[str] = set()
+    while isinstance(node, dict) and isinstance(node.get('$ref'), str):
+        if node['$ref'] in seen:
+            raise ValueError(f'$ref {node["$ref"]!r} refers to itself')
+        seen.add(node['$ref'])
+        node = _pointed(document, node['$ref'])
+    return _as_dict(node)
+
+
+def _schema_type(document: JSONObject, schema: Any, inlining: frozenset[str] = frozenset()
+                 ) -> Any:
+    """``schema`` as two versions compare it: its ``$ref``s inlined (a recursive one is
+    kept by name) and its annotations (titles, descriptions, defaults) left out."""
+    if isinstance(schema, list):
+        return [_schema_type(document, item, inlining) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get('$ref')
+    if isinstance(ref, str):
+        if ref in inlining:
+            return {'$ref': ref}
+        return _schema_type(document, _pointed(document, ref), inlining | {ref})
+    compared: JSONObject = {}
+    for key, value in schema.items():
+        if key in _ANNOTATION_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            compared[key] = {name: _schema_type(document, item, inlining)
+                             for name, item in value.items()}
+        elif key in _SCHEMA_DATA_KEYWORDS:
+            compared[key] = value
+        else:
+            compared[key] = _schema_type(document, value, inlining)
+    return compared
+
+
+def _channel_payload(document: JSONObject, channel: JSONObject) -> Any:
+    """The payload schema of the (first) message of a channel, as compared."""
+    messages = sorted(_as_dict(channel.get('messages')).items())
+    if not messages:
+        return {}
+    return _schema_type(document, _followed(document, messages[0][1]).get('payload', {}))
+
+
+def _contract(document: JSONObject) -> _Contract:
+    """The contract of an AsyncAPI document written by ``marun --graph asyncapi``: a
+    signal's channel has the address ``{prefix}:{name}:{sender}``, a queue's the queue
+    name and no parameter; RPC answer channels are left out."""
+    signals: dict[tuple[str, str], Any] = {}
+    queues: dict[str, Any] = {}
+    signal_channels: dict[str, tuple[str, str]] = {}
+    for key, value in _as_dict(document.get('channels')).items():
+        channel = _followed(document, value)
+        address, parameters = channel.get('address'), _as_dict(channel.get('parameters'))
+        if not isinstance(address, str):
+            continue
+        if 'sender' in parameters and address.endswith(_SENDER_PARAMETER):
+            prefix, _, name = address[:-len(_SENDER_PARAMETER)].rpartition(':')
+            signals[prefix, name] = _channel_payload(document, channel)
+            signal_channels[f'#/channels/{key}'] = (prefix, name)
+        elif not parameters:
+            queues[address] = _channel_payload(document, channel)
+    called, received = set(), set()
+    for value in _as_dict(document.get('operations')).values():
+        operation = _followed(document, value)
+        signal = signal_channels.get(str(_as_dict(operation.get('channel')).get('$ref')))
+        if signal is not None and operation.get('action') == 'receive':
+            received.add(signal)
+        elif signal is not None and operation.get('reply'):
+            called.add(signal)
+    return _Contract(signals, queues, frozenset(called), frozenset(received))
+
+
+def _object_shape(schema: Any) -> tuple[JSONObject, set[str]]:
+    """The properties of an object schema and the names of the required ones (over
+    its ``allOf`` too)."""
+    schema = _as_dict(schema)
+    properties = dict(_as_dict(schema.get('properties')))
+    required = {name for name in schema.get('required') or () if isinstance(name, str)}
+    for part in schema.get('allOf') or ():
+        more, needed = _object_shape(part)
+        properties.update(more)
+        required |= needed
+    return properties, required
+
+
+def _is_object_schema(schema: Any) -> bool:
+    return isinstance(schema, dict) and ('properties' in schema or 'allOf' in schema)
+
+
+def _compact(schema: Any) -> str:
+    return msgspec.json.encode(schema, order='sorted').decode()
+
+
+def _argument_changes(what: str, old: Any, new: Any) -> Iterator[str]:
+    """A signal's arguments removed or retyped."""
+    before, _ = _object_shape(old)
+    after, _ = _object_shape(new)
+    for arg in sorted(before):
+        if arg not in after:
+            yield f'{what} lost its argument {arg!r}'
+        elif before[arg] != after[arg]:
+            yield (f'{what}: argument {arg!r} changed type from {_compact(before[arg])} '
+                   f'to {_compact(after[arg])}')
+
+
+def _payload_changes(what: str, old: Any, new: Any, path: str = '') -> Iterator[str]:
+    """A queue's payload gaining required properties or retyping properties (nested
+    objects compared property by property)."""
+    before, required_before = _object_shape(old)
+    after, required_after = _object_shape(new)
+    for name in sorted(required_after - required_before):
+        yield f'{what}: its consumers now require the property {path + name!r}'
+    for name in sorted(before.keys() & after.keys()):
+        if before[name] == after[name]:
+            continue
+        if _is_object_schema(before[name]) and _is_object_schema(after[name]):
+            yield from _payload_changes(what, before[name], after[name], f'{path}{name}.')
+        else:
+            yield (f'{what}: property {path + name!r} changed type from '
+                   f'{_compact(before[name])} to {_compact(after[name])}')
+
+
+def breaking_changes(old: JSONObject, new: JSONObject) -> list[str]:
+    """What in the AsyncAPI document ``new`` breaks an agent deployed from ``old`` (both
+    written by ``marun --graph asyncapi``), one sentence per change: a signal or queue
+    removed, a signal argument removed or retyped, a queue's payload gaining a required
+    property or retyping one, an RPC signal left without a receiver. Additions break
+    nothing. Raise ValueError when a ``$ref`` of a document points to nothing."""
+    before, after = _contract(old), _contract(new)
+    changes: list[str] = []
+    for prefix, name in sorted(before.signals):
+        what = f'signal {name!r} on prefix {prefix!r}'
+        if (prefix, name) not in after.signals:
+            changes.append(f'{what} was removed: no agent sends or receives it any more')
+            continue
+        changes += _argument_changes(what, before.signals[prefix, name],
+                                     after.signals[prefix, name])
+        if ((prefix, name) in before.called | after.called
+                and (prefix, name) in before.received - after.received):
+            changes.append(f'{what} is called (RPC) but no agent receives it any more: '
+                           'the calls get no answer')
+    for name in sorted(before.queues):
+        what = f'queue {name!r}'
+        if name not in after.queues:
+            changes.append(f'{what} was removed: no agent produces or consumes it any more')
+            continue
+        changes += _payload_changes(what, before.queues[name], after.queues[name])
+    return changes
+
+
+def _read_contract(path: str) -> JSONObject:
+    """The AsyncAPI document in file ``path``; raise ValueError."""
+    try:
+        with open(path, 'rb') as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ValueError(f'cannot read: {exc.strerror or exc}') from None
+    try:
+        document = decode_object(raw)
+    except SerializingError as exc:
+        raise ValueError(str(exc)) from None
+    if not str(document.get('asyncapi', '')).startswith('3.'):
+        raise ValueError('not an AsyncAPI 3 document (write one with marun --graph asyncapi)')
+    return document
+
+
+def _contract_findings(path: str, topology: Topology) -> list[Finding]:
+    """An error per change of ``topology`` that breaks the contract in file ``path``."""
+    try:
+        changes = breaking_changes(_read_contract(path), topology.to_asyncapi())
+    except ValueError as exc:
+        return [Finding('error', f'--against {path}: {exc}')]
+    return [Finding('error', f'breaking: {change}') for change in changes]
 
 
 # =====================================================================================
@@ -3632,15 +3859,20 @@ def main(argv: list[str] | None = None) -> int:
                            'line per finding; exit 1 on an error')
     parser.add_argument('-o', '--output', metavar='FILE',
                         help='with --graph: write to FILE instead of standard output')
+    parser.add_argument('--against', metavar='FILE',
+                        help='with --check: also report each change that breaks the '
+                             'contract FILE, an earlier --graph asyncapi output')
     args = parser.parse_args(argv)
     if args.output and not args.graph:
         parser.error('-o/--output goes with --graph')
+    if args.against and not args.check:
+        parser.error('--against goes with --check')
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.graph:
         return graph_command(args.modules, args.graph, args.output)
     if args.check:
-        return check_command(args.modules)
+        return check_command(args.modules, args.against)
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]
