@@ -2931,8 +2931,8 @@ class _AsyncAPI:
         self.channel_keys = _unique_keys((channel, _channel_text(channel))
                                          for channel in sorted(self.transports))
         self.message_keys = _unique_keys(
-            ((channel[0], channel[-1]), f'{channel[0]}.{channel[-1]}')
-            for channel in sorted({c for c in self.transports if c[0] != 'reply'}))
+            (message, f'{message[0]}.{message[1]}')
+            for message in sorted({(c[0], c[-1]) for c in self.transports if c[0] != 'reply'}))
         self.server_keys = _unique_keys(
             (transport, f'{transport.role}-{transport.key}')
             for transport in sorted({t for ts in self.transports.values() for t in ts
