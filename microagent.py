@@ -2499,8 +2499,9 @@ class Topology(msgspec.Struct, frozen=True):
     """Agents, the signals and queues they touch, and the edges between them.
 
     Built by :func:`build_graph`; exported by :meth:`to_json`, :meth:`to_dot`,
-    :meth:`to_mermaid`, :meth:`to_asyncapi` and :meth:`render`, or by :meth:`export` for any of
-    ``GRAPH_FORMATS``. Everything is sorted: the same code gives the same bytes.
+    :meth:`to_mermaid`, :meth:`to_asyncapi` and :meth:`render`, or by :meth:`export`
+    for any of ``GRAPH_FORMATS``. Everything is sorted: the same code gives the same
+    bytes.
     """
     agents: tuple[AgentNode, ...]
 

@@ -2043,3 +2043,18 @@ def test_breaking_changes_between_two_documents() -> None:
         '"required":["sku"],"type":"object"},"type":"array"}',
         "queue 'shop:invoices' was removed: no agent produces or consumes it any more",
     ]
+
+
+def test_a_dsn_that_cannot_be_split_is_a_settings_error(
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / f'dsn_{unique}.py').write_text(textwrap.dedent('''
+        BUS = {'main': {'backend': 'microagent_backends.RedisSignalBus',
+                        'dsn': 'redis://[::1:6379/0'}}
+        AGENT = {'user': {'backend': 'examples.user_agent.UserAgent', 'bus': 'main'}}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert graph_command([f'dsn_{unique}'], 'asyncapi', None) == 2
+    out, err = capsys.readouterr()
+    assert out == ''
+    assert err == (f'marun: error: dsn_{unique}: BUS[\'main\']["dsn"]: Invalid IPv6 URL\n')
