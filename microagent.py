@@ -2175,7 +2175,7 @@ graph_log = logging.getLogger('microagent.graph')
 
 SENT_KINDS = ('sends', 'calls', 'produces')
 EDGE_KINDS = ('receives', 'consumes', 'sends', 'calls', 'produces')
-GRAPH_FORMATS = ('dot', 'mermaid', 'json', 'svg', 'png')
+GRAPH_FORMATS = ('dot', 'mermaid', 'json', 'asyncapi', 'svg', 'png')
 RENDERED_FORMATS = ('svg', 'png')
 
 # What a call on ``self.bus.X`` / ``self.broker.X`` means for the graph.
@@ -2375,6 +2375,58 @@ def _seconds_text(seconds: float) -> str:
     return f'{seconds:g} s'
 
 
+# DSN schemes whose AsyncAPI protocol has another name.
+_SERVER_PROTOCOLS = {'rediss': 'redis'}
+
+
+class Transport(msgspec.Struct, frozen=True, order=True):
+    """A BUS or BROKER entry of a settings module, as the AsyncAPI document shows it.
+
+    Only the host, port and path of its DSN are kept (never a user or a password).
+    ``protocol`` is empty for an in-process backend (``memory://``), which is no server.
+    ``prefix`` is a bus's channel prefix (empty for a broker).
+    """
+    role: str
+    key: str
+    backend: str
+    protocol: str
+    host: str
+    pathname: str = ''
+    prefix: str = ''
+
+    @classmethod
+    def of(cls, role: str, key: str, backend: str, params: Mapping[str, Any]) -> Transport:
+        """The ``role`` (``bus`` or ``broker``) entry ``key`` of a settings module, made
+        by class ``backend`` from keyword arguments ``params``."""
+        import urllib.parse
+        backend_class = import_backend(backend)
+        dsn = urllib.parse.urlsplit(str(params.get('dsn', '')))
+        in_process = dsn.scheme == 'memory' or (
+            isinstance(backend_class, type)
+            and issubclass(backend_class, (MemorySignalBus, MemoryBroker)))
+        prefix = ''
+        if role == 'bus':
+            prefix = str(params.get('prefix') or _default_prefix(backend_class))
+        return cls(role=role, key=key, backend=resolve_backend(backend),
+                   protocol='' if in_process else _SERVER_PROTOCOLS.get(dsn.scheme, dsn.scheme),
+                   host=dsn.netloc.rpartition('@')[2],
+                   pathname=dsn.path if dsn.path != '/' else '', prefix=prefix)
+
+    @property
+    def is_server(self) -> bool:
+        """Whether it is a server other processes reach (not an in-process backend)."""
+        return bool(self.protocol and self.host)
+
+
+def _default_prefix(bus_class: Any = None) -> str:
+    """The channel prefix a bus class uses when its settings give none."""
+    try:
+        parameter = inspect.signature(bus_class or AbstractSignalBus).parameters['prefix']
+    except (TypeError, ValueError, KeyError):
+        parameter = inspect.signature(AbstractSignalBus).parameters['prefix']
+    return str(parameter.default)
+
+
 class AgentNode(msgspec.Struct, frozen=True):
     """One agent of a :class:`Topology`: its name, its class and what it touches.
 
@@ -2383,6 +2435,9 @@ class AgentNode(msgspec.Struct, frozen=True):
     handlers at run time); ``sends``, ``calls`` and ``produces`` from :func:`sent_by`.
     ``schedule`` holds the lines the diagrams show on the node (periodic, cron and
     server handlers); ``unreadable`` the classes whose source could not be analysed.
+    For the AsyncAPI document: ``bus`` and ``broker`` (from the settings module, None
+    for a class), ``answers`` the ``(signal, "Class.method")`` keys of its RPC answers
+    and ``dtos`` the ``(queue, DTO class)`` of its consumers that have one.
     """
     name: str
     class_path: str
@@ -2396,6 +2451,10 @@ class AgentNode(msgspec.Struct, frozen=True):
     servers: tuple[str, ...] = ()
     schedule: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = ()
+    bus: Transport | None = None
+    broker: Transport | None = None
+    answers: tuple[tuple[str, str], ...] = ()
+    dtos: tuple[tuple[str, type], ...] = ()
 
     @classmethod
     def of(cls, name: str, agent_class: type[MicroAgent]) -> AgentNode:
@@ -2461,8 +2520,9 @@ class Topology(msgspec.Struct, frozen=True):
     """Agents, the signals and queues they touch, and the edges between them.
 
     Built by :func:`build_graph`; exported by :meth:`to_json`, :meth:`to_dot`,
-    :meth:`to_mermaid` and :meth:`render`, or by :meth:`export` for any of
-    ``GRAPH_FORMATS``. Everything is sorted: the same code gives the same bytes.
+    :meth:`to_mermaid`, :meth:`to_asyncapi` and :meth:`render`, or by :meth:`export`
+    for any of ``GRAPH_FORMATS``. Everything is sorted: the same code gives the same
+    bytes.
     """
     agents: tuple[AgentNode, ...]
 
@@ -2506,6 +2566,13 @@ class Topology(msgspec.Struct, frozen=True):
         """The graph as Mermaid flowchart text."""
         return _mermaid(self)
 
+    def to_asyncapi(self, title: str = 'microagent', version: str = '0.0.0') -> JSONObject:
+        """The AsyncAPI 3.0.0 document of the agents, as a dict (see :func:`asyncapi_json`
+        for its bytes): the servers of their settings (no passwords), a channel and a
+        message per signal and queue with its payload's JSON Schema, an operation per
+        edge, RPC calls with their reply. ``title`` and ``version`` go to ``info``."""
+        return _AsyncAPI(self).document(title, version)
+
     def render(self, fmt: str) -> bytes:
         """The graph drawn by Graphviz's ``dot`` program as ``svg`` or ``png``; raise
         :class:`GraphRenderError` when ``dot`` is not installed or fails."""
@@ -2531,28 +2598,53 @@ class Topology(msgspec.Struct, frozen=True):
             return str(self.to_dot().source).encode()
         if fmt == 'mermaid':
             return self.to_mermaid().encode()
+        if fmt == 'asyncapi':
+            return asyncapi_json(self.to_asyncapi())
         if fmt in RENDERED_FORMATS:
             return self.render(fmt)
         raise ValueError(f'unknown graph format {fmt!r}; use one of {", ".join(GRAPH_FORMATS)}')
 
 
 AgentSource = type[MicroAgent] | MicroAgent | str
+# An agent as a settings module places it: name, class, bus, broker.
+_Placement = tuple[str, type[MicroAgent], Transport | None, Transport | None]
 
 
 def settings_agents(module_path: str) -> list[tuple[str, type[MicroAgent]]]:
     """(name, class) of each agent of a launcher settings module, without connecting to
     anything; raise :class:`SettingsError` when the module cannot be used."""
-    return [(name, import_backend(backend))
-            for name, (backend, _) in load_configuration(module_path)]
+    return [(name, cls) for name, cls, _, _ in _settings_placements(module_path)]
 
 
-def _named_agents(source: AgentSource) -> list[tuple[str, type[MicroAgent]]]:
+def _settings_placements(module_path: str) -> list[_Placement]:
+    """(name, class, bus, broker) of each agent of a launcher settings module, without
+    connecting to anything; raise :class:`SettingsError` when the module cannot be used."""
+    configs = list(load_configuration(module_path))
+    entries = getattr(sys.modules[module_path], 'AGENT', {})
+    placements: list[_Placement] = []
+    for name, (backend, cfg) in configs:
+        transports: dict[str, Transport | None] = {}
+        for role in ('bus', 'broker'):
+            unfolded = cfg.get(role)
+            key = str(entries.get(name, {}).get(role) or role)
+            try:
+                transports[role] = None if unfolded is None else Transport.of(
+                    role, key, *unfolded)
+            except ValueError as exc:  # a DSN urllib cannot split
+                raise SettingsError(f'{module_path}: {role.upper()}[{key!r}]["dsn"]: {exc}'
+                                    ) from None
+        placements.append((name, import_backend(backend), transports['bus'],
+                           transports['broker']))
+    return placements
+
+
+def _named_agents(source: AgentSource) -> list[_Placement]:
     if isinstance(source, str):
-        return settings_agents(source)
+        return _settings_placements(source)
     if isinstance(source, type) and issubclass(source, MicroAgent):
-        return [(source.__name__, source)]
+        return [(source.__name__, source, None, None)]
     if isinstance(source, MicroAgent):
-        return [(type(source).__name__, type(source))]
+        return [(type(source).__name__, type(source), None, None)]
     raise TypeError(f'a graph is built from MicroAgent classes, agents and settings module '
                     f'names, not {source!r}')
 
@@ -2571,14 +2663,36 @@ def build_graph(*sources: AgentSource) -> Topology:
     return _topology(pair for source in sources for pair in _named_agents(source))
 
 
-def _topology(named: Iterable[tuple[str, type[MicroAgent]]]) -> Topology:
-    classes: dict[str, type[MicroAgent]] = {}
-    for name, cls in named:
-        known = classes.setdefault(name, cls)
+def _topology(placements: Iterable[_Placement]) -> Topology:
+    chosen: dict[str, _Placement] = {}
+    for placement in placements:
+        name, cls = placement[0], placement[1]
+        known = chosen.setdefault(name, placement)[1]
         if known is not cls:
             raise ValueError(f'agent name {name!r} is used by {_class_path(known)} and '
                              f'{_class_path(cls)}')
-    return Topology(tuple(AgentNode.of(name, cls) for name, cls in sorted(classes.items())))
+    return Topology(tuple(_placed_node(*chosen[name]) for name in sorted(chosen)))
+
+
+def _placed_node(name: str, agent_class: type[MicroAgent], bus: Transport | None = None,
+                broker: Transport | None = None) -> AgentNode:
+    """The node of ``agent_class`` named ``name`` (:meth:`AgentNode.of`), with its bus
+    and broker and the answer keys and DTOs of its handlers."""
+    answers: set[tuple[str, str]] = set()
+    dtos: dict[tuple[str, str], type] = {}
+    for method, declarations in agent_class.declarations.items():
+        function = getattr(agent_class, method, None)
+        key = f'{agent_class.__name__}.{getattr(function, "__name__", method)}'
+        for declaration in declarations:
+            if isinstance(declaration, ReceiverArgs):
+                answers.update((signal.name, key) for signal in declaration.signals)
+            elif isinstance(declaration, ConsumerArgs) and declaration.dto_class is not None:
+                queue, dto = declaration.queue.name, declaration.dto_class
+                dtos[queue, _class_path(dto)] = dto
+    return msgspec.structs.replace(
+        AgentNode.of(name, agent_class), bus=bus, broker=broker,
+        answers=tuple(sorted(answers)), dtos=tuple((queue, dtos[queue, path])
+                                                   for queue, path in sorted(dtos)))
 
 
 # -- node ids and labels, shared by DOT and Mermaid -----------------------------------------
@@ -2731,17 +2845,359 @@ def _mermaid(topology: Topology) -> str:
     return '\n'.join(lines) + '\n'
 
 
+# -- AsyncAPI 3 ----------------------------------------------------------------------
+
+ASYNCAPI_VERSION = '3.0.0'
+_ACTIONS = {'sends': 'send', 'calls': 'send', 'produces': 'send', 'receives': 'receive',
+            'consumes': 'receive'}
+_UNSAFE_KEY_CHARS = re.compile(r'[^A-Za-z0-9_.\-]+')
+_SCHEMA_REF = '#/components/schemas/{name}'
+_AMQP_BINDING_VERSION = '0.3.0'
+# Keywords whose value is data, not a schema: a schema rewrite leaves them alone.
+_SCHEMA_DATA_KEYWORDS = frozenset({'const', 'default', 'enum', 'examples', 'required'})
+
+_Key = TypeVar('_Key')
+# A channel: ('signal', prefix, name), ('reply', prefix) or ('queue', name).
+_Channel = tuple[str, ...]
+
+
+def _document_key(text: str) -> str:
+    """``text`` as a key of the document that a ``$ref`` names without escapes."""
+    return _UNSAFE_KEY_CHARS.sub('_', text) or '_'
+
+
+def _unique_keys(wanted: Iterable[tuple[_Key, str]]) -> dict[_Key, str]:
+    """A document key for each item, from the text it wants: made safe for a ``$ref``,
+    and numbered (``-2``, ``-3``) after the first item that wants the same key."""
+    keys: dict[_Key, str] = {}
+    used: set[str] = set()
+    for item, text in wanted:
+        base = _document_key(text)
+        candidate, number = base, 2
+        while candidate in used:
+            candidate, number = f'{base}-{number}', number + 1
+        used.add(candidate)
+        keys[item] = candidate
+    return keys
+
+
+def _ref(*path: str) -> dict[str, str]:
+    return {'$ref': '#/' + '/'.join(path)}
+
+
+def _asyncapi_schema(node: Any) -> Any:
+    """A JSON Schema made by msgspec (draft 2020-12) in the dialect of AsyncAPI's Schema
+    Object (draft 07): ``prefixItems`` become ``items`` (the rest ``additionalItems``),
+    and a ``discriminator`` object its property name."""
+    if isinstance(node, list):
+        return [_asyncapi_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    schema = {key: value if key in _SCHEMA_DATA_KEYWORDS else _asyncapi_schema(value)
+              for key, value in node.items()}
+    if 'prefixItems' in schema:
+        schema['additionalItems'] = schema.pop('items', True)
+        schema['items'] = schema.pop('prefixItems')
+    discriminator = schema.get('discriminator')
+    if isinstance(discriminator, dict):
+        schema['discriminator'] = discriminator.get('propertyName')
+    return schema
+
+
+def _json_schemas(types: list[Any]) -> tuple[list[JSONObject | None], JSONObject]:
+    """msgspec's JSON Schema of each of ``types`` (None, and a warning, for one it cannot
+    describe) and the schemas they refer to, by name (``#/components/schemas/NAME``)."""
+    described: list[tuple[int, Any]] = []
+    for index, kind in enumerate(types):
+        try:
+            msgspec.json.schema(kind)
+        except (TypeError, ValueError) as exc:
+            graph_log.warning('AsyncAPI: %r has no JSON Schema (%s)', kind,
+                              str(exc).splitlines()[-1].strip())
+        else:
+            described.append((index, kind))
+    schemas, components = msgspec.json.schema_components(
+        [kind for _, kind in described], ref_template=_SCHEMA_REF)
+    found: list[JSONObject | None] = [None] * len(types)
+    for (index, _), schema in zip(described, schemas, strict=True):
+        found[index] = _asyncapi_schema(schema)
+    return found, {name: _asyncapi_schema(schema) for name, schema in components.items()}
+
+
+def _is_json_type_name(spec: Any) -> bool:
+    """Whether a ``type_map`` value is a JSON type name or a list of them (a signal
+    declared in a JSON file) rather than a Python type."""
+    return isinstance(spec, str) or (
+        isinstance(spec, list) and all(isinstance(name, str) for name in spec))
+
+
+def _prefix_of(agent: AgentNode) -> str:
+    return agent.bus.prefix if agent.bus is not None else _default_prefix()
+
+
+class _AsyncAPI:
+    """The AsyncAPI document of a topology, built in one pass (see
+    :meth:`Topology.to_asyncapi`)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.transports: dict[_Channel, set[Transport]] = {}
+        self.answers: dict[tuple[str, str], set[str]] = {}
+        self.called: set[tuple[str, str]] = set()
+        self.dtos: dict[str, dict[str, type]] = {}
+        for agent in topology.agents:
+            self._place(agent)
+        for prefix, name in self.called:  # the answers travel on the buses of the calls
+            self.transports.setdefault(('reply', prefix), set()).update(
+                self.transports['signal', prefix, name])
+        self.channel_keys = _unique_keys((channel, _channel_text(channel))
+                                         for channel in sorted(self.transports))
+        self.message_keys = _unique_keys(
+            (message, f'{message[0]}.{message[1]}')
+            for message in sorted({(c[0], c[-1]) for c in self.transports if c[0] != 'reply'}))
+        self.server_keys = _unique_keys(
+            (transport, f'{transport.role}-{transport.key}')
+            for transport in sorted({t for ts in self.transports.values() for t in ts
+                                     if t.is_server}))
+        self._schemas()
+
+    def _place(self, agent: AgentNode) -> None:
+        """Record the channels, servers, RPC answers and DTOs of one agent."""
+        prefix = _prefix_of(agent)
+        for edge in agent.edges():
+            kind, _, name = (edge.target if edge.kind in SENT_KINDS else edge.source
+                             ).partition(':')
+            transport = agent.bus if kind == 'signal' else agent.broker
+            channel = ('signal', prefix, name) if kind == 'signal' else ('queue', name)
+            self.transports.setdefault(channel, set()).update(
+                [transport] if transport else [])
+            if edge.kind == 'calls':
+                self.called.add((prefix, name))
+        for signal, key in agent.answers:
+            self.answers.setdefault((prefix, signal), set()).add(key)
+        for queue, dto in agent.dtos:
+            self.dtos.setdefault(queue, {})[_class_path(dto)] = dto
+
+    def _schemas(self) -> None:
+        """The JSON Schemas of the DTOs and of the Python types of signal arguments."""
+        wanted: list[tuple[tuple[str, str, str], Any]] = []
+        for name in sorted({c[2] for c in self.transports if c[0] == 'signal'}):
+            signal = Signal._registry.get(name)
+            for arg, spec in sorted((signal.type_map or {}).items() if signal else ()):
+                if not _is_json_type_name(spec):
+                    wanted.append((('signal', name, arg), _python_type(spec)))
+        for queue, classes in sorted(self.dtos.items()):
+            wanted += [(('queue', queue, path), dto) for path, dto in sorted(classes.items())]
+        schemas, self.components = _json_schemas([kind for _, kind in wanted])
+        self.schemas = {where: schema for (where, _), schema in zip(wanted, schemas,
+                                                                     strict=True)}
+
+    # -- the parts of the document ----------------------------------------------------
+
+    def document(self, title: str, version: str) -> JSONObject:
+        components: JSONObject = {'messages': self._messages()}
+        if self.components:
+            components['schemas'] = self.components
+        agents = ', '.join(f'`{a.name}` ({a.class_path})' for a in self.topology.agents)
+        return {
+            'asyncapi': ASYNCAPI_VERSION,
+            'info': {'title': title, 'version': version,
+                     'description': f'The signals and queues of the agents {agents}.'
+                     if agents else 'No agents.'},
+            'defaultContentType': 'application/json',
+            'servers': {key: _server(transport) for transport, key in self.server_keys.items()},
+            'channels': {self.channel_keys[channel]: self._channel(channel)
+                         for channel in self.channel_keys},
+            'operations': self._operations(),
+            'components': components,
+        }
+
+    def _servers_of(self, channel: _Channel) -> list[dict[str, str]]:
+        return sorted((_ref('servers', self.server_keys[t])
+                       for t in self.transports[channel] if t.is_server),
+                      key=lambda ref: ref['$ref'])
+
+    def _channel(self, channel: _Channel) -> JSONObject:
+        if channel[0] == 'signal':
+            data = self._signal_channel(channel[1], channel[2])
+        elif channel[0] == 'reply':
+            data = self._reply_channel(channel[1])
+        else:
+            data = self._queue_channel(channel[1])
+        servers = self._servers_of(channel)
+        if servers:
+            data['servers'] = servers
+        return data
+
+    def _signal_channel(self, prefix: str, name: str) -> JSONObject:
+        rpc = (' An RPC call adds `#{request_id}` to the address; the answers come back '
+               'on the `response` channel of the prefix.' if (prefix, name) in self.called
+               else '')
+        return {
+            'address': f'{prefix}:{name}:{{sender}}',
+            'description': f'Signal `{name}` on the bus prefix `{prefix}`.{rpc}',
+            'parameters': {'sender': {
+                'description': 'The sender name the agent gives to `send`, `call` or '
+                               '`waiter`.'}},
+            'messages': {name: _ref('components', 'messages',
+                                    self.message_keys['signal', name])},
+        }
+
+    def _reply_channel(self, prefix: str) -> JSONObject:
+        called = sorted(name for p, name in self.called if p == prefix)
+        return {
+            'address': f'{prefix}:response:{{uid}}#{{id}}',
+            'description': f'The answers to RPC calls on the bus prefix `{prefix}`: one '
+                           'message per answering agent, keyed by its receivers '
+                           '(`Class.method`).',
+            'parameters': {
+                'uid': {'description': 'The id of the calling bus (random, one per bus '
+                                       'object).'},
+                'id': {'description': 'The id of the request.'}},
+            'messages': {name: self._answer_message(prefix, name) for name in called},
+        }
+
+    def _answer_message(self, prefix: str, name: str) -> JSONObject:
+        keys = sorted(self.answers.get((prefix, name), ()))
+        return {'name': f'{name}.answer', 'summary': f'Answer to the RPC call of `{name}`',
+                'payload': {'type': 'object', 'properties': {key: {} for key in keys}}}
+
+    def _queue_channel(self, name: str) -> JSONObject:
+        queue = Queue._registry.get(name)
+        description = f'Queue `{name}`.'
+        if queue is not None and queue.exchange:
+            topics = ', '.join(f'`{topic}`' for topic in queue.topics or (name,))
+            description += (f' On AMQP it is bound to the topic exchange `{queue.exchange}` '
+                            f'by the routing keys {topics}, and messages are published '
+                            'through the exchange.')
+        data: JSONObject = {
+            'address': name, 'description': description,
+            'messages': {_document_key(name): _ref('components', 'messages',
+                                                   self.message_keys['queue', name])},
+        }
+        if any(t.protocol in ('amqp', 'amqps') for t in self.transports['queue', name]):
+            data['bindings'] = {'amqp': {'is': 'queue', 'queue': {'name': name},
+                                         'bindingVersion': _AMQP_BINDING_VERSION}}
+        return data
+
+    def _messages(self) -> JSONObject:
+        messages: JSONObject = {}
+        for (kind, name), key in self.message_keys.items():
+            if kind == 'signal':
+                messages[key] = {'name': name, 'summary': f'Signal `{name}`',
+                                 'payload': self._signal_payload(name)}
+            else:
+                messages[key] = {'name': name, 'summary': f'A message of queue `{name}`',
+                                 'payload': self._queue_payload(name)}
+        return messages
+
+    def _signal_payload(self, name: str) -> JSONObject:
+        signal = Signal._registry.get(name)
+        if signal is None:
+            return {'type': 'object', 'description': f'Signal `{name}` is not declared.'}
+        types = signal.type_map or {}
+        properties: JSONObject = {}
+        for arg in signal.providing_args:
+            spec = types.get(arg)
+            if spec is None:
+                properties[arg] = {}
+            elif _is_json_type_name(spec):
+                properties[arg] = {'type': spec}
+            else:
+                properties[arg] = self.schemas['signal', name, arg] or {}
+        payload: JSONObject = {'type': 'object', 'properties': properties}
+        if properties:
+            payload['required'] = sorted(properties)
+        return payload
+
+    def _queue_payload(self, name: str) -> JSONObject:
+        schemas = []
+        for path in sorted(self.dtos.get(name, ())):
+            schema = self.schemas['queue', name, path]
+            schemas.append(schema if schema is not None else {
+                'type': 'object', 'description': f'`{path}`: msgspec has no JSON Schema '
+                                                 'for this class.'})
+        unique = sorted({encode_json(s): s for s in schemas}.items())
+        if not unique:
+            return {'type': 'object'}
+        if len(unique) == 1:
+            return unique[0][1]
+        return {'allOf': [schema for _, schema in unique]}
+
+    def _operations(self) -> JSONObject:
+        wanted = []
+        for agent in self.topology.agents:
+            prefix = _prefix_of(agent)
+            for edge in agent.edges():
+                kind, _, name = (edge.target if edge.kind in SENT_KINDS else edge.source
+                                 ).partition(':')
+                channel = ('signal', prefix, name) if kind == 'signal' else ('queue', name)
+                wanted.append(((agent, edge.kind, channel), f'{agent.name}.{edge.kind}.{name}'))
+        keys = _unique_keys(sorted(wanted, key=lambda pair: (pair[1], pair[0][1:])))
+        return {key: self._operation(*what) for what, key in keys.items()}
+
+    def _operation(self, agent: AgentNode, kind: str, channel: _Channel) -> JSONObject:
+        key = self.channel_keys[channel]
+        message = channel[-1] if channel[0] == 'signal' else _document_key(channel[-1])
+        operation: JSONObject = {
+            'action': _ACTIONS[kind],
+            'channel': _ref('channels', key),
+            'messages': [_ref('channels', key, 'messages', message)],
+            'summary': f'`{agent.name}` ({agent.class_path}) {kind} `{channel[-1]}`',
+            'tags': [{'name': agent.name}],
+        }
+        if channel[0] == 'signal' and (channel[1], channel[2]) in self.called and kind in (
+                'calls', 'receives'):
+            reply = self.channel_keys['reply', channel[1]]
+            operation['reply'] = {'channel': _ref('channels', reply),
+                                  'messages': [_ref('channels', reply, 'messages', message)]}
+        return operation
+
+
+def _channel_text(channel: _Channel) -> str:
+    """The key a channel wants in the document: ``PREFIX.signal``, ``PREFIX.response``,
+    or the queue's name."""
+    if channel[0] == 'signal':
+        return f'{channel[1]}.{channel[2]}'
+    if channel[0] == 'reply':
+        return f'{channel[1]}.response'
+    return channel[1]
+
+
+def _server(transport: Transport) -> JSONObject:
+    role = 'signal bus' if transport.role == 'bus' else 'queue broker'
+    prefix = f', channel prefix `{transport.prefix}`' if transport.prefix else ''
+    server: JSONObject = {
+        'host': transport.host, 'protocol': transport.protocol,
+        'title': f'{transport.role.upper()} {transport.key}',
+        'description': f'The {role} `{transport.backend}`{prefix}.',
+    }
+    if transport.pathname:
+        server['pathname'] = transport.pathname
+    return server
+
+
+def asyncapi_json(document: JSONObject) -> bytes:
+    """An AsyncAPI document as indented UTF-8 JSON with sorted keys, ending with a
+    newline: the same document always gives the same bytes."""
+    return msgspec.json.format(msgspec.json.encode(document, order='sorted'), indent=2) + b'\n'
+
+
 # -- marun --graph and marun --check ------------------------------------------------
 
 def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -> int:
     """``marun --graph FORMAT [-o FILE] MODULE...``: write the graph of the settings
-    modules to FILE or standard output. Returns the exit status: 0, 2 when a settings
-    module cannot be used, 1 when drawing fails."""
+    modules to FILE or standard output (an AsyncAPI document is titled with the
+    modules' names). Returns the exit status: 0, 2 when a settings module cannot be
+    used, 1 when drawing fails."""
+    modules = list(modules)
     try:
         # What a settings module prints or logs while imported must not mix with a
         # graph written to standard output.
         with contextlib.redirect_stdout(sys.stderr):
-            data = build_graph(*modules).export(fmt)
+            topology = build_graph(*modules)
+            data = (asyncapi_json(topology.to_asyncapi(title=', '.join(modules)))
+                    if fmt == 'asyncapi' else topology.export(fmt))
     except (SettingsError, ValueError, TypeError) as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 2
@@ -2834,47 +3290,274 @@ def check_topology(topology: Topology) -> list[Finding]:
     return [*_undeclared(topology), *_unpaired(topology), *unreadable]
 
 
-def _load_for_check(modules: Iterable[str]
-                    ) -> tuple[list[tuple[str, type[MicroAgent]]], list[Finding]]:
+def _load_for_check(modules: Iterable[str]) -> tuple[list[_Placement], list[Finding]]:
     """The agents of the settings modules that can be used, and the errors of the others
     (and of agent names used twice, which ``marun`` refuses)."""
-    agents: list[tuple[str, type[MicroAgent]]] = []
+    agents: list[_Placement] = []
     findings: list[Finding] = []
     seen: dict[str, str] = {}
     for module in modules:
         try:
-            loaded = settings_agents(module)
+            loaded = _settings_placements(module)
         except SettingsError as exc:
             findings.append(Finding('error', f'settings {exc}'))
             continue
-        for name, cls in loaded:
+        for placement in loaded:
+            name = placement[0]
             if name in seen:
                 findings.append(Finding('error', f'agent name {name!r} is used twice '
                                                  f'({seen[name]}, {module})'))
                 continue
             seen[name] = module
-            agents.append((name, cls))
+            agents.append(placement)
     return agents, findings
 
 
-def check_command(modules: Iterable[str]) -> int:
-    """``marun --check MODULE...``: print one line per finding (``error: ...`` or
-    ``warning: ...``) and return 1 if there is an error, else 0."""
+def check_command(modules: Iterable[str], against: str | None = None) -> int:
+    """``marun --check [--against FILE] MODULE...``: print one line per finding
+    (``error: ...`` or ``warning: ...``) and return 1 if there is an error, else 0.
+
+    With ``against``, an AsyncAPI document written by an earlier ``marun --graph
+    asyncapi``, each change that breaks an agent deployed from it is an error too
+    (``error: breaking: ...``, see :func:`breaking_changes`).
+    """
     with contextlib.redirect_stdout(sys.stderr):
         agents, findings = _load_for_check(modules)
         nodes = []
-        for name, cls in agents:
+        for placement in agents:
             try:
-                nodes.append(AgentNode.of(name, cls))
+                nodes.append(_placed_node(*placement))
             except TypeError as exc:  # a wrong ``topology`` attribute
-                findings.append(Finding('error', f'agent {name!r}: {exc}'))
-        findings += check_topology(Topology(tuple(nodes)))
+                findings.append(Finding('error', f'agent {placement[0]!r}: {exc}'))
+        topology = Topology(tuple(nodes))
+        findings += check_topology(topology)
+        if against is not None:
+            findings += _contract_findings(against, topology)
     for finding in findings:
         print(finding)
     errors = sum(finding.severity == 'error' for finding in findings)
     print(f'marun --check: {errors} error(s), {len(findings) - errors} warning(s) in '
           f'{len(agents)} agent(s)', file=sys.stderr)
     return 1 if errors else 0
+
+
+# -- marun --check --against: what breaks the contract of an earlier AsyncAPI document --
+
+# Schema keywords that document rather than constrain: a change of them breaks nobody.
+_ANNOTATION_KEYWORDS = frozenset({'$comment', 'default', 'deprecated', 'description',
+                                  'examples', 'externalDocs', 'readOnly', 'title',
+                                  'writeOnly'})
+# Schema keywords whose value maps names to schemas.
+_SCHEMA_MAP_KEYWORDS = frozenset({'$defs', 'definitions', 'dependentSchemas', 'properties',
+                                  'patternProperties'})
+_SENDER_PARAMETER = ':{sender}'
+
+
+class _Contract(msgspec.Struct, frozen=True):
+    """What an AsyncAPI document of ``marun --graph asyncapi`` promises: the payload
+    schema of each signal (by prefix and name) and of each queue, the signals that are
+    called (RPC) and those that some agent receives."""
+    signals: dict[tuple[str, str], Any]
+    queues: dict[str, Any]
+    called: frozenset[tuple[str, str]]
+    received: frozenset[tuple[str, str]]
+
+
+def _as_dict(value: Any) -> JSONObject:
+    return value if isinstance(value, dict) else {}
+
+
+def _pointed(document: JSONObject, ref: str) -> Any:
+    """What a local ``$ref`` (``#/components/schemas/Order``) points to; raise
+    ValueError."""
+    import urllib.parse
+    if not ref.startswith('#/'):
+        raise ValueError(f'$ref {ref!r} does not point into the document')
+    node: Any = document
+    for part in ref[2:].split('/'):
+        key = urllib.parse.unquote(part).replace('~1', '/').replace('~0', '~')
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f'$ref {ref!r} points to nothing')
+        node = node[key]
+    return node
+
+
+def _followed(document: JSONObject, node: Any) -> JSONObject:
+    """``node``, or what its ``$ref`` (and theirs) point to."""
+    seen: set[str] = set()
+    while isinstance(node, dict) and isinstance(node.get('$ref'), str):
+        if node['$ref'] in seen:
+            raise ValueError(f'$ref {node["$ref"]!r} refers to itself')
+        seen.add(node['$ref'])
+        node = _pointed(document, node['$ref'])
+    return _as_dict(node)
+
+
+def _schema_type(document: JSONObject, schema: Any, inlining: frozenset[str] = frozenset()
+                 ) -> Any:
+    """``schema`` as two versions compare it: its ``$ref``s inlined (a recursive one is
+    kept by name) and its annotations (titles, descriptions, defaults) left out."""
+    if isinstance(schema, list):
+        return [_schema_type(document, item, inlining) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get('$ref')
+    if isinstance(ref, str):
+        if ref in inlining:
+            return {'$ref': ref}
+        return _schema_type(document, _pointed(document, ref), inlining | {ref})
+    compared: JSONObject = {}
+    for key, value in schema.items():
+        if key in _ANNOTATION_KEYWORDS:
+            continue
+        if key in _SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            compared[key] = {name: _schema_type(document, item, inlining)
+                             for name, item in value.items()}
+        elif key in _SCHEMA_DATA_KEYWORDS:
+            compared[key] = value
+        else:
+            compared[key] = _schema_type(document, value, inlining)
+    return compared
+
+
+def _channel_payload(document: JSONObject, channel: JSONObject) -> Any:
+    """The payload schema of the (first) message of a channel, as compared."""
+    messages = sorted(_as_dict(channel.get('messages')).items())
+    if not messages:
+        return {}
+    return _schema_type(document, _followed(document, messages[0][1]).get('payload', {}))
+
+
+def _contract(document: JSONObject) -> _Contract:
+    """The contract of an AsyncAPI document written by ``marun --graph asyncapi``: a
+    signal's channel has the address ``{prefix}:{name}:{sender}``, a queue's the queue
+    name and no parameter; RPC answer channels are left out."""
+    signals: dict[tuple[str, str], Any] = {}
+    queues: dict[str, Any] = {}
+    signal_channels: dict[str, tuple[str, str]] = {}
+    for key, value in _as_dict(document.get('channels')).items():
+        channel = _followed(document, value)
+        address, parameters = channel.get('address'), _as_dict(channel.get('parameters'))
+        if not isinstance(address, str):
+            continue
+        if 'sender' in parameters and address.endswith(_SENDER_PARAMETER):
+            prefix, _, name = address[:-len(_SENDER_PARAMETER)].rpartition(':')
+            signals[prefix, name] = _channel_payload(document, channel)
+            signal_channels[f'#/channels/{key}'] = (prefix, name)
+        elif not parameters:
+            queues[address] = _channel_payload(document, channel)
+    called, received = set(), set()
+    for value in _as_dict(document.get('operations')).values():
+        operation = _followed(document, value)
+        signal = signal_channels.get(str(_as_dict(operation.get('channel')).get('$ref')))
+        if signal is not None and operation.get('action') == 'receive':
+            received.add(signal)
+        elif signal is not None and operation.get('reply'):
+            called.add(signal)
+    return _Contract(signals, queues, frozenset(called), frozenset(received))
+
+
+def _object_shape(schema: Any) -> tuple[JSONObject, set[str]]:
+    """The properties of an object schema and the names of the required ones (over
+    its ``allOf`` too)."""
+    schema = _as_dict(schema)
+    properties = dict(_as_dict(schema.get('properties')))
+    required = {name for name in schema.get('required') or () if isinstance(name, str)}
+    for part in schema.get('allOf') or ():
+        more, needed = _object_shape(part)
+        properties.update(more)
+        required |= needed
+    return properties, required
+
+
+def _is_object_schema(schema: Any) -> bool:
+    return isinstance(schema, dict) and ('properties' in schema or 'allOf' in schema)
+
+
+def _compact(schema: Any) -> str:
+    return msgspec.json.encode(schema, order='sorted').decode()
+
+
+def _argument_changes(what: str, old: Any, new: Any) -> Iterator[str]:
+    """A signal's arguments removed or retyped."""
+    before, _ = _object_shape(old)
+    after, _ = _object_shape(new)
+    for arg in sorted(before):
+        if arg not in after:
+            yield f'{what} lost its argument {arg!r}'
+        elif before[arg] != after[arg]:
+            yield (f'{what}: argument {arg!r} changed type from {_compact(before[arg])} '
+                   f'to {_compact(after[arg])}')
+
+
+def _payload_changes(what: str, old: Any, new: Any, path: str = '') -> Iterator[str]:
+    """A queue's payload gaining required properties or retyping properties (nested
+    objects compared property by property)."""
+    before, required_before = _object_shape(old)
+    after, required_after = _object_shape(new)
+    for name in sorted(required_after - required_before):
+        yield f'{what}: its consumers now require the property {path + name!r}'
+    for name in sorted(before.keys() & after.keys()):
+        if before[name] == after[name]:
+            continue
+        if _is_object_schema(before[name]) and _is_object_schema(after[name]):
+            yield from _payload_changes(what, before[name], after[name], f'{path}{name}.')
+        else:
+            yield (f'{what}: property {path + name!r} changed type from '
+                   f'{_compact(before[name])} to {_compact(after[name])}')
+
+
+def breaking_changes(old: JSONObject, new: JSONObject) -> list[str]:
+    """What in the AsyncAPI document ``new`` breaks an agent deployed from ``old`` (both
+    written by ``marun --graph asyncapi``), one sentence per change: a signal or queue
+    removed, a signal argument removed or retyped, a queue's payload gaining a required
+    property or retyping one, an RPC signal left without a receiver. Additions break
+    nothing. Raise ValueError when a ``$ref`` of a document points to nothing."""
+    before, after = _contract(old), _contract(new)
+    changes: list[str] = []
+    for prefix, name in sorted(before.signals):
+        what = f'signal {name!r} on prefix {prefix!r}'
+        if (prefix, name) not in after.signals:
+            changes.append(f'{what} was removed: no agent sends or receives it any more')
+            continue
+        changes += _argument_changes(what, before.signals[prefix, name],
+                                     after.signals[prefix, name])
+        if ((prefix, name) in before.called | after.called
+                and (prefix, name) in before.received - after.received):
+            changes.append(f'{what} is called (RPC) but no agent receives it any more: '
+                           'the calls get no answer')
+    for name in sorted(before.queues):
+        what = f'queue {name!r}'
+        if name not in after.queues:
+            changes.append(f'{what} was removed: no agent produces or consumes it any more')
+            continue
+        changes += _payload_changes(what, before.queues[name], after.queues[name])
+    return changes
+
+
+def _read_contract(path: str) -> JSONObject:
+    """The AsyncAPI document in file ``path``; raise ValueError."""
+    try:
+        with open(path, 'rb') as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ValueError(f'cannot read: {exc.strerror or exc}') from None
+    try:
+        document = decode_object(raw)
+    except SerializingError as exc:
+        raise ValueError(str(exc)) from None
+    if not str(document.get('asyncapi', '')).startswith('3.'):
+        raise ValueError('not an AsyncAPI 3 document (write one with marun --graph asyncapi)')
+    return document
+
+
+def _contract_findings(path: str, topology: Topology) -> list[Finding]:
+    """An error per change of ``topology`` that breaks the contract in file ``path``."""
+    try:
+        changes = breaking_changes(_read_contract(path), topology.to_asyncapi())
+    except ValueError as exc:
+        return [Finding('error', f'--against {path}: {exc}')]
+    return [Finding('error', f'breaking: {change}') for change in changes]
 
 
 # =====================================================================================
@@ -3198,15 +3881,20 @@ def main(argv: list[str] | None = None) -> int:
                            'line per finding; exit 1 on an error')
     parser.add_argument('-o', '--output', metavar='FILE',
                         help='with --graph: write to FILE instead of standard output')
+    parser.add_argument('--against', metavar='FILE',
+                        help='with --check: also report each change that breaks the '
+                             'contract FILE, an earlier --graph asyncapi output')
     args = parser.parse_args(argv)
     if args.output and not args.graph:
         parser.error('-o/--output goes with --graph')
+    if args.against and not args.check:
+        parser.error('--against goes with --check')
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.graph:
         return graph_command(args.modules, args.graph, args.output)
     if args.check:
-        return check_command(args.modules)
+        return check_command(args.modules, args.against)
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]

@@ -13,10 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -1763,3 +1765,315 @@ def test_check_refuses_agent_names_used_twice(capsys: pytest.CaptureFixture[str]
     assert out.splitlines() == [
         f"error: agent name {name!r} is used twice ({EXAMPLES}, {EXAMPLES})"
         for name in ('user_agent', 'comment_agent', 'email_agent')]
+
+
+# =====================================================================================
+# AsyncAPI export and contract checks (marun --graph asyncapi, marun --check --against)
+# =====================================================================================
+
+FLEET = 'tests_support.asyncapi_fleet_settings'
+EXAMPLES_SERVERS = 'examples.settings_amqp'
+EXAMPLES_DSNS = {'MICROAGENT_AMQP_DSN': 'amqp://app:s3cret@127.0.0.1:5672/',
+                 'MICROAGENT_REDIS_DSN': 'redis://:s3cret@127.0.0.1:6379/7'}
+EXPECTED_EXAMPLES = ROOT / 'tests_support' / 'asyncapi_examples.json'
+EXPECTED_FLEET = ROOT / 'tests_support' / 'asyncapi_fleet.json'
+REGENERATE = ('the document changed: if the change is meant, regenerate the expected file '
+              'with marun --graph asyncapi -o and review its diff')
+ASYNCAPI_PARSER_VERSION = '3.6.6'  # @asyncapi/parser, the reference parser (3.x)
+NPM_TIMEOUT = 240.0
+NODE_TIMEOUT = 60.0
+PARSE_SCRIPT = r"""
+const { Parser } = require('@asyncapi/parser');
+const chunks = [];
+process.stdin.on('data', (chunk) => chunks.push(chunk));
+process.stdin.on('end', async () => {
+  const { document, diagnostics } = await new Parser().parse(Buffer.concat(chunks).toString());
+  process.stdout.write(JSON.stringify({
+    parsed: document !== undefined,
+    diagnostics: diagnostics.map((d) => ({
+      severity: d.severity, code: d.code, message: d.message, path: d.path })),
+  }));
+});
+"""
+
+
+def run_marun(args: list[str], env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``marun ARGS`` in a process of its own (bounded), from the project root."""
+    environment = {**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def parser_folder() -> Path:
+    """Where the tests install @asyncapi/parser: a cache outside the repository."""
+    cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+    return cache / 'microagent-asyncapi-parser' / ASYNCAPI_PARSER_VERSION
+
+
+def install_parser(folder: Path) -> None:
+    """``npm install @asyncapi/parser`` into ``folder`` (staged, then renamed into place,
+    so that an interrupted install is never taken for a complete one)."""
+    npm = shutil.which('npm')
+    if npm is None:
+        pytest.fail('node is installed but npm is not: cannot install @asyncapi/parser',
+                    pytrace=False)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix='.install-', dir=folder.parent))
+    try:
+        done = subprocess.run(
+            [npm, 'install', '--prefix', str(staging), '--no-audit', '--no-fund',
+             '--ignore-scripts', '--loglevel=error',
+             f'@asyncapi/parser@{ASYNCAPI_PARSER_VERSION}'],
+            capture_output=True, text=True, timeout=NPM_TIMEOUT, check=False)
+        if done.returncode != 0:
+            pytest.fail(f'npm install @asyncapi/parser failed:\n{done.stderr}', pytrace=False)
+        if not folder.exists():
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def asyncapi_parser() -> Callable[[bytes], dict[str, Any]]:
+    """Parse a document with @asyncapi/parser run by Node: ``{"parsed": bool,
+    "diagnostics": [...]}``. Skipped without Node, unless MICROAGENT_REQUIRE_SERVICES
+    is set (CI), where a missing Node fails."""
+    node = shutil.which('node')
+    if node is None:
+        if os.environ.get('MICROAGENT_REQUIRE_SERVICES'):
+            pytest.fail('node is not installed and MICROAGENT_REQUIRE_SERVICES is set',
+                        pytrace=False)
+        pytest.skip('node is not installed: the AsyncAPI reference parser cannot run')
+    folder = parser_folder()
+    if not (folder / 'node_modules' / '@asyncapi' / 'parser' / 'package.json').is_file():
+        install_parser(folder)
+    script = folder / 'parse.js'
+    if not script.is_file() or script.read_text() != PARSE_SCRIPT:
+        script.write_text(PARSE_SCRIPT)
+
+    def parse(document: bytes) -> dict[str, Any]:
+        done = subprocess.run([node, str(script)], input=document, capture_output=True,
+                              timeout=NODE_TIMEOUT, check=False)
+        assert done.returncode == 0, done.stderr.decode()
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    return parse
+
+
+def parser_errors(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [d for d in result['diagnostics'] if d['severity'] == 0]
+
+
+# -- the documents -----------------------------------------------------------------------
+
+def test_examples_asyncapi_is_exactly_the_expected_document() -> None:
+    done = run_marun(['--graph', 'asyncapi', EXAMPLES_SERVERS], env=EXAMPLES_DSNS)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads(EXPECTED_EXAMPLES.read_text()), REGENERATE
+    assert done.stdout == EXPECTED_EXAMPLES.read_text()  # sorted keys, indented, newline
+    assert 's3cret' not in done.stdout and 'app:' not in done.stdout
+
+
+def test_fleet_asyncapi_is_exactly_the_expected_document(tmp_path: Path) -> None:
+    expected = json.loads(EXPECTED_FLEET.read_text())
+    assert build_graph(FLEET).to_asyncapi(title=FLEET) == expected, REGENERATE
+    output = tmp_path / 'asyncapi.json'
+    assert graph_command([FLEET], 'asyncapi', str(output)) == 0
+    assert output.read_bytes() == EXPECTED_FLEET.read_bytes()
+    assert b's3cret' not in output.read_bytes()
+    assert all('@' not in server['host'] for server in expected['servers'].values())
+
+
+def test_memory_backends_are_no_servers() -> None:
+    memory = build_graph(EXAMPLES).to_asyncapi()
+    with_servers = json.loads(EXPECTED_EXAMPLES.read_text())
+    assert memory['servers'] == {}
+    for channel in with_servers['channels'].values():
+        del channel['servers']
+        channel.pop('bindings', None)
+    assert memory['channels'] == with_servers['channels']
+    assert memory['operations'] == with_servers['operations']
+    assert memory['components'] == with_servers['components']
+
+
+def test_asyncapi_bytes_do_not_depend_on_the_hash_seed() -> None:
+    outputs = {run_marun(['--graph', 'asyncapi', FLEET], env={'PYTHONHASHSEED': seed}).stdout
+               for seed in ('1', '2')}
+    assert outputs == {EXPECTED_FLEET.read_text()}
+
+
+@pytest.mark.timeout(NPM_TIMEOUT + 60)
+@pytest.mark.parametrize('module', [EXAMPLES, EXAMPLES_SERVERS, FLEET])
+def test_reference_parser_finds_no_error(
+        module: str, asyncapi_parser: Callable[[bytes], dict[str, Any]]) -> None:
+    result = asyncapi_parser(build_graph(module).export('asyncapi'))
+    assert parser_errors(result) == []
+    assert result['parsed']
+
+
+@pytest.mark.timeout(NPM_TIMEOUT + 60)
+def test_reference_parser_reports_a_broken_document(
+        asyncapi_parser: Callable[[bytes], dict[str, Any]]) -> None:
+    document = build_graph(FLEET).to_asyncapi()
+    document['operations']['shop.calls.shop_stock_level']['reply']['channel'] = {
+        '$ref': '#/channels/nowhere'}
+    result = asyncapi_parser(microagent.asyncapi_json(document))
+    assert parser_errors(result) != []
+    assert not result['parsed']
+
+
+def test_agent_classes_without_settings_use_the_default_prefix() -> None:
+    document = build_graph(graph_agents.RpcAgent).to_asyncapi(title='rpc', version='1.2.3')
+    assert document['info']['title'] == 'rpc' and document['info']['version'] == '1.2.3'
+    assert document['servers'] == {}
+    assert {key: channel['address'] for key, channel in document['channels'].items()} == {
+        'PUBSUB.graph_rpc_called': 'PUBSUB:graph_rpc_called:{sender}',
+        'PUBSUB.graph_rpc_waited': 'PUBSUB:graph_rpc_waited:{sender}',
+        'PUBSUB.response': 'PUBSUB:response:{uid}#{id}'}
+    assert sorted(document['operations']) == ['RpcAgent.calls.graph_rpc_called',
+                                              'RpcAgent.calls.graph_rpc_waited']
+
+
+class Untyped:
+    """A DTO class msgspec has no JSON Schema for."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+
+@dataclasses.dataclass
+class Parcel:
+    weight: float
+
+
+def test_queue_payload_of_several_dtos_and_of_an_undescribable_one(
+        names: Any, caplog: pytest.LogCaptureFixture) -> None:
+    queue = Queue(names.parcels)
+
+    class PlainConsumer(MicroAgent):
+        @consumer(queue, dto_class=Untyped)
+        def take(self, **kwargs: Any) -> None:
+            pass
+
+    class ParcelConsumer(MicroAgent):
+        @consumer(queue, dto_class=Parcel)
+        def take(self, **kwargs: Any) -> None:
+            pass
+
+    with caplog.at_level(logging.WARNING, logger='microagent.graph'):
+        document = build_graph(PlainConsumer, ParcelConsumer).to_asyncapi()
+    payload = document['components']['messages'][f'queue.{queue.name}']['payload']
+    assert payload == {'allOf': [
+        {'$ref': '#/components/schemas/Parcel'},
+        {'type': 'object', 'description': f'`{__name__}.Untyped`: msgspec has no JSON '
+                                          'Schema for this class.'}]}
+    assert document['components']['schemas']['Parcel']['required'] == ['weight']
+    assert 'Untyped' in caplog.text and 'has no JSON Schema' in caplog.text
+
+
+# -- marun --check --against -------------------------------------------------------------
+
+BREAKING = [
+    "error: breaking: signal 'obsolete' on prefix 'SHOP' was removed: no agent sends or "
+    "receives it any more",
+    "error: breaking: signal 'order_placed' on prefix 'SHOP' lost its argument 'note'",
+    "error: breaking: signal 'order_placed' on prefix 'SHOP': argument 'total' changed type "
+    'from {"type":"number"} to {"type":"string"}',
+    "error: breaking: signal 'stock_level' on prefix 'SHOP' is called (RPC) but no agent "
+    "receives it any more: the calls get no answer",
+    "error: breaking: queue 'invoices': property 'amount' changed type from "
+    '{"type":"number"} to {"type":"string"}',
+    "error: breaking: queue 'legacy' was removed: no agent produces or consumes it any more",
+    "error: breaking: queue 'orders': its consumers now require the property 'customer'",
+    "error: breaking: queue 'orders': its consumers now require the property "
+    "'shipping.country'",
+]
+
+
+@pytest.fixture(scope='module')
+def contract_v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The contract of tests_support.asyncapi_contract_v1, written by marun in a process
+    of its own (the versions declare the same names: this process imports none)."""
+    path = tmp_path_factory.mktemp('contract') / 'asyncapi.json'
+    done = run_marun(['--graph', 'asyncapi', '-o', str(path),
+                      'tests_support.asyncapi_contract_v1'])
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def test_against_reports_each_breaking_change_on_its_own_line(contract_v1: Path) -> None:
+    done = run_marun(['--check', '--against', str(contract_v1),
+                      'tests_support.asyncapi_contract_breaking'])
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line for line in lines if line.startswith('error:')] == BREAKING
+    assert lines == [
+        "warning: signal 'stock_level' is sent by 'shop' but no agent receives it", *BREAKING]
+    assert '8 error(s), 1 warning(s) in 3 agent(s)' in done.stderr
+
+
+@pytest.mark.parametrize('version', ['asyncapi_contract_v1', 'asyncapi_contract_additive'])
+def test_against_accepts_the_same_contract_and_additions(contract_v1: Path,
+                                                         version: str) -> None:
+    done = run_marun(['--check', '--against', str(contract_v1), f'tests_support.{version}'])
+    assert (done.returncode, done.stdout) == (0, ''), done.stderr
+    agents = 4 if version.endswith('additive') else 3
+    assert f'0 error(s), 0 warning(s) in {agents} agent(s)' in done.stderr
+
+
+def test_against_a_file_that_is_no_contract_is_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing, graph = tmp_path / 'missing.json', tmp_path / 'graph.json'
+    graph.write_bytes(build_graph(EXAMPLES).to_json())
+    assert check_command([EXAMPLES], str(missing)) == 1
+    assert check_command([EXAMPLES], str(graph)) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f'error: --against {missing}: cannot read: No such file or directory',
+        f'error: --against {graph}: not an AsyncAPI 3 document (write one with marun '
+        '--graph asyncapi)']
+
+
+def test_against_goes_with_check(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        microagent.main(['--against', 'contract.json', EXAMPLES])
+    assert exited.value.code == 2
+    assert '--against goes with --check' in capsys.readouterr().err
+
+
+def test_breaking_changes_between_two_documents() -> None:
+    old = build_graph(FLEET).to_asyncapi()
+    assert microagent.breaking_changes(old, old) == []
+    new = json.loads(json.dumps(old))
+    del new['operations']['warehouse.receives.shop_stock_level']
+    del new['channels']['shop_invoices']
+    schemas = new['components']['schemas']
+    schemas['Line']['properties']['quantity'] = {'type': 'string'}
+    schemas['OrderDTO']['properties']['coupon']['description'] = 'annotations change nothing'
+    assert microagent.breaking_changes(old, new) == [
+        "signal 'shop_stock_level' on prefix 'SHOP' is called (RPC) but no agent receives "
+        'it any more: the calls get no answer',
+        "queue 'shop.orders': property 'lines' changed type from "
+        '{"items":{"properties":{"quantity":{"type":"integer"},"sku":{"type":"string"}},'
+        '"required":["sku"],"type":"object"},"type":"array"} to '
+        '{"items":{"properties":{"quantity":{"type":"string"},"sku":{"type":"string"}},'
+        '"required":["sku"],"type":"object"},"type":"array"}',
+        "queue 'shop:invoices' was removed: no agent produces or consumes it any more",
+    ]
+
+
+def test_a_dsn_that_cannot_be_split_is_a_settings_error(
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / f'dsn_{unique}.py').write_text(textwrap.dedent('''
+        BUS = {'main': {'backend': 'microagent_backends.RedisSignalBus',
+                        'dsn': 'redis://[::1:6379/0'}}
+        AGENT = {'user': {'backend': 'examples.user_agent.UserAgent', 'bus': 'main'}}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert graph_command([f'dsn_{unique}'], 'asyncapi', None) == 2
+    out, err = capsys.readouterr()
+    assert out == ''
+    assert err == (f'marun: error: dsn_{unique}: BUS[\'main\']["dsn"]: Invalid IPv6 URL\n')
