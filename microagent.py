@@ -156,11 +156,16 @@ class Signal:
 
     ``providing_args`` lists the argument names; ``type_map`` optionally maps names to a
     type or a tuple of types (as for ``isinstance``). A signal loaded from JSON may give
-    ``providing_args`` as a mapping name -> JSON type, which fills ``type_map``. Typed
-    signals are checked by a compiled msgspec type on send and on receipt; a mismatch is
-    logged as a warning, the signal still goes through (the documented soft check).
+    ``providing_args`` as a mapping name -> JSON type, which fills ``type_map``. Payloads
+    are checked on send and on receipt (names, and types by a compiled msgspec type); a
+    mismatch (missing, unexpected or mistyped argument) is logged as a warning and the
+    signal still goes through (the documented soft check of 1.x). With ``strict=True`` a
+    mismatch is refused instead: a send raises :class:`SerializingError`, a received
+    signal is dropped with an error log.
 
-    Each instance registers itself by name; declaring a name again replaces it::
+    Each instance registers itself by name. Declaring a name again with the same
+    arguments is allowed (two modules loading one JSON file); with other arguments it
+    raises :class:`SignalException`::
 
         user_created = Signal('user_created', ['user_id'], type_map={'user_id': int})
         Signal.get('user_created') is user_created
@@ -171,9 +176,10 @@ class Signal:
     name: str
     providing_args: list[str]
     type_map: dict[str, Any] | None
+    strict: bool
 
     def __init__(self, name: str, providing_args: Iterable[str] | Mapping[str, Any] = (),
-                 type_map: Mapping[str, Any] | None = None) -> None:
+                 type_map: Mapping[str, Any] | None = None, strict: bool = False) -> None:
         if not isinstance(name, str) or not _SIGNAL_NAME.match(name):
             raise SignalException(
                 f'signal name {name!r} must be an identifier: letters, digits and _')
@@ -192,14 +198,37 @@ class Signal:
             raise SignalException(f'signal {name!r}: argument names must be strings: {bad!r}')
         if type_map:
             types.update({arg: _python_type(spec) for arg, spec in type_map.items()})
+        if not isinstance(strict, bool):
+            raise SignalException(f'signal {name!r}: strict must be true or false, '
+                                  f'not {strict!r}')
         self.name = name
         self.providing_args = args
         self.type_map = dict(type_map) if type_map else (
             {arg: providing_args[arg] for arg in args}
             if isinstance(providing_args, Mapping) else None)
+        self.strict = strict
         self._args = frozenset(args)
+        self._types = types
         self._payload_type = self._compile(types) if types else None
-        Signal._registry[name] = self
+        self._register()
+
+    def _definition(self) -> tuple[Any, ...]:
+        """What a re-declaration must repeat: arguments, their types, strictness."""
+        return tuple(self.providing_args), self._types, self.strict
+
+    def _describe(self) -> str:
+        types = {arg: getattr(tp, '__name__', None) or str(tp) for arg, tp in self._types.items()}
+        return (f'providing_args={self.providing_args!r}'
+                + (f', types {types}' if types else '') + (', strict' if self.strict else ''))
+
+    def _register(self) -> None:
+        known = Signal._registry.get(self.name)
+        if known is not None and known._definition() != self._definition():
+            raise SignalException(
+                f'signal {self.name!r} is already declared with other arguments '
+                f'({known._describe()}; now {self._describe()}): declare a signal once, '
+                f'or with the same arguments everywhere')
+        Signal._registry[self.name] = self
 
     def _compile(self, types: dict[str, Any]) -> Any:
         fields = [(arg, Union[tp, msgspec.UnsetType], msgspec.UNSET)  # noqa: UP007
@@ -271,7 +300,10 @@ class Queue:
 
     ``exchange`` and ``topics`` matter to the AMQP broker: the queue is bound to that
     exchange by each topic (routing key), and ``send(..., topic=...)`` publishes through
-    it. Other brokers use the name alone. Each instance registers itself by name::
+    it. Other brokers use the name alone. Each instance registers itself by name, with
+    its dead-letter queue ``{name}.dead`` (so ``broker.<name>.dead`` works at once).
+    Declaring a name again with the same exchange and topics is allowed; with others it
+    raises :class:`QueueException`::
 
         mailer = Queue('mailer')
         orders = Queue('orders', exchange='shop', topics=('order.created', 'order.paid'))
@@ -282,6 +314,7 @@ class Queue:
     name: str
     exchange: str
     topics: tuple[str, ...]
+    _automatic: bool
 
     def __init__(self, name: str, exchange: str = '', topics: Iterable[str] = ()) -> None:
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
@@ -297,7 +330,27 @@ class Queue:
         self.name = name
         self.exchange = exchange
         self.topics = topics
+        self._automatic = False
+        known = Queue._registry.get(name)
+        if known is not None and not known._automatic and (
+                (known.exchange, known.topics) != (exchange, topics)):
+            raise QueueException(
+                f'queue {name!r} is already declared with exchange={known.exchange!r}, '
+                f'topics={known.topics!r} (now exchange={exchange!r}, topics={topics!r}): '
+                f'declare a queue once, or with the same arguments everywhere')
         Queue._registry[name] = self
+        dead = f'{name}.dead'
+        if dead not in Queue._registry:
+            Queue._registry[dead] = Queue._dead_letter_of(name)
+
+    @classmethod
+    def _dead_letter_of(cls, name: str) -> Queue:
+        """The dead-letter queue of ``name``, not registered (and without one of its own):
+        a declaration of the same name by the user replaces it."""
+        queue = cls.__new__(cls)
+        queue.name, queue.exchange, queue.topics = f'{name}.dead', '', ()
+        queue._automatic = True
+        return queue
 
     def __repr__(self) -> str:
         return f'<Queue {self.name}>'
@@ -313,7 +366,7 @@ class Queue:
     @property
     def dead_letter(self) -> Queue:
         """The queue ``{name}.dead`` where messages that could not be handled end up."""
-        return Queue._registry.get(f'{self.name}.dead') or Queue(f'{self.name}.dead')
+        return Queue._registry.get(f'{self.name}.dead') or Queue._dead_letter_of(self.name)
 
     def serialize(self, data: Mapping[str, Any]) -> bytes:
         """A message as JSON bytes; queue messages are JSON objects."""
@@ -433,7 +486,8 @@ def load_stuff(source: str) -> tuple[Any, Any]:
                 raise SignalException(
                     f'{where}: signals[{index}] ({entry["name"]}): "providing_args" must be a '
                     f'list of names or an object of name: JSON type')
-            _declared_at(f'{where}: signals[{index}]', Signal, entry['name'], args)
+            _declared_at(f'{where}: signals[{index}]', Signal, entry['name'], args, None,
+                         entry.get('strict', False))
         for index, entry in enumerate(queues):
             _declared_at(f'{where}: queues[{index}]', Queue, entry['name'],
                          entry.get('exchange', ''), entry.get('topics', ()))
@@ -1196,6 +1250,10 @@ class AbstractSignalBus(abc.ABC):
             return
         problem = signal.check(payload)
         if problem:
+            if signal.strict:
+                self.log.error('Dropped signal %s from %s, which does not match its strict '
+                               'declaration: %s', name, sender, problem)
+                return
             self.log.warning('Signal %s from %s does not match its declaration: %s',
                              name, sender, problem)
         loop = asyncio.get_running_loop()
@@ -1343,8 +1401,17 @@ class BoundSignal:
         return f'<BoundSignal {self.signal.name} on {self.bus!r}>'
 
     def _prepare(self, sender: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+        """The channel and the body of a send: the checks every send (and a mock's) makes.
+
+        A payload that does not match the declaration is logged as a warning, or refused
+        with :class:`SerializingError` when the signal is strict.
+        """
         problem = self.signal.check(payload)
         if problem:
+            if self.signal.strict:
+                raise SerializingError(
+                    f'signal {self.signal.name!r} is strict and the payload does not match '
+                    f'its declaration: {problem}')
             self.bus.log.warning('Sending signal %s that does not match its declaration: %s',
                                  self.signal.name, problem)
         channel = self.signal.make_channel_name(self.bus.prefix, _check_sender(sender))

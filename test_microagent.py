@@ -1744,3 +1744,101 @@ def test_check_refuses_agent_names_used_twice(capsys: pytest.CaptureFixture[str]
     assert out.splitlines() == [
         f"error: agent name {name!r} is used twice ({EXAMPLES}, {EXAMPLES})"
         for name in ('user_agent', 'comment_agent', 'email_agent')]
+
+
+# =====================================================================================
+# Issue 15: the first hour of a new user
+# =====================================================================================
+
+# -- 7. declarations: conflicting re-declarations, dead-letter queues ------------------
+
+def test_identical_redeclaration_is_allowed_and_a_conflicting_one_refused(names: Any) -> None:
+    first = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    again = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    assert Signal.get(names.paid) in (first, again)
+    with pytest.raises(SignalException, match='already declared with other arguments'):
+        Signal(names.paid, ['x'])
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': str})
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': int}, strict=True)
+    assert Signal.get(names.paid).providing_args == ['order_id']  # not replaced
+
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    with pytest.raises(QueueException, match='already declared with exchange'):
+        Queue(names.orders)
+    assert Queue.get(names.orders).exchange == 'shop'
+
+
+def test_a_json_file_cannot_change_a_declared_signal(tmp_path: Path, names: Any) -> None:
+    path = write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": {{"order_id": "number"}}}}],
+          "queues": [{{"name": "{names.orders}"}}]}}''')
+    load_stuff(str(path))
+    load_stuff(str(path))  # loaded again by another module: the same declarations
+    Signal(names.paid, {'order_id': 'number'})
+    with pytest.raises(SignalException, match=r'other.json: signals\[0\]: .*already declared'):
+        load_stuff(str(write(tmp_path / 'other.json', f'''
+            {{"signals": [{{"name": "{names.paid}", "providing_args": ["x"]}}]}}''')))
+    assert Signal.get(names.paid).providing_args == ['order_id']
+
+
+async def test_dead_letter_queue_exists_as_soon_as_the_queue(names: Any, memory: Any) -> None:
+    Queue(names.jobs)
+    _, broker = memory
+    assert await getattr(broker, f'{names.jobs}.dead').length() == 0  # without .dead_letter
+    assert Queue.get(f'{names.jobs}.dead').name == f'{names.jobs}.dead'
+    before = set(Queue.get_all())
+    dead = Queue.get(names.jobs).dead_letter
+    assert dead.dead_letter.name == f'{names.jobs}.dead.dead'
+    assert set(Queue.get_all()) == before  # reading dead_letter declares nothing
+    Queue(f'{names.jobs}.dead', exchange='dlx')  # the user may declare it with options
+    assert Queue.get(names.jobs).dead_letter.exchange == 'dlx'
+
+
+# -- 8. strict typed signals -------------------------------------------------------------
+
+async def test_strict_signal_refuses_a_bad_send_and_drops_a_bad_receipt(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    strict = Signal(names.paid, {'order_id': 'number'}, strict=True)
+    soft = Signal(names.soft, {'order_id': 'number'})
+    got = Recorder()
+
+    class Billing(MicroAgent):
+        @receiver(strict, soft)
+        def paid(self, signal: Signal, sender: str, **payload: Any) -> None:
+            got(signal=signal.name, **payload)
+
+    bus, _ = memory
+    agent = Billing(bus=bus)
+    await agent.start()
+    try:
+        for bad in ({'order_idd': 1}, {}, {'order_id': 'one'}):
+            with pytest.raises(SerializingError, match='strict'):
+                await getattr(bus, names.paid).send('shop', **bad)
+        with caplog.at_level(logging.WARNING, logger='microagent'):
+            await getattr(bus, names.soft).send('shop', order_idd=1)  # the 1.x soft check
+            await bus.send(f'PUBSUB:{names.paid}:shop', b'{"order_idd": 2}')  # a 1.x peer
+            await getattr(bus, names.paid).send('shop', order_id=3)
+            await got.wait(2)
+    finally:
+        await agent.stop()
+    assert got.calls == [{'signal': names.soft, 'order_idd': 1},
+                         {'signal': names.paid, 'order_id': 3}]
+    dropped = [r for r in caplog.records if 'Dropped signal' in r.getMessage()]
+    assert [r.levelno for r in dropped] == [logging.ERROR]
+    assert 'unexpected order_idd' in dropped[0].getMessage()
+    assert any(r.levelno == logging.WARNING and names.soft in r.getMessage()
+               for r in caplog.records)
+
+
+def test_strict_in_a_json_file(tmp_path: Path, names: Any) -> None:
+    signals, _ = load_stuff(str(write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": ["order_id"],
+                        "strict": true}},
+                       {{"name": "{names.soft}", "providing_args": ["order_id"]}}]}}''')))
+    assert getattr(signals, names.paid).strict and not getattr(signals, names.soft).strict
+    with pytest.raises(SignalException, match='strict must be true or false'):
+        load_stuff(str(write(tmp_path / 'bad.json', f'''
+            {{"signals": [{{"name": "{names.other}", "strict": "yes"}}]}}''')))
