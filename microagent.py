@@ -2139,13 +2139,27 @@ def _strict_mock(spec: type, name: str) -> mock.MagicMock:
     return mock.MagicMock(spec=spec, name=name)
 
 
+def _checking(check: Callable[..., Any]) -> Callable[..., Any]:
+    """A mock's ``side_effect`` that makes the checks of the real method (raising what it
+    raises) and then lets the mock answer its ``return_value``."""
+    from unittest import mock
+
+    def side_effect(*args: Any, **kwargs: Any) -> Any:
+        check(*args, **kwargs)
+        return mock.DEFAULT
+    return side_effect
+
+
 class BusMock(AbstractSignalBus):
     """A signal bus for tests, built on ``unittest.mock``.
 
     ``bus.<signal>`` is a mock of :class:`BoundSignal` whose ``send``, ``call`` and
     ``waiter`` record their calls (``call`` answers ``{}``): assert on them with
-    ``agent.bus.user_created.send.assert_called_once_with('me', user_id=1)``. A signal
-    that is not declared raises :class:`SignalNotFound`, as on a real bus.
+    ``agent.bus.user_created.send.assert_called_once_with('me', user_id=1)``. They check
+    and serialize exactly as a real bus does: a signal that is not declared raises
+    :class:`SignalNotFound`, a payload that is not JSON or does not match a strict
+    signal raises :class:`SerializingError`, one that does not match a typed signal is
+    logged as the same warning. Nothing is delivered: no receiver runs.
     """
 
     def __init__(self, dsn: str = 'mock://', prefix: str = 'PUBSUB',
@@ -2170,6 +2184,17 @@ class BusMock(AbstractSignalBus):
         if bound is None:
             bound = self._signal_mocks[name] = _strict_mock(BoundSignal, f'bus.{name}')
             bound.signal, bound.bus = signal, self
+            real = BoundSignal(self, signal)
+
+            def check_send(sender: str, **kwargs: Any) -> None:
+                real._prepare(sender, kwargs)
+
+            def check_call(sender: str, timeout: float = 60, **kwargs: Any) -> None:
+                real._prepare(sender, kwargs)
+
+            bound.send.side_effect = _checking(check_send)
+            bound.call.side_effect = _checking(check_call)
+            bound.waiter.side_effect = _checking(check_call)
             bound.call.return_value = {}
         return bound
 
@@ -2177,9 +2202,12 @@ class BusMock(AbstractSignalBus):
 class BrokerMock(AbstractQueueBroker):
     """A queue broker for tests, built on ``unittest.mock``.
 
-    ``broker.<queue>`` is a mock of :class:`BoundQueue` whose ``send`` and ``length``
-    record their calls (``length`` answers 0): ``agent.broker.mailer.send.assert_called()``.
-    A queue that is not declared raises :class:`QueueNotFound`, as on a real broker.
+    ``broker.<queue>`` is a mock of :class:`BoundQueue` whose ``send``, ``send_many`` and
+    ``length`` record their calls (``length`` answers 0):
+    ``agent.broker.mailer.send.assert_called()``. They check and serialize exactly as a
+    real broker does: a queue that is not declared raises :class:`QueueNotFound`, a
+    message that is not a dict of JSON values raises :class:`SerializingError`. Nothing
+    is stored: no consumer runs.
     """
 
     def __init__(self, dsn: str = 'mock://', log: logging.Logger | None = None) -> None:
@@ -2209,6 +2237,16 @@ class BrokerMock(AbstractQueueBroker):
         if bound is None:
             bound = self._queue_mocks[name] = _strict_mock(BoundQueue, f'broker.{name}')
             bound.queue, bound.broker = queue, self
+
+            def check_send(message: Mapping[str, Any], **options: Any) -> None:
+                queue.serialize(message)
+
+            def check_send_many(messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+                for message in messages:
+                    queue.serialize(message)
+
+            bound.send.side_effect = _checking(check_send)
+            bound.send_many.side_effect = _checking(check_send_many)
             bound.length.return_value = 0
         return bound
 

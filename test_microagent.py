@@ -1842,3 +1842,66 @@ def test_strict_in_a_json_file(tmp_path: Path, names: Any) -> None:
     with pytest.raises(SignalException, match='strict must be true or false'):
         load_stuff(str(write(tmp_path / 'bad.json', f'''
             {{"signals": [{{"name": "{names.other}", "strict": "yes"}}]}}''')))
+
+
+# -- 4. mocks check and serialize as the real bound objects do --------------------------
+
+async def outcome(send: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
+    """What awaiting ``send()`` gives: the exception (type and text) or None, and the
+    messages logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='microagent'):
+        try:
+            await send()
+        except Exception as exc:
+            return (type(exc), str(exc)), [r.getMessage() for r in caplog.records]
+    return None, [r.getMessage() for r in caplog.records]
+
+
+async def test_mocks_refuse_and_warn_exactly_as_the_real_bus_and_broker(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    Signal(names.paid, {'order_id': 'number'})
+    Signal(names.strict, {'order_id': 'number'}, strict=True)
+    Queue(names.orders)
+    real_bus, real_broker = memory
+    bus_mock, broker_mock = BusMock(), BrokerMock()
+    cases: list[Any] = [
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id='one'),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1, at=object()),
+        lambda bus, broker: getattr(bus, names.paid).send('', order_id=1),
+        lambda bus, broker: getattr(bus, names.strict).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.strict).call('shop', timeout=0.01),
+        lambda bus, broker: getattr(bus, names.paid).call('sh#op', timeout=0.01, order_id=1),
+        lambda bus, broker: getattr(broker, names.orders).send(['a']),
+        lambda bus, broker: getattr(broker, names.orders).send({'at': object()}),
+        lambda bus, broker: getattr(broker, names.orders).send({'order_id': 1}),
+        lambda bus, broker: getattr(broker, names.orders).send_many([{'n': 1}, 'b']),
+    ]
+    for case in cases:
+        real = await outcome(lambda case=case: case(real_bus, real_broker), caplog)
+        mocked = await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+        assert mocked == real
+    refused = [await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+               for case in cases]
+    assert sum(result is not None for result, _ in refused) == 8
+    assert sum(bool(logged) for _, logged in refused) == 3  # the soft typed-signal warnings
+
+
+async def test_mocks_still_record_and_answer_what_the_test_sets(names: Any) -> None:
+    Signal(names.rpc, ['n'])
+    Queue(names.orders)
+    bus, broker = BusMock(), BrokerMock()
+    assert await getattr(bus, names.rpc).call('me', n=1) == {}
+    getattr(bus, names.rpc).call.return_value = {'A.count': 3}
+    assert await getattr(bus, names.rpc).call('me', timeout=1, n=1) == {'A.count': 3}
+    getattr(bus, names.rpc).call.assert_awaited_with('me', timeout=1, n=1)
+    async with getattr(bus, names.rpc).waiter('me', n=2):
+        pass
+    getattr(bus, names.rpc).waiter.assert_called_once_with('me', n=2)
+    await getattr(broker, names.orders).send_many([{'n': 1}])
+    getattr(broker, names.orders).send_many.assert_awaited_once_with([{'n': 1}])
+    with pytest.raises(SerializingError):
+        await getattr(broker, names.orders).send(['a'])
+    getattr(broker, names.orders).send.assert_awaited_once_with(['a'])
