@@ -649,12 +649,21 @@ CRON_ALIASES = frozenset({'@yearly', '@annually', '@monthly', '@weekly', '@daily
                           '@midnight', '@hourly'})
 
 
-def _import_croniter() -> Any:
+def optional_dependency(module: str, needed_for: str) -> Any:
+    """Import a dependency that only some features of the core need (``croniter``,
+    ``graphviz``), or raise an ImportError that says what to install."""
     try:
-        import croniter
-    except ImportError:  # pragma: no cover - depends on the installation
-        raise ImportError('@cron needs croniter: pip install croniter') from None
-    return croniter.croniter
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f'{needed_for} needs the {module} package: pip install {module}'
+                          ) from None
+
+
+def _import_croniter() -> Any:
+    return optional_dependency('croniter', '@cron').croniter
+
+
+GRAPHVIZ_NEEDED_FOR = 'drawing the graph as dot, svg or png (mermaid and json need nothing)'
 
 
 def _timezone(tz: str | None) -> Any:
@@ -2261,6 +2270,7 @@ SENT_KINDS = ('sends', 'calls', 'produces')
 EDGE_KINDS = ('receives', 'consumes', 'sends', 'calls', 'produces')
 GRAPH_FORMATS = ('dot', 'mermaid', 'json', 'svg', 'png')
 RENDERED_FORMATS = ('svg', 'png')
+BINARY_FORMATS = ('png',)
 
 # What a call on ``self.bus.X`` / ``self.broker.X`` means for the graph.
 _BUS_CALLS = {'send': 'sends', 'call': 'calls', 'waiter': 'calls'}
@@ -2577,10 +2587,9 @@ class Topology(msgspec.Struct, frozen=True):
                       for e in self.edges],
         }
 
-    def to_json(self) -> bytes:
-        """The graph as indented UTF-8 JSON ending with a newline."""
-        import msgspec
-        return msgspec.json.format(encode_json(self.as_dict()), indent=2) + b'\n'
+    def to_json(self) -> str:
+        """The graph as indented JSON text ending with a newline."""
+        return msgspec.json.format(encode_json(self.as_dict()), indent=2).decode() + '\n'
 
     def to_dot(self) -> Any:
         """The graph as a ``graphviz.Digraph`` (its ``.source`` is the DOT text)."""
@@ -2595,7 +2604,7 @@ class Topology(msgspec.Struct, frozen=True):
         :class:`GraphRenderError` when ``dot`` is not installed or fails."""
         if fmt not in RENDERED_FORMATS:
             raise ValueError(f'render() draws {" or ".join(RENDERED_FORMATS)}, not {fmt!r}')
-        import graphviz
+        graphviz = optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
         try:
             data: bytes = self.to_dot().pipe(format=fmt)
         except graphviz.ExecutableNotFound:
@@ -2610,7 +2619,7 @@ class Topology(msgspec.Struct, frozen=True):
     def export(self, fmt: str) -> bytes:
         """The graph in one of ``GRAPH_FORMATS``, as bytes (text is UTF-8)."""
         if fmt == 'json':
-            return self.to_json()
+            return self.to_json().encode()
         if fmt == 'dot':
             return str(self.to_dot().source).encode()
         if fmt == 'mermaid':
@@ -2733,29 +2742,17 @@ def _agent_label(agent: AgentNode) -> str:
 
 
 def _dot_legend(graph: Any) -> None:
-    """A cluster showing the three node shapes and the five edge styles."""
+    """A small cluster showing the three node shapes; the edges carry their own labels."""
     with graph.subgraph(name='cluster_legend') as legend:
-        legend.attr(label='Legend', style='rounded', color='#94a3b8', fontsize='10')
+        legend.attr(label='Legend', style='rounded', color='#cbd5e1', fontsize='8',
+                    fontcolor='#64748b', margin='4', rank='same')
         for kind in ('agent', 'signal', 'queue'):
-            legend.node(f'legend_{kind}', label=kind, fontsize='10', **_NODE_STYLES[kind])
-        legend.edge('legend_agent', 'legend_signal', style='invis')
-        legend.edge('legend_signal', 'legend_queue', style='invis')
-        kinds = ''.join(f'<TR><TD ALIGN="RIGHT" PORT="{kind}">{kind}</TD></TR>'
-                        for kind in EDGE_KINDS)
-        ends = ''.join(f'<TR><TD PORT="{kind}"> </TD></TR>' for kind in EDGE_KINDS)
-        table = '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="4">{}</TABLE>>'
-        legend.node('legend_edge_kinds', label=table.format(kinds), shape='plaintext',
-                    fontsize='10')
-        legend.node('legend_edge_ends', label=table.format(ends), shape='plaintext',
-                    fontsize='10')
-        for kind in EDGE_KINDS:
-            legend.edge(f'legend_edge_kinds:{kind}:e', f'legend_edge_ends:{kind}:w',
-                        **_EDGE_STYLES[kind])
+            legend.node(f'legend_{kind}', label=kind, fontsize='8', height='0.2',
+                        width='0.5', margin='0.04,0.02', **_NODE_STYLES[kind])
 
 
 def _dot_graph(topology: Topology) -> Any:
-    import graphviz
-
+    graphviz = optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
     ids = _node_ids(topology)
     graph = graphviz.Digraph('topology', comment='microagent topology')
     graph.attr(rankdir='LR', bgcolor='white', fontname=_FONT, nodesep='0.3', ranksep='0.8')
@@ -2768,7 +2765,9 @@ def _dot_graph(topology: Topology) -> Any:
         for name in names:
             graph.node(ids[f'{kind}:{name}'], label=f'<{_html(name)}>', **_NODE_STYLES[kind])
     for edge in topology.edges:
-        graph.edge(ids[edge.source], ids[edge.target], **_EDGE_STYLES[edge.kind])
+        style = _EDGE_STYLES[edge.kind]
+        graph.edge(ids[edge.source], ids[edge.target], label=edge.kind,
+                   fontcolor=style['color'], **style)
     _dot_legend(graph)
     return graph
 
@@ -2820,7 +2819,12 @@ def _mermaid(topology: Topology) -> str:
 def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -> int:
     """``marun --graph FORMAT [-o FILE] MODULE...``: write the graph of the settings
     modules to FILE or standard output. Returns the exit status: 0, 2 when a settings
-    module cannot be used, 1 when drawing fails."""
+    module cannot be used (or a binary format would go to a terminal), 1 when drawing
+    fails."""
+    if fmt in BINARY_FORMATS and not output and sys.stdout.isatty():
+        print(f'marun: error: --graph {fmt} is binary and standard output is a terminal: '
+              f'write it to a file with -o FILE (or redirect the output)', file=sys.stderr)
+        return 2
     try:
         # What a settings module prints or logs while imported must not mix with a
         # graph written to standard output.
@@ -2829,7 +2833,7 @@ def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -
     except (SettingsError, ValueError, TypeError) as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 2
-    except GraphRenderError as exc:
+    except (GraphRenderError, ImportError) as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 1
     if output:

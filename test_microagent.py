@@ -1284,7 +1284,7 @@ EXAMPLES_GRAPH = {
 def test_examples_graph_is_exactly_the_expected_json() -> None:
     data = build_graph(EXAMPLES).to_json()
     assert json.loads(data) == EXAMPLES_GRAPH
-    assert data.endswith(b'}\n')
+    assert data.endswith('}\n')
 
 
 def test_examples_check_finds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1500,23 +1500,25 @@ def test_dot_accepts_the_dot_output(modules: list[str]) -> None:
     texts = svg_texts(run_dot(source))
     for name in (*topology.signals, *topology.queues, *(a.name for a in topology.agents)):
         assert name in texts
-    for kind in ('agent', 'signal', 'queue', 'receives', 'consumes', 'sends', 'calls',
-                 'produces'):
+    for kind in ('agent', 'signal', 'queue'):
         assert kind in texts  # the legend
+    for edge in topology.edges:
+        assert edge.kind in texts  # the edges' labels
 
 
 def test_dot_has_three_node_shapes_and_five_edge_styles() -> None:
     source = build_graph(EXAMPLES).export('dot').decode()
-    shapes = {node: shape for node, shape in re.findall(r'^\t(\w+) \[.*shape=(\w+)', source,
+    shapes = {node: shape for node, shape in re.findall(r'^\t+(\w+) \[.*shape=(\w+)', source,
                                                       re.MULTILINE)}
     assert {shapes['agent_user_agent'], shapes['signal_user_created'],
             shapes['queue_mailer']} == {'box', 'ellipse', 'cylinder'}
+    assert {shapes['legend_agent'], shapes['legend_signal'],
+            shapes['legend_queue']} == {'box', 'ellipse', 'cylinder'}
     styles = {(m.group(1), m.group(2)) for m in re.finditer(
-        r'^\t\tlegend_edge_kinds:(\w+):e -> legend_edge_ends:\w+:w \[(.*)\]$', source,
-        re.MULTILINE)}
+        r'^\t\w+ -> \w+ \[label=(\w+) (.*)\]$', source, re.MULTILINE)}
     assert {kind for kind, _ in styles} == {'receives', 'consumes', 'sends', 'calls',
                                            'produces'}
-    assert len({style for _, style in styles}) == 5
+    assert len({style for _, style in styles}) == 5  # one style per kind
     assert 'periodic post_comment (every 2 s)' in source
 
 
@@ -1665,7 +1667,7 @@ def test_graph_command_writes_to_stdout_only_the_graph(
         capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     assert graph_command([EXAMPLES, NAMES], 'json', None) == 0
     out, _ = capsysbinary.readouterr()
-    assert out == build_graph(EXAMPLES, NAMES).to_json()
+    assert out == build_graph(EXAMPLES, NAMES).to_json().encode()
 
 
 def test_graph_command_reports_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1905,3 +1907,74 @@ async def test_mocks_still_record_and_answer_what_the_test_sets(names: Any) -> N
     with pytest.raises(SerializingError):
         await getattr(broker, names.orders).send(['a'])
     getattr(broker, names.orders).send.assert_awaited_once_with(['a'])
+
+
+# -- 6. graph tooling ----------------------------------------------------------------------
+
+def test_missing_graphviz_and_croniter_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, 'graphviz', None)  # as if not installed
+    monkeypatch.setitem(sys.modules, 'croniter', None)
+    with pytest.raises(ImportError, match=r'needs the graphviz package: pip install graphviz'):
+        build_graph(EXAMPLES).to_dot()
+    assert graph_command([EXAMPLES], 'svg', None) == 1
+    assert capsys.readouterr().err.startswith(
+        'marun: error: drawing the graph as dot, svg or png (mermaid and json need nothing) '
+        'needs the graphviz package: pip install graphviz')
+    assert graph_command([EXAMPLES], 'mermaid', None) == 0
+    with pytest.raises(ImportError, match=r'^@cron needs the croniter package: pip install '
+                                          r'croniter$'):
+        cron('* * * * *')
+
+
+def test_text_formats_are_str() -> None:
+    topology = build_graph(EXAMPLES)
+    assert isinstance(topology.to_json(), str) and isinstance(topology.to_mermaid(), str)
+    assert topology.export('json') == topology.to_json().encode()
+
+
+@needs_dot
+def test_png_is_not_written_to_a_terminal(tmp_path: Path) -> None:
+    import pty
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+             EXAMPLES], cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, timeout=60,
+            env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 2
+    assert done.stderr.decode() == (
+        'marun: error: --graph png is binary and standard output is a terminal: write it to '
+        'a file with -o FILE (or redirect the output)\n')
+    piped = subprocess.run(
+        [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+         EXAMPLES], cwd=ROOT, capture_output=True, timeout=60,
+        env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    assert piped.returncode == 0 and piped.stdout.startswith(b'\x89PNG')
+
+
+def svg_box(element: ET.Element) -> tuple[float, float]:
+    """Width and height of the points of an SVG element's polygons and paths."""
+    numbers = [float(n) for shape in element.iter()
+               if shape.tag in (f'{SVG}polygon', f'{SVG}path')
+               for n in re.findall(r'-?\d+(?:\.\d+)?', shape.get('points') or shape.get('d') or '')]
+    xs, ys = numbers[0::2], numbers[1::2]
+    return max(xs) - min(xs), max(ys) - min(ys)
+
+
+@needs_dot
+def test_svg_edges_are_labelled_and_the_legend_is_small() -> None:
+    topology = build_graph(EXAMPLES)
+    root = ET.fromstring(topology.render('svg'))
+    groups = {''.join(g.find(f'{SVG}title').itertext()): g  # type: ignore[union-attr]
+              for g in root.iter(f'{SVG}g') if g.find(f'{SVG}title') is not None}
+    edges = [g for g in groups.values() if g.get('class') == 'edge']
+    assert len(edges) == len(topology.edges)
+    labels = sorted(''.join(t.itertext()) for g in edges for t in g.iter(f'{SVG}text'))
+    assert labels == sorted(edge.kind for edge in topology.edges)
+    legend_width, legend_height = svg_box(groups['cluster_legend'])
+    graph_width, graph_height = svg_box(groups['topology'])
+    assert legend_width * legend_height < 0.05 * graph_width * graph_height
