@@ -6,8 +6,9 @@ binds them to a bus (pub/sub events and RPC) and a broker (durable work queues) 
 starts. ``marun`` launches a group of agents, each in its own process.
 
 This module is the whole core and can be vendored as one file (it needs ``msgspec``;
-``croniter`` for ``@cron`` and ``graphviz`` for diagrams are imported where used). The
-Redis, RabbitMQ and Kafka backends live in ``microagent_backends``.
+``croniter`` for ``@cron`` and ``graphviz`` for diagrams are imported where used);
+``python -m microagent SETTINGS`` then does what ``marun SETTINGS`` does. The Redis,
+RabbitMQ and Kafka backends live in ``microagent_backends``.
 
 Sections, in the order data flows: declarations, decorators, agent, bus, broker,
 timers, memory backends, mocks, graph, launcher.
@@ -3308,10 +3309,25 @@ def main(argv: list[str] | None = None) -> int:
     return AgentsManager(configs, grace=args.grace, modules=args.modules).start()
 
 
+def _importing_the_main_module_of_a_child() -> bool:
+    """True while a process that ``marun`` spawned imports the parent's main module (a
+    wrapper script that calls :func:`run` without an ``if __name__ == '__main__'``
+    guard): then there is nothing to run, the child runs its agents afterwards."""
+    import multiprocessing
+    return bool(getattr(multiprocessing.current_process(), '_inheriting', False))
+
+
 def run() -> None:
-    """Console entry point of ``marun``."""
+    """Console entry point of ``marun``; ``python -m microagent`` and a script calling
+    ``microagent.run()`` (with or without a ``__main__`` guard) work the same."""
+    if _importing_the_main_module_of_a_child():
+        return
     sys.exit(main())
 
 
-if __name__ == '__main__':  # pragma: no cover
-    run()
+if __name__ == '__main__':  # pragma: no cover - tested through python -m microagent
+    # ``python -m microagent`` runs this file as ``__main__``; the agents of the settings
+    # import it again as ``microagent``. Run that module, so that the launcher and the
+    # agents share one MicroAgent class (and the processes it spawns find ``run_group``).
+    import microagent
+    microagent.run()

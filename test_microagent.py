@@ -1978,3 +1978,49 @@ def test_svg_edges_are_labelled_and_the_legend_is_small() -> None:
     legend_width, legend_height = svg_box(groups['cluster_legend'])
     graph_width, graph_height = svg_box(groups['topology'])
     assert legend_width * legend_height < 0.05 * graph_width * graph_height
+
+
+# -- 5. vendoring: python -m microagent, a wrapper script ---------------------------------
+
+VENDORED_APP = '''
+import asyncio
+import microagent
+from microagent import MicroAgent, ServerInterrupt, on
+
+class Quick(MicroAgent):
+    @on('server')
+    async def serve(self):
+        self.log.info('QUICK ran with %s', microagent.__file__)
+        await asyncio.sleep(0.1)
+        raise ServerInterrupt('done')
+'''
+
+
+@pytest.fixture
+def vendored(tmp_path: Path) -> Path:
+    """A project with a copy of microagent.py, an agent and its settings."""
+    shutil.copy(ROOT / 'microagent.py', tmp_path / 'microagent.py')
+    (tmp_path / 'app.py').write_text(VENDORED_APP)
+    (tmp_path / 'settings.py').write_text("AGENT = {'quick': {'backend': 'app.Quick'}}\n")
+    (tmp_path / 'run.py').write_text('import microagent\nmicroagent.run()\n')  # no guard
+    return tmp_path
+
+
+@pytest.mark.parametrize('command', [['-m', 'microagent'], ['run.py']])
+def test_vendored_copy_runs_like_marun(vendored: Path, command: list[str]) -> None:
+    env = {key: value for key, value in os.environ.items() if key != 'PYTHONPATH'}
+    done = subprocess.run([sys.executable, *command, 'settings'], cwd=vendored, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f'QUICK ran with {vendored / "microagent.py"}' in out
+    assert 'AgentsManager: quick ended (exit 0)' in out
+    assert 'Traceback' not in out and 'not a MicroAgent subclass' not in out
+
+
+def test_vendored_copy_draws_the_graph(vendored: Path) -> None:
+    done = subprocess.run([sys.executable, '-m', 'microagent', '--graph', 'json', 'settings'],
+                          cwd=vendored, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)['agents'][0]['class'] == 'app.Quick'
