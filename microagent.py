@@ -1150,6 +1150,37 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def apply_settings(target: object, settings: Mapping[str, Any], arguments: Iterable[str]
+                   ) -> None:
+    """Set on ``target`` the upper-case settings given as keyword arguments (its class
+    attributes, such as ``ROLLBACK_ATTEMPTS``); any other keyword raises a TypeError that
+    lists what the class takes, and the closest name when the keyword looks misspelt."""
+    cls = type(target)
+    for key, value in settings.items():
+        if key not in _settings_of(cls):
+            raise TypeError(_unknown_keyword(cls, key, list(arguments)))
+        setattr(target, key, value)
+
+
+# Upper-case class attributes that define a backend rather than configure it.
+_DEFINITIONS = frozenset({'CONSUMER_OPTIONS', 'RAW_MESSAGE_ARG'})
+
+
+def _settings_of(cls: type) -> list[str]:
+    return sorted(name for name in dir(cls)
+                  if name.isupper() and name[0] != '_' and name not in _DEFINITIONS)
+
+
+def _unknown_keyword(cls: type, key: str, arguments: list[str]) -> str:
+    import difflib
+    settable = _settings_of(cls)
+    names = {name.lower(): name for name in (*arguments, *settable)}
+    close = difflib.get_close_matches(key.lower(), list(names), n=1)
+    hint = f' (did you mean {names[close[0]]!r}?)' if close else ''
+    return (f'{cls.__name__} got an unknown keyword {key!r}{hint}; it takes '
+            f'{", ".join(arguments)} and the settings {", ".join(settable)}')
+
+
 class AbstractSignalBus(abc.ABC):
     """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
 
@@ -1161,12 +1192,16 @@ class AbstractSignalBus(abc.ABC):
     Every declared signal is an attribute: ``await bus.user_created.send('me', user_id=1)``.
     Channels are ``{prefix}:{signal}:{sender}``; an RPC request adds ``#{request_id}``
     and the answers come back on ``{prefix}:response:{responder_uid}#{request_id}``.
+
+    Upper-case class attributes (a backend's ``CONNECT_TIMEOUT``...) can be set per bus
+    as keyword arguments; any other unknown keyword raises a TypeError at once.
     """
 
     RESPONSE_TIMEOUT: ClassVar[float] = 60
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
-                 *, logger: logging.Logger | None = None) -> None:
+                 *, logger: logging.Logger | None = None, **settings: Any) -> None:
+        apply_settings(self, settings, ('dsn', 'prefix', 'log'))
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '#*?[]'):
             raise SignalException(f'bus prefix must be a non-empty string without #*?[], '
                                   f'not {prefix!r}')
@@ -1752,12 +1787,7 @@ class AbstractQueueBroker(abc.ABC):
         self.dsn = dsn
         self.log = log or logger or logging.getLogger('microagent.broker')
         self.pools: dict[str, ConsumerPool] = {}
-        for key, value in attributes.items():
-            if not key.isupper() or not hasattr(type(self), key):
-                settable = sorted(k for k in dir(type(self)) if k.isupper() and k[0] != '_')
-                raise TypeError(f'{type(self).__name__} has no setting {key!r}; '
-                                f'settable: {", ".join(settable)}')
-            setattr(self, key, value)
+        apply_settings(self, attributes, ('dsn', 'log'))
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
@@ -1979,7 +2009,8 @@ class CronTask(_Timer):
 
 def _memory_name(dsn: str) -> str:
     if not isinstance(dsn, str) or not dsn.startswith('memory://'):
-        raise ValueError(f'a memory backend DSN is memory://NAME, not {dsn!r}')
+        shown = redact_dsn(dsn) if isinstance(dsn, str) else dsn
+        raise ValueError(f'a memory backend needs a memory://NAME DSN, not {shown!r}')
     return dsn[len('memory://'):] or 'default'
 
 
@@ -3080,6 +3111,31 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
     yield from configs
 
 
+def check_transports(module_path: str) -> None:
+    """Construct each BUS and BROKER entry of a settings module that an agent uses, as
+    its process will (construction connects to nothing), so that an unknown keyword, a
+    DSN of the wrong scheme or a missing client library is a :class:`SettingsError`
+    naming the entry before any process starts. Call after :func:`load_configuration`."""
+    module = importlib.import_module(module_path)
+    agents = _section(module_path, module, 'AGENT')
+    for key, kind in (('bus', AbstractSignalBus), ('broker', AbstractQueueBroker)):
+        used = {entry.get(key) for entry in agents.values()}
+        for name, entry in _section(module_path, module, key.upper()).items():
+            if name not in used:
+                continue
+            params = dict(entry)
+            backend = params.pop('backend')
+            where = f'{module_path}: {key.upper()}[{name!r}]'
+            try:
+                transport = import_backend(backend)(**params)
+            except Exception as exc:
+                raise SettingsError(f'{where}: {exc}') from None
+            if not isinstance(transport, kind):
+                what = 'signal bus' if key == 'bus' else 'queue broker'
+                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
+                                    f'({kind.__name__} subclass)')
+
+
 def _needs(cls: type[MicroAgent]) -> list[str]:
     kinds = {type(d) for ds in cls.declarations.values() for d in ds}
     return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
@@ -3126,11 +3182,23 @@ def group_agents(configs: list[tuple[str, BackendConfig]]) -> list[list[str]]:
     return [names for _, names in groups]
 
 
+# Loggers of the client libraries (and asyncio) that ``marun`` keeps at WARNING unless
+# the settings give them a level: their INFO lines (a dozen per Kafka consumer start, two
+# per subscription change) are noise in an agent's log.
+QUIET_LOGGERS = ('aiokafka', 'aiormq', 'pamqp', 'redis', 'asyncio')
+
+
 def _configure_logging() -> None:
+    """The logging of ``marun``: INFO to standard output unless the root logger has
+    handlers already; the :data:`QUIET_LOGGERS` at WARNING unless configured."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, stream=sys.stdout,
             format='%(asctime)s %(levelname)-7s [pid#%(process)d] %(name)s: %(message)s')
+    for name in QUIET_LOGGERS:
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
 
 
 def run_group(modules: list[str], names: list[str], grace: float) -> None:
@@ -3166,6 +3234,10 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
             run_log.info('AgentProc[%s]: started on pid#%d', name, os.getpid())
         waits = [loop.create_task(agent.wait()) for agent in agents]
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except ConnectionError as exc:  # a server is unreachable: the message says which
+        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        failed = True
+        waits = []
     except Exception:
         run_log.exception('AgentProc[%s]: failed to start', label)
         failed = True
@@ -3299,6 +3371,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]
+        for module in args.modules:
+            check_transports(module)
     except SettingsError as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 import random
 import re
@@ -37,8 +38,6 @@ from microagent import (
 )
 
 if TYPE_CHECKING:
-    import logging
-
     from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
     from pamqp.commands import Queue as QueueMethods
     from pamqp.common import FieldTable
@@ -70,6 +69,30 @@ def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
     while True:
         yield delay * random.uniform(0.8, 1.2)
         delay = min(delay * 2, cap)
+
+
+class _ConnectionAttemptLog(logging.Filter):
+    """Lowers the level of a client library's report of one failed connection attempt
+    (a transient condition, retried): without it every attempt would be an ERROR line of
+    the library. A record lowered below what its logger shows is dropped."""
+
+    def __init__(self, level: int, messages: Iterable[str]) -> None:
+        super().__init__()
+        self.level = level
+        self.messages = frozenset(messages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.messages or record.levelno <= self.level:
+            return True
+        record.levelno, record.levelname = self.level, logging.getLevelName(self.level)
+        return logging.getLogger(record.name).isEnabledFor(self.level)
+
+
+def lower_connection_attempt_logs(logger: str, level: int, *messages: str) -> None:
+    """Log these message templates of a library's logger at ``level`` (installed once)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _ConnectionAttemptLog) for f in log.filters):
+        log.addFilter(_ConnectionAttemptLog(level, messages))
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -169,6 +192,14 @@ def _unreachable(dsn: str, error: BaseException) -> ConnectionError:
     return ConnectionError(f'Redis at {redact_dsn(dsn)} is unreachable: {error}')
 
 
+def _check_redis_dsn(backend: str, dsn: str) -> None:
+    """Refuse, at construction, a DSN that is not for Redis (``amqp://...``)."""
+    if not isinstance(dsn, str) or urllib.parse.urlsplit(dsn).scheme not in (
+            'redis', 'rediss', 'unix'):
+        shown = redact_dsn(dsn) if isinstance(dsn, str) else dsn
+        raise ValueError(f'{backend} needs a redis://, rediss:// or unix:// DSN, not {shown!r}')
+
+
 
 # =====================================================================================
 # Redis signal bus
@@ -193,6 +224,7 @@ class RedisSignalBus(AbstractSignalBus):
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  **kwargs: Any) -> None:
         super().__init__(dsn, prefix, log, **kwargs)
+        _check_redis_dsn(type(self).__name__, dsn)
         self._errors = _redis_errors()
         self._publisher: Redis | None = None
         self._subscriber: Redis | None = None
@@ -456,6 +488,7 @@ class RedisBroker(AbstractQueueBroker):
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
+        _check_redis_dsn(type(self).__name__, dsn)
         self._errors = _redis_errors()
         self._token = uuid.uuid4().hex[:16]
         self._fetches = 0  # fetches so far: with the token and a position, the ids
@@ -858,6 +891,9 @@ class AMQPBroker(AbstractQueueBroker):
                              f'not {redact_dsn(dsn)!r}')
         self._errors = _aiormq_errors()
         self._properties = require('aiormq', 'amqp').spec.Basic.Properties
+        # A failed connection attempt is reported by this broker itself (at WARNING).
+        lower_connection_attempt_logs('aiormq.connection', logging.DEBUG,
+                                      'error when creating transport: %r')
         self.connection_name = _connection_name(dsn)
         self._consumptions: dict[str, _Consumption] = {}
         self._reset()
@@ -1691,6 +1727,10 @@ class KafkaBroker(AbstractQueueBroker):
         super().__init__(dsn, log, **kwargs)
         self.servers = _bootstrap_servers(dsn)
         aiokafka = _aiokafka()
+        # aiokafka retries a failed connection by itself: a warning per attempt, not an error.
+        lower_connection_attempt_logs(
+            'aiokafka', logging.WARNING, 'Unable connect to "%s:%s": %s',
+            'Unable connect to node with id %s: %s', 'Unable to update metadata from %s')
         self._errors: tuple[type[BaseException], ...] = (
             aiokafka.errors.KafkaError, OSError, asyncio.TimeoutError)
         self._producer: Any = None

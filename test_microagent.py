@@ -311,7 +311,8 @@ def test_agent_class_refuses_two_consumers_of_one_queue(names: Any) -> None:
 def test_bus_and_broker_can_be_made_outside_an_event_loop() -> None:
     assert MemorySignalBus('memory://lazy').prefix == 'PUBSUB'
     assert MemoryBroker('memory://lazy').pools == {}
-    with pytest.raises(TypeError, match='no setting'):
+    with pytest.raises(TypeError, match="unknown keyword 'rollback_attempts' "
+                                        r"\(did you mean 'ROLLBACK_ATTEMPTS'\?\)"):
         MemoryBroker('memory://lazy', rollback_attempts=1)
     with pytest.raises(ValueError, match='memory://NAME'):
         MemoryBroker('redis://localhost')
@@ -2024,3 +2025,78 @@ def test_vendored_copy_draws_the_graph(vendored: Path) -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)['agents'][0]['class'] == 'app.Quick'
+
+
+# -- 3. settings mistakes are one-line errors before any process starts -------------------
+
+def run_marun(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(('section', 'entry', 'error'), [
+    ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
+     "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
+     "it takes dsn, prefix, log and the settings RESPONSE_TIMEOUT"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
+                'ROLLBACK_ATTEMPT': 5},
+     "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
+     "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
+     "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
+    ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
+     "BUS['main'][\"backend\"]: 'microagent.MemoryBroker' is not a signal bus "
+     "(AbstractSignalBus subclass)"),
+])
+def test_wrong_bus_and_broker_entries_are_one_line_errors(
+        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
+    (tmp_path / f'agents_{unique}.py').write_text(AGENTS_MODULE.format(suffix=unique))
+    other = 'BROKER' if section == 'BUS' else 'BUS'
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        {section} = {{'main': {entry!r}}}
+        {other} = {{'main': {{'backend': 'microagent.Memory{"Broker" if other == "BROKER"
+                                                               else "SignalBus"}',
+                             'dsn': 'memory://{unique}'}}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'bus': 'main',
+                              'broker': 'main'}}}}
+    '''))
+    code, out = run_marun([f'settings_{unique}'], tmp_path)
+    assert code == 2, out
+    assert out.strip() == f'marun: error: settings_{unique}: {error}'
+    assert 's3cret' not in out
+
+
+# -- 2. under marun the client libraries log at WARNING unless the settings say otherwise --
+
+NOISY_AGENT = '''
+import logging
+from microagent import MicroAgent, ServerInterrupt, on
+
+class Noisy(MicroAgent):
+    @on('server')
+    async def serve(self):
+        logging.getLogger('aiokafka.consumer.consumer').info('KAFKA INFO')
+        logging.getLogger('aiormq.connection').warning('AIORMQ WARNING')
+        logging.getLogger('asyncio').info('ASYNCIO INFO')
+        logging.getLogger('redis.asyncio').info('REDIS INFO')
+        self.log.info('AGENT INFO')
+        raise ServerInterrupt('done')
+'''
+
+
+def test_marun_keeps_client_library_loggers_at_warning_unless_configured(
+        tmp_path: Path, unique: str) -> None:
+    (tmp_path / f'noisy_{unique}.py').write_text(NOISY_AGENT)
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        import logging
+        logging.getLogger('redis').setLevel(logging.INFO)  # the user wants these
+        AGENT = {{'noisy': {{'backend': 'noisy_{unique}.Noisy'}}}}
+    '''))
+    code, out = run_marun([f'settings_{unique}'], tmp_path)
+    assert code == 0, out
+    assert 'AGENT INFO' in out and 'AIORMQ WARNING' in out and 'REDIS INFO' in out
+    assert 'KAFKA INFO' not in out and 'ASYNCIO INFO' not in out

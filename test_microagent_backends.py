@@ -2026,3 +2026,118 @@ async def test_kafka_consumer_resumes_after_the_server_restarts(
         await within(agent.stop())
         await asyncio.gather(producer.close(), kafka_broker.close())
     assert time.monotonic() - started < WAIT  # the stop is not stuck on the lost group
+
+
+# =====================================================================================
+# Issue 15: the first hour of a new user
+# =====================================================================================
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_marun(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
+    """Run marun to its end: exit status, output (stdout and stderr), seconds taken."""
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def write_example_settings(path: Path, bus: dict[str, Any] | None,
+                           broker: dict[str, Any]) -> str:
+    """A settings module running the examples' email agent (and the user agent when
+    there is a bus) on the given BUS and BROKER entries, logging at INFO; its name."""
+    agents: dict[str, Any] = {'email_agent': {'backend': 'examples.email_agent.EmailAgent',
+                                              'broker': 'main'}}
+    if bus is not None:
+        agents['user_agent'] = {'backend': 'examples.user_agent.UserAgent', 'bus': 'main',
+                                'broker': 'main'}
+    path.write_text(
+        'import logging, sys\n'
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO,\n"
+        "                    format='%(levelname)s %(name)s: %(message)s')\n"
+        f"BUS = {{'main': {bus!r}}}\n" * (bus is not None)
+        + f"BROKER = {{'main': {broker!r}}}\nAGENT = {agents!r}\n")
+    return path.stem
+
+
+# -- 3. wrong DSN schemes and keywords fail at construction, under marun in the supervisor --
+
+def test_backends_check_the_dsn_scheme_at_construction() -> None:
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: RedisSignalBus('amqp://guest:s3cret@127.0.0.1:5672/'),
+         "RedisSignalBus needs a redis://, rediss:// or unix:// DSN, not "
+         "'amqp://guest:***@127.0.0.1:5672/'"),
+        (lambda: RedisBroker('kafka://127.0.0.1:9092'),
+         "RedisBroker needs a redis://, rediss:// or unix:// DSN, not 'kafka://127.0.0.1:9092'"),
+        (lambda: AMQPBroker('redis://:s3cret@127.0.0.1/0'),
+         "AMQPBroker needs an amqp:// or amqps:// DSN, not 'redis://:***@127.0.0.1/0'"),
+        (lambda: KafkaBroker('amqp://127.0.0.1:5672'),
+         "KafkaBroker needs a kafka://host:port DSN, not 'amqp://127.0.0.1:5672'"),
+    ]
+    for construct, error in cases:
+        with pytest.raises(ValueError) as caught:
+            construct()
+        assert str(caught.value) == error
+    for dsn in ('redis://127.0.0.1/0', 'rediss://127.0.0.1/0', 'unix:///tmp/redis.sock'):
+        RedisSignalBus(dsn)
+        RedisBroker(dsn)
+    bus = RedisSignalBus('redis://127.0.0.1/0', prefix='APP', SUBSCRIBE_TIMEOUT=1)
+    assert bus.SUBSCRIBE_TIMEOUT == 1 and RedisSignalBus.SUBSCRIBE_TIMEOUT == 10
+    with pytest.raises(TypeError, match=r"unknown keyword 'prefx' \(did you mean 'prefix'\?\)"):
+        RedisSignalBus('redis://127.0.0.1/0', prefx='APP')
+
+
+@pytest.mark.parametrize(('section', 'entry', 'error'), [
+    ('BUS', {'backend': 'microagent_backends.RedisSignalBus',
+             'dsn': 'amqp://guest:guest@127.0.0.1:5672/'},
+     "BUS['main']: RedisSignalBus needs a redis://, rediss:// or unix:// DSN, not "
+     "'amqp://guest:***@127.0.0.1:5672/'"),
+    ('BUS', {'backend': 'microagent.tools.redis.RedisSignalBus', 'dsn': 'redis://127.0.0.1/7',
+             'prefx': 'APP'},
+     "BUS['main']: RedisSignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?)"),
+    ('BROKER', {'backend': 'microagent_backends.AMQPBroker', 'dsn': 'redis://127.0.0.1/7'},
+     "BROKER['main']: AMQPBroker needs an amqp:// or amqps:// DSN, not 'redis://127.0.0.1/7'"),
+    ('BROKER', {'backend': 'microagent_backends.KafkaBroker', 'dsn': 'kafka://127.0.0.1:9092',
+                'PARTITION': 3},
+     "BROKER['main']: KafkaBroker got an unknown keyword 'PARTITION' (did you mean "
+     "'PARTITIONS'?)"),
+])
+def test_marun_refuses_wrong_backend_settings_at_once(
+        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
+    redis_bus = {'backend': 'microagent_backends.RedisSignalBus', 'dsn': 'redis://127.0.0.1/7'}
+    redis_broker = {'backend': 'microagent_backends.RedisBroker', 'dsn': 'redis://127.0.0.1/7'}
+    module = write_example_settings(
+        tmp_path / f'settings_{unique}.py', entry if section == 'BUS' else redis_bus,
+        entry if section == 'BROKER' else redis_broker)
+    code, out, took = run_marun([module], tmp_path)
+    assert code == 2, out
+    assert out.count('\n') == 1 and out.startswith(f'marun: error: {module}: {error}'), out
+    assert took < WAIT
+
+
+# -- 3. a server unreachable at start: clear lines, no traceback, no library errors ------
+
+@pytest.mark.parametrize('backend', ['redis', 'amqp', 'kafka'])
+def test_marun_with_an_unreachable_server_says_so_in_clear_lines(
+        tmp_path: Path, unique: str, backend: str) -> None:
+    port = free_port()
+    entries = {
+        'redis': {'backend': 'microagent_backends.RedisBroker', 'dsn': f'redis://127.0.0.1:{port}/0'},
+        'amqp': {'backend': 'microagent_backends.AMQPBroker', 'CONNECT_TIMEOUT': 2,
+                 'dsn': f'amqp://guest:s3cret@127.0.0.1:{port}/'},
+        'kafka': {'backend': 'microagent_backends.KafkaBroker', 'SEND_TIMEOUT': 2,
+                  'dsn': f'kafka://127.0.0.1:{port}'},
+    }
+    module = write_example_settings(tmp_path / f'settings_{unique}.py', None, entries[backend])
+    code, out, _ = run_marun([module], tmp_path)
+    assert code == 1, out
+    assert 'Traceback' not in out and 's3cret' not in out
+    cannot_start = [line for line in out.splitlines() if 'cannot start' in line]
+    assert len(cannot_start) == 1 and f'127.0.0.1:{port}' in cannot_start[0], out
+    assert 'unreachable' in cannot_start[0]
+    library_errors = [line for line in out.splitlines()
+                      if line.startswith('ERROR') and ' microagent' not in line]
+    assert library_errors == [], out
