@@ -2049,27 +2049,37 @@ class KafkaBroker(AbstractQueueBroker):
         0.6) report there the base offset of the last record *batch* plus one, which
         misses the other records of a batch (``send_many``). On Kafka both agree; the
         fetch costs one round trip and the last batch of each partition.
+
+        The long-lived reader keeps the partitions of every topic it was asked about
+        assigned and paused: a call changes no subscription (which aiokafka logs at INFO
+        each time), it seeks, resumes the partitions for that one fetch and pauses them.
         """
         reader = await self._reader_started()
         async with self._reader_lock:
             starts = await reader.beginning_offsets(partitions)
             ends = dict(await reader.end_offsets(partitions))
-            pending = {tp for tp in partitions if ends[tp] > starts[tp]}
-            if not pending:
+            fetched = {tp for tp in partitions if ends[tp] > starts[tp]}
+            if not fetched:
                 return starts, ends
-            reader.assign(list(pending))
+            assigned = reader.assignment()
+            if not fetched <= assigned:  # once per topic in the broker's life
+                assigned = assigned | set(partitions)
+                reader.assign(list(assigned))
+                reader.pause(*assigned)
+            for partition in fetched:
+                reader.seek(partition, ends[partition] - 1)
+            reader.resume(*fetched)
             try:
-                for partition in pending:
-                    reader.seek(partition, ends[partition] - 1)
+                pending = set(fetched)
                 while pending:
-                    await reader.getmany(*pending, timeout_ms=100)
-                    for partition in list(pending):
-                        highwater = reader.highwater(partition)
-                        if highwater is not None:
-                            ends[partition] = max(ends[partition], highwater)
-                            pending.discard(partition)
+                    # Records of a partition come from a fetch at its last record, made
+                    # after the seek: their response's high watermark is current.
+                    records = await reader.getmany(*pending, timeout_ms=100)
+                    for partition in pending & records.keys():
+                        ends[partition] = max(ends[partition], reader.highwater(partition))
+                        pending.discard(partition)
             finally:
-                reader.unsubscribe()
+                reader.pause(*fetched)
         return starts, ends
 
     # --- closing -------------------------------------------------------------------

@@ -2141,3 +2141,25 @@ def test_marun_with_an_unreachable_server_says_so_in_clear_lines(
     library_errors = [line for line in out.splitlines()
                       if line.startswith('ERROR') and ' microagent' not in line]
     assert library_errors == [], out
+
+
+# -- 2. Kafka: queue length reads offsets, it does not subscribe a consumer per call ------
+
+async def test_kafka_queue_length_logs_nothing_per_call(
+        brokers: Callable[..., KafkaBroker], unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    Queue(unique)
+    kafka_broker = brokers(PARTITIONS=2)
+    bound = getattr(kafka_broker, unique)
+    await bound.send({'n': 0})
+    assert await bound.length() == 1  # the first call may set up its long-lived reader
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='aiokafka'):
+        lengths = []
+        for _ in range(3):
+            await bound.send_many([{'n': n} for n in range(5)])  # one batch of records
+            lengths.append(await bound.length())
+        lengths.append(await bound.length())
+    assert lengths == [6, 11, 16, 16]
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith('aiokafka')]
+    assert noise == []
