@@ -3,7 +3,8 @@ and the Kafka broker.
 
 Each client library is imported when its backend is first used, so a machine with only
 one of them installed can use that backend; using another raises an ImportError that
-names the pip extra to install (``pip install 'microagent[redis]'``).
+names the package to install (``pip install redis``, or ``pip install '.[redis]'`` in a
+checkout of microagent: the ``microagent`` of the package index is the unrelated 1.x).
 
 Sections: shared helpers, Redis, AMQP, Kafka. Each section opens with how its backend
 stores and delivers messages.
@@ -53,13 +54,14 @@ __all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus']
 # =====================================================================================
 
 def require(module: str, extra: str) -> Any:
-    """Import a client library, or raise an ImportError that names the pip extra."""
+    """Import a client library, or raise an ImportError that names what to install."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        package = module.split('.', maxsplit=1)[0]
         raise ImportError(
-            f'this backend needs the {module.split(".", maxsplit=1)[0]} package: '
-            f"pip install 'microagent[{extra}]'") from exc
+            f'this backend needs the {package} package: pip install {package} (in a '
+            f"checkout of microagent: pip install '.[{extra}]')") from exc
 
 
 def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
@@ -116,7 +118,7 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
 # =====================================================================================
 # Redis backends: :class:`RedisSignalBus` (pub/sub) and :class:`RedisBroker` (lists).
 #
-# Both are built on redis-py's asyncio client (``pip install 'microagent[redis]'``), connect
+# Both are built on redis-py's asyncio client (extra ``redis``: ``pip install '.[redis]'``), connect
 # lazily (they can be constructed outside an event loop), reconnect forever with backoff
 # after a lost connection, and never show the DSN's password.
 #
@@ -704,7 +706,7 @@ class RedisBroker(AbstractQueueBroker):
 # =====================================================================================
 # AMQP (RabbitMQ) queue broker: :class:`AMQPBroker`, built on aiormq.
 #
-# Install with ``pip install 'microagent[amqp]'``. The broker connects lazily (it can be
+# Install with ``pip install '.[amqp]'`` (a checkout). The broker connects lazily (it can be
 # constructed outside an event loop), holds one connection with a client-provided name
 # (``broker.connection_name``, shown by RabbitMQ's tools), and after losing it reconnects
 # forever with backoff; consumers subscribe again by themselves. The DSN's password never
@@ -1463,7 +1465,7 @@ class AMQPBroker(AbstractQueueBroker):
 # =====================================================================================
 # Kafka backend: :class:`KafkaBroker`, a queue broker on aiokafka.
 #
-# ``pip install 'microagent[kafka]'``. Wire format of microagent 1.x: a queue is the topic
+# ``pip install '.[kafka]'`` (a checkout). Wire format of microagent 1.x: a queue is the topic
 # named like the queue, a message is one record whose value is the JSON object's bytes
 # (no key, no headers), so 1.x producers and this broker interoperate both ways.
 #

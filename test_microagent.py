@@ -2100,3 +2100,83 @@ def test_marun_keeps_client_library_loggers_at_warning_unless_configured(
     assert code == 0, out
     assert 'AGENT INFO' in out and 'AIORMQ WARNING' in out and 'REDIS INFO' in out
     assert 'KAFKA INFO' not in out and 'ASYNCIO INFO' not in out
+
+
+# -- 1 and 9. the README: a memory app of one's own, install commands that work -----------
+
+README = (ROOT / 'README.md').read_text()
+
+MEMORY_APP_AGENTS = '''
+import asyncio
+from microagent import (MicroAgent, Queue, ServerInterrupt, Signal, consumer, on, periodic,
+                        receiver)
+
+order_paid = Signal('order_paid', {'order_id': 'number'})
+invoices = Queue('invoices')
+
+
+class OrdersAgent(MicroAgent):
+    @periodic(period=0.1)  # a signal reaches the receivers live when it is sent
+    async def sell(self):
+        await self.bus.order_paid.send('orders', order_id=7)
+        await self.broker.invoices.send({'order_id': 7})
+
+
+class BillingAgent(MicroAgent):
+    @on('pre_start')
+    def setup(self):
+        self.done = asyncio.Event()
+        self.seen = set()
+
+    @receiver(order_paid)
+    def paid(self, order_id, **kwargs):
+        self.log.info('BILLING got signal for order %s', order_id)
+        self.seen.add('signal')
+        if len(self.seen) == 2:
+            self.done.set()
+
+    @consumer(invoices)
+    async def invoice(self, order_id):
+        self.log.info('BILLING got invoice for order %s', order_id)
+        self.seen.add('invoice')
+        if len(self.seen) == 2:
+            self.done.set()
+
+    @on('server')
+    async def until_done(self):
+        await asyncio.wait_for(self.done.wait(), 10)
+        raise ServerInterrupt('both arrived')
+'''
+
+
+def readme_block(heading: str, first_line: str) -> str:
+    """The code block of the README section ``heading`` that starts with ``first_line``."""
+    section = README.split(f'\n{heading}\n', 1)[1].split('\n## ', 1)[0]
+    blocks = re.findall(r'```\w*\n(.*?)```', section, re.DOTALL)
+    return next(block for block in blocks if block.startswith(first_line))
+
+
+def test_readme_memory_app_runs_and_the_limit_of_memory_is_said(tmp_path: Path) -> None:
+    settings = readme_block('### Which backend?', '# myapp/settings.py')
+    assert "'microagent.MemorySignalBus'" in settings and "'microagent.MemoryBroker'" in settings
+    (tmp_path / 'myapp').mkdir()
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    (tmp_path / 'myapp' / 'settings.py').write_text(settings)
+    (tmp_path / 'myapp' / 'agents.py').write_text(MEMORY_APP_AGENTS)
+    code, out = run_marun(['myapp.settings'], tmp_path)
+    assert code == 0, out
+    assert 'BILLING got signal for order 7' in out and 'BILLING got invoice for order 7' in out
+    assert 'orders, billing share a memory:// bus or broker and run in one process' in out
+    section = README.split('\n### Which backend?\n', 1)[1].split('\n## ', 1)[0]
+    assert 'reach only the process they live in' in ' '.join(section.split())
+
+
+def test_readme_install_commands_work_from_a_checkout() -> None:
+    arguments = [argument.strip("'\"")
+                 for command in re.findall(r'pip install ([^`\n&]+)', README)
+                 for argument in command.split() if not argument.startswith('-')]
+    assert len(arguments) >= 5
+    by_name = {argument for argument in arguments if not argument.startswith(('.', '/'))}
+    assert by_name == {'graphviz', 'microagent'}  # microagent: only where it says not to
+    assert ('`pip install microagent` would fetch the unrelated 1.x package'
+            in ' '.join(README.split()))

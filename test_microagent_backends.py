@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -2163,3 +2164,64 @@ async def test_kafka_queue_length_logs_nothing_per_call(
     assert lengths == [6, 11, 16, 16]
     noise = [r.getMessage() for r in caplog.records if r.name.startswith('aiokafka')]
     assert noise == []
+
+
+# -- the examples on real servers: no traceback, no third-party INFO lines -----------------
+
+LOG_LINE = re.compile(r' (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\[pid#\d+\] ([\w.]+): ')
+
+
+@pytest.mark.parametrize('example', ['settings_redis', 'settings_amqp', 'settings_kafka'])
+def test_examples_on_real_servers_run_cleanly_and_quietly(
+        request: pytest.FixtureRequest, private_redis: RedisServer, example: str) -> None:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1',
+           'MICROAGENT_REDIS_DSN': private_redis.dsn}
+    if example == 'settings_amqp':
+        env['MICROAGENT_AMQP_DSN'] = request.getfixturevalue('amqp_dsn')
+    if example == 'settings_kafka':
+        env['MICROAGENT_KAFKA_DSN'] = request.getfixturevalue('kafka_dsn')
+    needles = ['Email #1 to', 'Caught user_created',
+               "RPC rpc_comments_count answered {'CommentAgent.comments_count': 1}"]
+    with child_process([sys.executable, '-c', 'import microagent; microagent.run()',
+                        f'examples.{example}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True) as process:
+        assert process.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while not all(any(n in line for line in seen) for n in needles):
+            assert time.monotonic() < deadline, ''.join(seen)
+            line = process.stdout.readline()
+            assert line, ''.join(seen)  # marun ended early
+            seen.append(line)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    out = ''.join(seen) + rest
+    assert process.returncode == 0, out
+    assert 'Traceback' not in out
+    foreign = [line for line in out.splitlines()
+               if (m := LOG_LINE.search(line)) and not m.group(2).startswith('microagent')]
+    assert foreign == [], out
+
+
+# -- 9. a missing client library names what to install, from a checkout too ---------------
+
+@pytest.mark.parametrize(('module', 'make', 'message'), [
+    ('redis', lambda: RedisBroker('redis://127.0.0.1/0'),
+     "this backend needs the redis package: pip install redis (in a checkout of microagent: "
+     "pip install '.[redis]')"),
+    ('aiormq', lambda: AMQPBroker('amqp://127.0.0.1/'),
+     "this backend needs the aiormq package: pip install aiormq (in a checkout of "
+     "microagent: pip install '.[amqp]')"),
+    ('aiokafka', lambda: KafkaBroker('kafka://127.0.0.1:9092'),
+     "this backend needs the aiokafka package: pip install aiokafka (in a checkout of "
+     "microagent: pip install '.[kafka]')"),
+])
+def test_missing_client_library_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, module: str, make: Callable[[], object],
+        message: str) -> None:
+    for name in [m for m in sys.modules if m == module or m.startswith(f'{module}.')]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError) as caught:
+        make()
+    assert str(caught.value) == message
