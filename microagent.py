@@ -45,9 +45,9 @@ __all__ = [
     'BrokerMock', 'BusMock', 'GraphRenderError', 'GroupInterrupt', 'MemoryBroker',
     'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException', 'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
-    'Topology', 'build_graph', 'check_topology', 'consumer', 'cron', 'init_agent',
-    'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on', 'periodic',
-    'receiver', 'sent_by',
+    'Topology', 'build_graph', 'check_topology', 'check_transports', 'consumer', 'cron',
+    'init_agent', 'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on',
+    'periodic', 'receiver', 'sent_by',
 ]
 
 logger = logging.getLogger('microagent')
@@ -650,7 +650,7 @@ CRON_ALIASES = frozenset({'@yearly', '@annually', '@monthly', '@weekly', '@daily
                           '@midnight', '@hourly'})
 
 
-def optional_dependency(module: str, needed_for: str) -> Any:
+def _optional_dependency(module: str, needed_for: str) -> Any:
     """Import a dependency that only some features of the core need (``croniter``,
     ``graphviz``), or raise an ImportError that says what to install."""
     try:
@@ -661,7 +661,7 @@ def optional_dependency(module: str, needed_for: str) -> Any:
 
 
 def _import_croniter() -> Any:
-    return optional_dependency('croniter', '@cron').croniter
+    return _optional_dependency('croniter', '@cron').croniter
 
 
 GRAPHVIZ_NEEDED_FOR = 'drawing the graph as dot, svg or png (mermaid and json need nothing)'
@@ -1150,7 +1150,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def apply_settings(target: object, settings: Mapping[str, Any], arguments: Iterable[str]
+def _apply_settings(target: object, settings: Mapping[str, Any], arguments: Iterable[str]
                    ) -> None:
     """Set on ``target`` the upper-case settings given as keyword arguments (its class
     attributes, such as ``ROLLBACK_ATTEMPTS``); any other keyword raises a TypeError that
@@ -1201,7 +1201,7 @@ class AbstractSignalBus(abc.ABC):
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  *, logger: logging.Logger | None = None, **settings: Any) -> None:
-        apply_settings(self, settings, ('dsn', 'prefix', 'log'))
+        _apply_settings(self, settings, ('dsn', 'prefix', 'log'))
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '#*?[]'):
             raise SignalException(f'bus prefix must be a non-empty string without #*?[], '
                                   f'not {prefix!r}')
@@ -1787,7 +1787,7 @@ class AbstractQueueBroker(abc.ABC):
         self.dsn = dsn
         self.log = log or logger or logging.getLogger('microagent.broker')
         self.pools: dict[str, ConsumerPool] = {}
-        apply_settings(self, attributes, ('dsn', 'log'))
+        _apply_settings(self, attributes, ('dsn', 'log'))
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
@@ -2636,7 +2636,7 @@ class Topology(msgspec.Struct, frozen=True):
         :class:`GraphRenderError` when ``dot`` is not installed or fails."""
         if fmt not in RENDERED_FORMATS:
             raise ValueError(f'render() draws {" or ".join(RENDERED_FORMATS)}, not {fmt!r}')
-        graphviz = optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
+        graphviz = _optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
         try:
             data: bytes = self.to_dot().pipe(format=fmt)
         except graphviz.ExecutableNotFound:
@@ -2784,7 +2784,7 @@ def _dot_legend(graph: Any) -> None:
 
 
 def _dot_graph(topology: Topology) -> Any:
-    graphviz = optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
+    graphviz = _optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
     ids = _node_ids(topology)
     graph = graphviz.Digraph('topology', comment='microagent topology')
     graph.attr(rankdir='LR', bgcolor='white', fontname=_FONT, nodesep='0.3', ranksep='0.8')
