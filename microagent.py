@@ -3236,6 +3236,7 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
     except ConnectionError as exc:  # a server is unreachable: the message says which
         run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
         failed = True
         waits = []
     except Exception:
