@@ -6,8 +6,9 @@ binds them to a bus (pub/sub events and RPC) and a broker (durable work queues) 
 starts. ``marun`` launches a group of agents, each in its own process.
 
 This module is the whole core and can be vendored as one file (it needs ``msgspec``;
-``croniter`` for ``@cron`` and ``graphviz`` for diagrams are imported where used). The
-Redis, RabbitMQ and Kafka backends live in ``microagent_backends``.
+``croniter`` for ``@cron`` and ``graphviz`` for diagrams are imported where used);
+``python -m microagent SETTINGS`` then does what ``marun SETTINGS`` does. The Redis,
+RabbitMQ and Kafka backends live in ``microagent_backends``.
 
 Sections, in the order data flows: declarations, decorators, agent, bus, broker,
 timers, memory backends, mocks, graph, launcher.
@@ -19,18 +20,20 @@ import ast
 import asyncio
 import collections
 import contextlib
+import enum
 import importlib
 import inspect
 import keyword
 import logging
 import os
+import random
 import re
 import sys
 import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
 
 import msgspec
 
@@ -44,9 +47,9 @@ __all__ = [
     'BrokerMock', 'BusMock', 'GraphRenderError', 'GroupInterrupt', 'MemoryBroker',
     'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException', 'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
-    'Topology', 'build_graph', 'check_topology', 'consumer', 'cron', 'init_agent',
-    'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on', 'periodic',
-    'receiver', 'sent_by',
+    'Topology', 'build_graph', 'check_topology', 'check_transports', 'consumer', 'cron',
+    'init_agent', 'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on',
+    'periodic', 'receiver', 'sent_by',
 ]
 
 logger = logging.getLogger('microagent')
@@ -156,11 +159,16 @@ class Signal:
 
     ``providing_args`` lists the argument names; ``type_map`` optionally maps names to a
     type or a tuple of types (as for ``isinstance``). A signal loaded from JSON may give
-    ``providing_args`` as a mapping name -> JSON type, which fills ``type_map``. Typed
-    signals are checked by a compiled msgspec type on send and on receipt; a mismatch is
-    logged as a warning, the signal still goes through (the documented soft check).
+    ``providing_args`` as a mapping name -> JSON type, which fills ``type_map``. Payloads
+    are checked on send and on receipt (names, and types by a compiled msgspec type); a
+    mismatch (missing, unexpected or mistyped argument) is logged as a warning and the
+    signal still goes through (the documented soft check of 1.x). With ``strict=True`` a
+    mismatch is refused instead: a send raises :class:`SerializingError`, a received
+    signal is dropped with an error log.
 
-    Each instance registers itself by name; declaring a name again replaces it::
+    Each instance registers itself by name. Declaring a name again with the same
+    arguments is allowed (two modules loading one JSON file); with other arguments it
+    raises :class:`SignalException`::
 
         user_created = Signal('user_created', ['user_id'], type_map={'user_id': int})
         Signal.get('user_created') is user_created
@@ -171,9 +179,10 @@ class Signal:
     name: str
     providing_args: list[str]
     type_map: dict[str, Any] | None
+    strict: bool
 
     def __init__(self, name: str, providing_args: Iterable[str] | Mapping[str, Any] = (),
-                 type_map: Mapping[str, Any] | None = None) -> None:
+                 type_map: Mapping[str, Any] | None = None, strict: bool = False) -> None:
         if not isinstance(name, str) or not _SIGNAL_NAME.match(name):
             raise SignalException(
                 f'signal name {name!r} must be an identifier: letters, digits and _')
@@ -192,14 +201,37 @@ class Signal:
             raise SignalException(f'signal {name!r}: argument names must be strings: {bad!r}')
         if type_map:
             types.update({arg: _python_type(spec) for arg, spec in type_map.items()})
+        if not isinstance(strict, bool):
+            raise SignalException(f'signal {name!r}: strict must be true or false, '
+                                  f'not {strict!r}')
         self.name = name
         self.providing_args = args
         self.type_map = dict(type_map) if type_map else (
             {arg: providing_args[arg] for arg in args}
             if isinstance(providing_args, Mapping) else None)
+        self.strict = strict
         self._args = frozenset(args)
+        self._types = types
         self._payload_type = self._compile(types) if types else None
-        Signal._registry[name] = self
+        self._register()
+
+    def _definition(self) -> tuple[Any, ...]:
+        """What a re-declaration must repeat: arguments, their types, strictness."""
+        return tuple(self.providing_args), self._types, self.strict
+
+    def _describe(self) -> str:
+        types = {arg: getattr(tp, '__name__', None) or str(tp) for arg, tp in self._types.items()}
+        return (f'providing_args={self.providing_args!r}'
+                + (f', types {types}' if types else '') + (', strict' if self.strict else ''))
+
+    def _register(self) -> None:
+        known = Signal._registry.get(self.name)
+        if known is not None and known._definition() != self._definition():
+            raise SignalException(
+                f'signal {self.name!r} is already declared with other arguments '
+                f'({known._describe()}; now {self._describe()}): declare a signal once, '
+                f'or with the same arguments everywhere')
+        Signal._registry[self.name] = self
 
     def _compile(self, types: dict[str, Any]) -> Any:
         fields = [(arg, Union[tp, msgspec.UnsetType], msgspec.UNSET)  # noqa: UP007
@@ -271,7 +303,10 @@ class Queue:
 
     ``exchange`` and ``topics`` matter to the AMQP broker: the queue is bound to that
     exchange by each topic (routing key), and ``send(..., topic=...)`` publishes through
-    it. Other brokers use the name alone. Each instance registers itself by name::
+    it. Other brokers use the name alone. Each instance registers itself by name, with
+    its dead-letter queue ``{name}.dead`` (so ``broker.<name>.dead`` works at once).
+    Declaring a name again with the same exchange and topics is allowed; with others it
+    raises :class:`QueueException`::
 
         mailer = Queue('mailer')
         orders = Queue('orders', exchange='shop', topics=('order.created', 'order.paid'))
@@ -282,6 +317,7 @@ class Queue:
     name: str
     exchange: str
     topics: tuple[str, ...]
+    _automatic: bool
 
     def __init__(self, name: str, exchange: str = '', topics: Iterable[str] = ()) -> None:
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
@@ -297,7 +333,27 @@ class Queue:
         self.name = name
         self.exchange = exchange
         self.topics = topics
+        self._automatic = False
+        known = Queue._registry.get(name)
+        if known is not None and not known._automatic and (
+                (known.exchange, known.topics) != (exchange, topics)):
+            raise QueueException(
+                f'queue {name!r} is already declared with exchange={known.exchange!r}, '
+                f'topics={known.topics!r} (now exchange={exchange!r}, topics={topics!r}): '
+                f'declare a queue once, or with the same arguments everywhere')
         Queue._registry[name] = self
+        dead = f'{name}.dead'
+        if dead not in Queue._registry:
+            Queue._registry[dead] = Queue._dead_letter_of(name)
+
+    @classmethod
+    def _dead_letter_of(cls, name: str) -> Queue:
+        """The dead-letter queue of ``name``, not registered (and without one of its own):
+        a declaration of the same name by the user replaces it."""
+        queue = cls.__new__(cls)
+        queue.name, queue.exchange, queue.topics = f'{name}.dead', '', ()
+        queue._automatic = True
+        return queue
 
     def __repr__(self) -> str:
         return f'<Queue {self.name}>'
@@ -313,7 +369,7 @@ class Queue:
     @property
     def dead_letter(self) -> Queue:
         """The queue ``{name}.dead`` where messages that could not be handled end up."""
-        return Queue._registry.get(f'{self.name}.dead') or Queue(f'{self.name}.dead')
+        return Queue._registry.get(f'{self.name}.dead') or Queue._dead_letter_of(self.name)
 
     def serialize(self, data: Mapping[str, Any]) -> bytes:
         """A message as JSON bytes; queue messages are JSON objects."""
@@ -433,7 +489,8 @@ def load_stuff(source: str) -> tuple[Any, Any]:
                 raise SignalException(
                     f'{where}: signals[{index}] ({entry["name"]}): "providing_args" must be a '
                     f'list of names or an object of name: JSON type')
-            _declared_at(f'{where}: signals[{index}]', Signal, entry['name'], args)
+            _declared_at(f'{where}: signals[{index}]', Signal, entry['name'], args, None,
+                         entry.get('strict', False))
         for index, entry in enumerate(queues):
             _declared_at(f'{where}: queues[{index}]', Queue, entry['name'],
                          entry.get('exchange', ''), entry.get('topics', ()))
@@ -462,9 +519,6 @@ def load_queues(source: str) -> Any:
 
 MIN_TIMEOUT = 0.001
 HOOK_LABELS = ('pre_start', 'post_start', 'pre_stop', 'server')
-CONSUMER_DEFAULTS: dict[str, Any] = {
-    'concurrency': 10, 'retries': None, 'backoff': None, 'autoack': True,
-}
 
 
 class ReceiverArgs(msgspec.Struct, frozen=True):
@@ -561,15 +615,12 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
         raise TypeError(f'dto_class must be a class, not {dto_class!r}')
     if dto_name is not None and (not isinstance(dto_name, str) or not dto_name.isidentifier()):
         raise ValueError(f'dto_name must be an identifier, not {dto_name!r}')
-    concurrency = options.get('concurrency', CONSUMER_DEFAULTS['concurrency'])
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f'concurrency must be a whole number >= 1, not {concurrency!r}')
-    retries = options.get('retries')
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
-                                or retries < 0):
-        raise ValueError(f'retries must be a whole number >= 0, not {retries!r}')
-    if options.get('backoff') is not None:
-        _seconds('backoff', options['backoff'], minimum=0)
+    common = {key: value for key, value in options.items()
+              if key in ConsumerOptions.__struct_fields__}
+    try:
+        msgspec.convert(common, ConsumerOptions)
+    except msgspec.ValidationError as exc:
+        raise ValueError(_option_problem(exc)) from None
     args = ConsumerArgs(declared, _seconds('consumer timeout', timeout), dto_class,
                         dto_name or 'dto', dict(options))
     return lambda func: _declare(func, args)
@@ -595,12 +646,21 @@ CRON_ALIASES = frozenset({'@yearly', '@annually', '@monthly', '@weekly', '@daily
                           '@midnight', '@hourly'})
 
 
-def _import_croniter() -> Any:
+def _optional_dependency(module: str, needed_for: str) -> Any:
+    """Import a dependency that only some features of the core need (``croniter``,
+    ``graphviz``), or raise an ImportError that says what to install."""
     try:
-        import croniter
-    except ImportError:  # pragma: no cover - depends on the installation
-        raise ImportError('@cron needs croniter: pip install croniter') from None
-    return croniter.croniter
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f'{needed_for} needs the {module} package: pip install {module}'
+                          ) from None
+
+
+def _import_croniter() -> Any:
+    return _optional_dependency('croniter', '@cron').croniter
+
+
+GRAPHVIZ_NEEDED_FOR = 'drawing the graph as dot, svg or png (mermaid and json need nothing)'
 
 
 def _timezone(tz: str | None) -> Any:
@@ -1047,6 +1107,80 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 # Bus: pub/sub signals and RPC over pub/sub
 # =====================================================================================
 
+def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
+    """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with
+    jitter so that many clients do not reconnect in step; endless."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, cap)
+
+
+class LinkState(msgspec.Struct, frozen=True):
+    """The state of one connection of a bus or broker (see :class:`Link`)."""
+
+    name: str
+    connected: bool
+    since: float  # Unix time of the last change (or of the first attempt)
+    last_error: str | None
+
+
+class Link:
+    """One connection of a bus or broker to its server, as the backends keep it: whether
+    it is up and since when, its last error, and the pause before the next attempt.
+
+    Every reconnection loop of the backends goes through it: :meth:`lost` on a failure
+    (one warning line per outage; the attempts after it at debug level), :meth:`pause`
+    before trying again (backoff with jitter, see :func:`reconnect_delays`), and
+    :meth:`up` once it works (one info line when it was lost). ``bus.links`` and
+    ``broker.links`` map names (``pubsub``, ``consume orders``...) to them.
+    """
+
+    __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'since', 'where')
+
+    def __init__(self, name: str, where: str, log: logging.Logger) -> None:
+        self.name = name
+        self.where = where
+        self.log = log
+        self.connected = False
+        self.since = time.time()
+        self.last_error: str | None = None
+        self._delays: Iterator[float] | None = None
+
+    def __repr__(self) -> str:
+        return f'<Link {self.name} to {self.where} {"up" if self.connected else "down"}>'
+
+    def up(self) -> None:
+        """The connection works (again)."""
+        if self.connected:
+            return
+        if self._delays is not None:
+            self.log.info('%s to %s is back', self.name, self.where)
+        self.connected, self.since, self._delays = True, time.time(), None
+
+    def lost(self, error: BaseException | str) -> None:
+        """The connection failed: log the first failure of an outage as one warning."""
+        self.last_error = error if isinstance(error, str) else (
+            str(error) or type(error).__name__)
+        if self._delays is None:
+            self.log.warning('%s to %s lost (%s); reconnecting',
+                             self.name, self.where, self.last_error)
+            self._delays = reconnect_delays()
+        else:
+            self.log.debug('%s to %s failed again: %s', self.name, self.where, self.last_error)
+        if self.connected:
+            self.connected, self.since = False, time.time()
+
+    async def pause(self) -> None:
+        """Wait before the next attempt (longer after each failure of an outage)."""
+        if self._delays is None:
+            self._delays = reconnect_delays()
+        await asyncio.sleep(next(self._delays))
+
+    def state(self) -> LinkState:
+        return LinkState(self.name, self.connected, self.since, self.last_error)
+
+
 class ResponseStream:
     """The answers to one RPC request, as an async iterator that ends at its deadline.
 
@@ -1086,6 +1220,37 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _apply_settings(target: object, settings: Mapping[str, Any], arguments: Iterable[str]
+                   ) -> None:
+    """Set on ``target`` the upper-case settings given as keyword arguments (its class
+    attributes, such as ``ROLLBACK_ATTEMPTS``); any other keyword raises a TypeError that
+    lists what the class takes, and the closest name when the keyword looks misspelt."""
+    cls = type(target)
+    for key, value in settings.items():
+        if key not in _settings_of(cls):
+            raise TypeError(_unknown_keyword(cls, key, list(arguments)))
+        setattr(target, key, value)
+
+
+# Upper-case class attributes that define a backend rather than configure it.
+_DEFINITIONS = frozenset({'RAW_MESSAGE_ARG'})
+
+
+def _settings_of(cls: type) -> list[str]:
+    return sorted(name for name in dir(cls)
+                  if name.isupper() and name[0] != '_' and name not in _DEFINITIONS)
+
+
+def _unknown_keyword(cls: type, key: str, arguments: list[str]) -> str:
+    import difflib
+    settable = _settings_of(cls)
+    names = {name.lower(): name for name in (*arguments, *settable)}
+    close = difflib.get_close_matches(key.lower(), list(names), n=1)
+    hint = f' (did you mean {names[close[0]]!r}?)' if close else ''
+    return (f'{cls.__name__} got an unknown keyword {key!r}{hint}; it takes '
+            f'{", ".join(arguments)} and the settings {", ".join(settable)}')
+
+
 class AbstractSignalBus(abc.ABC):
     """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
 
@@ -1097,12 +1262,16 @@ class AbstractSignalBus(abc.ABC):
     Every declared signal is an attribute: ``await bus.user_created.send('me', user_id=1)``.
     Channels are ``{prefix}:{signal}:{sender}``; an RPC request adds ``#{request_id}``
     and the answers come back on ``{prefix}:response:{responder_uid}#{request_id}``.
+
+    Upper-case class attributes (a backend's ``CONNECT_TIMEOUT``...) can be set per bus
+    as keyword arguments; any other unknown keyword raises a TypeError at once.
     """
 
     RESPONSE_TIMEOUT: ClassVar[float] = 60
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
-                 *, logger: logging.Logger | None = None) -> None:
+                 *, logger: logging.Logger | None = None, **settings: Any) -> None:
+        _apply_settings(self, settings, ('dsn', 'prefix', 'log'))
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '#*?[]'):
             raise SignalException(f'bus prefix must be a non-empty string without #*?[], '
                                   f'not {prefix!r}')
@@ -1115,6 +1284,7 @@ class AbstractSignalBus(abc.ABC):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchdog = Watchdog()
         self._responses_bound: asyncio.Future[None] | None = None
+        self.links: dict[str, Link] = {}
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)} {self.prefix}#{self.uid[:8]}>'
@@ -1123,6 +1293,18 @@ class AbstractSignalBus(abc.ABC):
         if name.startswith('__'):
             raise AttributeError(name)
         return BoundSignal(self, Signal.get(name))
+
+    @property
+    def connected(self) -> bool:
+        """True when every connection the bus opened is up (see :attr:`links`)."""
+        return all(link.connected for link in self.links.values())
+
+    def link(self, name: str) -> Link:
+        """The :class:`Link` called ``name``, made on first use (backends call this)."""
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = Link(name, redact_dsn(self.dsn), self.log)
+        return link
 
     @abc.abstractmethod
     async def send(self, channel: str, message: bytes) -> None:
@@ -1136,14 +1318,15 @@ class AbstractSignalBus(abc.ABC):
         """Unsubscribe from the channel pattern ``channel``."""
 
     async def close(self) -> None:
-        """Release the bus's connections; a backend calls ``super().close()``."""
+        """Release the bus's connections (:meth:`disconnect`); it may be used again."""
         self._responses_bound = None
+        await self.disconnect()
+        self.links.clear()
+
+    async def disconnect(self) -> None:  # noqa: B027 - optional for backends
+        """Close the backend's connections."""
 
     # -- receiving --------------------------------------------------------------------
-
-    async def bind_receiver(self, receiver: Receiver) -> None:
-        """Bind one receiver; the signal's channel is subscribed once per bus."""
-        await self.bind_receivers([receiver])
 
     async def bind_receivers(self, receivers: Iterable[Receiver]) -> None:
         """Bind receivers and return once their subscriptions are live."""
@@ -1196,6 +1379,10 @@ class AbstractSignalBus(abc.ABC):
             return
         problem = signal.check(payload)
         if problem:
+            if signal.strict:
+                self.log.error('Dropped signal %s from %s, which does not match its strict '
+                               'declaration: %s', name, sender, problem)
+                return
             self.log.warning('Signal %s from %s does not match its declaration: %s',
                              name, sender, problem)
         loop = asyncio.get_running_loop()
@@ -1343,8 +1530,17 @@ class BoundSignal:
         return f'<BoundSignal {self.signal.name} on {self.bus!r}>'
 
     def _prepare(self, sender: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+        """The channel and the body of a send: the checks every send (and a mock's) makes.
+
+        A payload that does not match the declaration is logged as a warning, or refused
+        with :class:`SerializingError` when the signal is strict.
+        """
         problem = self.signal.check(payload)
         if problem:
+            if self.signal.strict:
+                raise SerializingError(
+                    f'signal {self.signal.name!r} is strict and the payload does not match '
+                    f'its declaration: {problem}')
             self.bus.log.warning('Sending signal %s that does not match its declaration: %s',
                                  self.signal.name, problem)
         channel = self.signal.make_channel_name(self.bus.prefix, _check_sender(sender))
@@ -1398,394 +1594,6 @@ class Delivery:
         return f'<Delivery {self.tag!r} {self.body[:60]!r}>'
 
 
-ACK_FLUSH_TIMEOUT = 10.0
-
-
-def _original_body(body: Any) -> dict[str, str]:
-    """A dead letter's copy of the message: ``body`` when it is UTF-8 text (a JSON
-    body always is), else ``body_base64``, so the original bytes can be recovered."""
-    if not isinstance(body, (bytes, bytearray, memoryview)):
-        return {'body': str(body)}
-    try:
-        return {'body': bytes(body).decode('utf-8')}
-    except UnicodeDecodeError:
-        import base64
-
-        return {'body_base64': base64.b64encode(body).decode('ascii')}
-
-
-def _log_failure(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
-    """Log a failed broker operation: one warning line for a lost connection (the
-    backend says how it recovers), the traceback only for an unexpected error."""
-    if isinstance(error, ConnectionError):
-        log.warning(message + ': %s', *args, error)
-    else:
-        log.error(message, *args, exc_info=error)
-
-
-class ConsumerPool:
-    """Consumes one queue for one consumer: the logic every backend reuses.
-
-    The backend feeds batches of :class:`Delivery` with :meth:`feed`, which waits while
-    the pool is full (backpressure). A fixed set of ``concurrency`` workers runs the
-    handler; a failure or timeout is retried ``retries`` times with doubling
-    ``backoff``, then the message goes to the dead-letter queue with the error. A body
-    that is not a JSON object (or does not fit the DTO) goes there at once. Finished
-    messages are acknowledged in batches through ``broker.ack``; on :meth:`close`,
-    messages not started or not finished go back through ``broker.release``.
-    """
-
-    def __init__(self, broker: AbstractQueueBroker, consumer: Consumer) -> None:
-        options = consumer.options
-        self.broker = broker
-        self.consumer = consumer
-        self.name = consumer.queue.name
-        self.log = broker.log
-        self.concurrency: int = options.get('concurrency', CONSUMER_DEFAULTS['concurrency'])
-        retries = options.get('retries')
-        self.retries: int = broker.ROLLBACK_ATTEMPTS if retries is None else retries
-        backoff = options.get('backoff')
-        self.backoff: float = broker.RETRY_BACKOFF if backoff is None else backoff
-        self.autoack: bool = options.get('autoack', True)
-        self.capacity = max(2 * self.concurrency, broker.PREFETCH)
-        self._pending: deque[Delivery] = deque()
-        self._idle: deque[asyncio.Future[None]] = deque()
-        self._room: asyncio.Future[None] | None = None
-        self._running: set[Delivery] = set()
-        self._to_ack: list[Delivery] = []
-        self._to_release: list[Delivery] = []
-        self._ack_wakeup: asyncio.Future[None] | None = None
-        self._sleepers: set[asyncio.Future[None]] = set()
-        self._closing = False
-        self._workers: list[asyncio.Task[None]] = []
-        self._acker: asyncio.Task[None] | None = None
-        self._watchdog = Watchdog()
-        self._raw_arg = broker.RAW_MESSAGE_ARG
-        self._dto_class = consumer.dto_class
-        self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
-
-    def __repr__(self) -> str:
-        return f'<ConsumerPool {self.name} x{self.concurrency} for {self.consumer.key}>'
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
-        self._acker = loop.create_task(self._acknowledge())
-
-    @property
-    def closing(self) -> bool:
-        """True once the pool stops taking messages: backends stop fetching."""
-        return self._closing
-
-    def stop_feeding(self) -> None:
-        """Take no more messages: a :meth:`feed` waiting for room returns at once."""
-        self._closing = True
-        if self._room is not None:
-            _resolve(self._room)
-
-    async def feed(self, batch: Iterable[Delivery]) -> None:
-        """Hand over deliveries; return when the pool has room for more.
-
-        The deliveries belong to the pool from the call on, even if it is cancelled.
-        """
-        self._pending.extend(batch)
-        idle = self._idle
-        for _ in range(min(len(idle), len(self._pending))):
-            _resolve(idle.popleft())
-        while len(self._pending) >= self.capacity and not self._closing:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
-
-    def _make_room(self) -> None:
-        if self._room is not None and len(self._pending) < self.capacity // 2 + 1:
-            _resolve(self._room)
-            self._room = None
-
-    async def _work(self) -> None:
-        pending, loop = self._pending, asyncio.get_running_loop()
-        worker = asyncio.current_task()
-        assert worker is not None
-        while True:
-            if not pending:
-                if self._closing:
-                    return
-                idle = loop.create_future()
-                self._idle.append(idle)
-                await idle
-                continue
-            delivery = pending.popleft()
-            if self._room is not None:
-                self._make_room()
-            self._running.add(delivery)
-            try:
-                finished = await self._handle(delivery, worker)
-            except asyncio.CancelledError:
-                self._running.discard(delivery)
-                self._to_release.append(delivery)
-                raise
-            self._running.discard(delivery)
-            if finished is None:
-                continue
-            (self._to_ack if finished else self._to_release).append(delivery)
-            if finished and self._ack_wakeup is not None:
-                _resolve(self._ack_wakeup)
-
-    def _arguments(self, delivery: Delivery) -> dict[str, Any]:
-        payload = decode_object(delivery.body)
-        if self._dto_class is not None:
-            dto = (msgspec.convert(payload, self._dto_class) if self._is_struct
-                   else self._dto_class(**payload))
-            payload = {**payload, self.consumer.dto_name: dto}
-        if self._raw_arg is not None:
-            payload[self._raw_arg] = delivery.raw
-        return payload
-
-    async def _run_handler(self, kwargs: dict[str, Any], worker: asyncio.Task[None]) -> None:
-        result = self.consumer.handler(**kwargs)
-        if not inspect.isawaitable(result):
-            return
-        self._watchdog.watch(worker, self.consumer.timeout)
-        try:
-            await result
-        except asyncio.CancelledError:
-            if not self._watchdog.expired(worker):
-                raise
-            raise asyncio.TimeoutError from None
-        finally:
-            self._watchdog.forget(worker)
-
-    async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> bool | None:
-        """True: done, to acknowledge; False: to release; None: the handler acks it."""
-        consumer = self.consumer
-        try:
-            kwargs = self._arguments(delivery)
-        except Exception as exc:
-            self.log.error('Message in %s is malformed, dead-lettered: %s', self.name, exc)
-            return await self._dead_letter(delivery, exc, 0)
-        attempts, limit = 0, self.retries + 1
-        while True:
-            attempts += 1
-            try:
-                await self._run_handler(kwargs, worker)
-                return True if self.autoack else None
-            except asyncio.TimeoutError as exc:
-                error: Exception = exc
-                self.log.warning('Consumer %s timed out after %ss (attempt %d of %d)',
-                                 consumer.key, consumer.timeout, attempts, limit)
-            except Exception as exc:
-                error = exc
-                self.log.warning('Consumer %s failed (attempt %d of %d): %r',
-                                 consumer.key, attempts, limit, exc)
-            if attempts >= limit:
-                self.log.error('Consumer %s gave up on a message of %s after %d attempts',
-                               consumer.key, self.name, attempts, exc_info=error)
-                return await self._dead_letter(delivery, error, attempts)
-            await self._sleep(self.backoff * 2 ** (attempts - 1))
-            if self._closing:
-                return False
-
-    async def _sleep(self, delay: float) -> None:
-        if delay <= 0 or self._closing:
-            return
-        loop = asyncio.get_running_loop()
-        wakeup = loop.create_future()
-        timer = loop.call_later(delay, _resolve, wakeup)
-        self._sleepers.add(wakeup)
-        try:
-            await wakeup
-        finally:
-            timer.cancel()
-            self._sleepers.discard(wakeup)
-
-    async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
-                           ) -> bool:
-        envelope = encode_json({
-            'queue': self.name,
-            **_original_body(delivery.body),
-            'error': f'{type(error).__name__}: {error}',
-            'attempts': attempts,
-            'consumer': self.consumer.key,
-            'failed_at': time.time(),
-        })
-        try:
-            await self.broker.dead_letter(self.name, delivery, envelope)
-        except Exception as exc:
-            _log_failure(self.log, exc, 'Dead-lettering a message of %s failed; it goes back '
-                         'to the queue', self.name)
-            return False
-        return True
-
-    async def _acknowledge(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._to_ack:
-                if self._closing and all(w.done() for w in self._workers):
-                    return
-                self._ack_wakeup = loop.create_future()
-                await self._ack_wakeup
-                self._ack_wakeup = None
-                continue
-            batch, self._to_ack = self._to_ack, []
-            try:
-                await self.broker.ack(self.name, batch)
-            except Exception as exc:
-                _log_failure(self.log, exc, 'Acknowledging %d messages of %s failed; they '
-                             'will be delivered again', len(batch), self.name)
-
-    async def close(self, grace: float | None = None) -> None:
-        """Stop taking messages, let running handlers finish (each within its timeout,
-        or ``grace`` seconds), acknowledge what finished and release the rest."""
-        self._closing = True
-        released = list(self._pending)
-        self._pending.clear()
-        for future in (*self._idle, *self._sleepers):
-            _resolve(future)
-        self._idle.clear()
-        if self._room is not None:
-            _resolve(self._room)
-        timeout = grace if grace is not None else self.consumer.timeout + 1
-        if self._workers:
-            _, late = await asyncio.wait(self._workers, timeout=timeout)
-            for task in late:
-                task.cancel()
-            if late:
-                self.log.warning('Cancelled %d handlers of %s still running at stop',
-                                 len(late), self.name)
-                await asyncio.gather(*late, return_exceptions=True)
-        if self._acker is not None:
-            if self._ack_wakeup is not None:
-                _resolve(self._ack_wakeup)
-            _, late = await asyncio.wait({self._acker}, timeout=max(timeout, ACK_FLUSH_TIMEOUT))
-            if late:
-                self._acker.cancel()
-                self.log.error('Acknowledging the last messages of %s timed out; they will be '
-                               'delivered again', self.name)
-                await asyncio.gather(self._acker, return_exceptions=True)
-        self._watchdog.close()
-        released.extend(self._to_release)
-        if released:
-            try:
-                await self.broker.release(self.name, released)
-            except Exception as exc:
-                _log_failure(self.log, exc, 'Releasing %d messages of %s failed; the broker '
-                             'will deliver them again', len(released), self.name)
-
-
-class AbstractQueueBroker(abc.ABC):
-    """The queue broker: send JSON-object messages to durable queues and consume them.
-
-    A backend implements :meth:`send`, :meth:`bind` (start feeding ``self.pools[name]``;
-    return once consumption is live), :meth:`queue_length`, and where the transport
-    needs them :meth:`unbind`, :meth:`ack`, :meth:`release`, :meth:`close`. Retries,
-    dead letters, concurrency, backpressure and the graceful drain live in
-    :class:`ConsumerPool`, shared by all backends.
-
-    Upper-case class attributes (``ROLLBACK_ATTEMPTS``, and a backend's own such as
-    ``VISIBILITY_TIMEOUT``) can be set per broker as keyword arguments.
-    Every declared queue is an attribute: ``await broker.mailer.send({'text': 'hi'})``.
-    """
-
-    ROLLBACK_ATTEMPTS: ClassVar[int] = 3
-    RETRY_BACKOFF: ClassVar[float] = 0.5
-    PREFETCH: ClassVar[int] = 64
-    RAW_MESSAGE_ARG: ClassVar[str | None] = None
-    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = frozenset(CONSUMER_DEFAULTS)
-
-    def __init__(self, dsn: str, log: logging.Logger | None = None, *,
-                 logger: logging.Logger | None = None, **attributes: Any) -> None:
-        self.dsn = dsn
-        self.log = log or logger or logging.getLogger('microagent.broker')
-        self.pools: dict[str, ConsumerPool] = {}
-        for key, value in attributes.items():
-            if not key.isupper() or not hasattr(type(self), key):
-                settable = sorted(k for k in dir(type(self)) if k.isupper() and k[0] != '_')
-                raise TypeError(f'{type(self).__name__} has no setting {key!r}; '
-                                f'settable: {", ".join(settable)}')
-            setattr(self, key, value)
-
-    def __repr__(self) -> str:
-        return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
-
-    def __getattr__(self, name: str) -> BoundQueue:
-        if name.startswith('__'):
-            raise AttributeError(name)
-        return BoundQueue(self, Queue.get(name))
-
-    @abc.abstractmethod
-    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
-        """Store ``message`` (JSON bytes) in queue ``name``; return once it is stored."""
-
-    async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
-        """Store several messages in queue ``name`` in as few round trips as the backend
-        allows; return once all are stored. The default sends them one by one."""
-        for message in messages:
-            await self.send(name, message, **kwargs)
-
-    @abc.abstractmethod
-    async def bind(self, name: str) -> None:
-        """Start consuming queue ``name`` into ``self.pools[name]``; return once live."""
-
-    @abc.abstractmethod
-    async def queue_length(self, name: str) -> int:
-        """How many messages wait in queue ``name``."""
-
-    async def unbind(self, name: str) -> None:  # noqa: B027 - optional for backends
-        """Stop fetching from queue ``name``; no :meth:`ConsumerPool.feed` after it."""
-
-    async def ack(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
-        """Acknowledge finished deliveries (handled or dead-lettered)."""
-
-    async def release(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
-        """Give unfinished deliveries back to the queue, to be delivered again."""
-
-    async def unbound(self, name: str) -> None:  # noqa: B027 - optional for backends
-        """The consumer of ``name`` has drained (everything acknowledged or released):
-        release what consuming it held (a channel, a consumer group membership)."""
-
-    async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
-        """Store the envelope of a message that could not be handled in ``{name}.dead``."""
-        await self.send(f'{name}.dead', envelope)
-
-    async def close(self) -> None:  # noqa: B027 - optional for backends
-        """Flush and release the broker's connections."""
-
-    async def bind_consumer(self, consumer: Consumer) -> None:
-        """Start a consumer; only one consumer per queue per broker."""
-        name = consumer.queue.name
-        if name in self.pools:
-            raise QueueException(f'queue {name!r} already has a consumer on {self!r}: '
-                                 f'{self.pools[name].consumer.key}')
-        unknown = set(consumer.options) - self.CONSUMER_OPTIONS
-        if unknown:
-            raise QueueException(
-                f'{consumer.key}: unknown consumer option {", ".join(sorted(unknown))} for '
-                f'{type(self).__name__}; known: {", ".join(sorted(self.CONSUMER_OPTIONS))}')
-        pool = self.pools[name] = ConsumerPool(self, consumer)
-        pool.start()
-        try:
-            await self.bind(name)
-        except BaseException:
-            self.pools.pop(name, None)
-            await pool.close(0)
-            raise
-        self.log.info('%s consumes %s (concurrency %d)', consumer.key, name, pool.concurrency)
-
-    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
-        """Stop a consumer gracefully (see :meth:`ConsumerPool.close`)."""
-        pool = self.pools.get(consumer.queue.name)
-        if pool is None or pool.consumer is not consumer:
-            return
-        pool.stop_feeding()
-        try:
-            await self.unbind(pool.name)
-        finally:
-            try:
-                await pool.close(grace)
-            finally:
-                self.pools.pop(pool.name, None)
-                await self.unbound(pool.name)
-
-
 class BoundQueue:
     """A queue on a broker: ``broker.<queue_name>``."""
 
@@ -1813,6 +1621,471 @@ class BoundQueue:
     async def length(self) -> int:
         """How many messages wait in the queue."""
         return await self.broker.queue_length(self.queue.name)
+
+
+class AbstractQueueBroker(abc.ABC):
+    """The queue broker: send JSON-object messages to durable queues and consume them.
+
+    A backend implements :meth:`send`, :meth:`bind` (start feeding ``self.pools[name]``;
+    return once consumption is live), :meth:`queue_length`, and where the transport
+    needs them :meth:`unbind`, :meth:`ack`, :meth:`release`, :meth:`unbound` and
+    :meth:`disconnect`. Retries, dead letters, concurrency, backpressure and the
+    graceful drain live in :class:`ConsumerPool`, shared by all backends; a backend's
+    connections report their state in :attr:`links`.
+
+    Upper-case class attributes (``ROLLBACK_ATTEMPTS``, and a backend's own such as
+    ``VISIBILITY_TIMEOUT``) can be set per broker as keyword arguments.
+    Every declared queue is an attribute: ``await broker.mailer.send({'text': 'hi'})``.
+    """
+
+    ROLLBACK_ATTEMPTS: ClassVar[int] = 3
+    RETRY_BACKOFF: ClassVar[float] = 0.5
+    PREFETCH: ClassVar[int] = 64
+    RAW_MESSAGE_ARG: ClassVar[str | None] = None
+    Options: ClassVar[type[ConsumerOptions]]  # set below: the consumer options it takes
+
+    def __init__(self, dsn: str, log: logging.Logger | None = None, *,
+                 logger: logging.Logger | None = None, **attributes: Any) -> None:
+        self.dsn = dsn
+        self.log = log or logger or logging.getLogger('microagent.broker')
+        self.pools: dict[str, ConsumerPool] = {}
+        self.links: dict[str, Link] = {}
+        _apply_settings(self, attributes, ('dsn', 'log'))
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
+
+    def __getattr__(self, name: str) -> BoundQueue:
+        if name.startswith('__'):
+            raise AttributeError(name)
+        return BoundQueue(self, Queue.get(name))
+
+    @property
+    def connected(self) -> bool:
+        """True when every connection the broker opened is up (see :attr:`links`)."""
+        return all(link.connected for link in self.links.values())
+
+    def link(self, name: str) -> Link:
+        """The :class:`Link` called ``name``, made on first use (backends call this)."""
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = Link(name, redact_dsn(self.dsn), self.log)
+        return link
+
+    @abc.abstractmethod
+    async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
+        """Store ``message`` (JSON bytes) in queue ``name``; return once it is stored."""
+
+    async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
+        """Store several messages in queue ``name`` in as few round trips as the backend
+        allows; return once all are stored. The default sends them one by one."""
+        for message in messages:
+            await self.send(name, message, **kwargs)
+
+    @abc.abstractmethod
+    async def queue_length(self, name: str) -> int:
+        """How many messages wait in queue ``name``."""
+
+    # -- consuming ------------------------------------------------------------------
+
+    async def bind_consumer(self, consumer: Consumer) -> None:
+        """Start a consumer; only one consumer per queue per broker."""
+        name = consumer.queue.name
+        if name in self.pools:
+            raise QueueException(f'queue {name!r} already has a consumer on {self!r}: '
+                                 f'{self.pools[name].consumer.key}')
+        options = self.Options.of(consumer, type(self).__name__)
+        pool = self.pools[name] = ConsumerPool(self, consumer, options)
+        pool.start()
+        try:
+            await self.bind(name)
+        except BaseException:
+            self.pools.pop(name, None)
+            await pool.close(0)
+            raise
+        self.log.info('%s consumes %s (concurrency %d)', consumer.key, name, pool.concurrency)
+
+    async def unbind_consumer(self, consumer: Consumer, grace: float | None = None) -> None:
+        """Stop a consumer gracefully (see :meth:`ConsumerPool.close`)."""
+        pool = self.pools.get(consumer.queue.name)
+        if pool is None or pool.consumer is not consumer:
+            return
+        pool.stop_feeding()
+        try:
+            await self.unbind(pool.name)
+        finally:
+            try:
+                await pool.close(grace)
+            finally:
+                self.pools.pop(pool.name, None)
+                await self.unbound(pool.name)
+
+    @abc.abstractmethod
+    async def bind(self, name: str) -> None:
+        """Start consuming queue ``name`` into ``self.pools[name]``; return once live."""
+
+    async def unbind(self, name: str) -> None:  # noqa: B027 - optional for backends
+        """Stop fetching from queue ``name``; no :meth:`ConsumerPool.feed` after it."""
+
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+        """Acknowledge finished deliveries (handled or dead-lettered)."""
+
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+        """Give unfinished deliveries back to the queue, to be delivered again."""
+
+    async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
+        """Store the envelope of a message that could not be handled in ``{name}.dead``."""
+        await self.send(f'{name}.dead', envelope)
+
+    async def unbound(self, name: str) -> None:  # noqa: B027 - optional for backends
+        """The consumer of ``name`` has drained (everything acknowledged or released):
+        release what consuming it held (a channel, a consumer group membership)."""
+
+    # -- closing --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every consumer gracefully (acknowledging what finished, releasing the
+        rest), then let the backend flush and close its connections (:meth:`disconnect`).
+        The broker can be used again afterwards."""
+        for pool in list(self.pools.values()):
+            await self.unbind_consumer(pool.consumer)
+        await self.disconnect()
+        self.links.clear()
+
+    async def disconnect(self) -> None:  # noqa: B027 - optional for backends
+        """Flush and close the backend's connections (after the consumers drained)."""
+
+
+class ConsumerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The options of ``@consumer(...)`` that every broker takes; a backend that takes
+    more subclasses it as its ``Options`` (``AMQPBroker.Options`` adds ``prefetch`` and
+    ``declare_queue``, ``KafkaBroker.Options`` adds ``group_id``). Checked once, when
+    the consumer is bound to its broker; the common ones also by the decorator.
+    """
+
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 10
+    """Handlers running at once; 1 keeps the order."""
+    retries: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    """Further attempts after a failure (default: the broker's ``ROLLBACK_ATTEMPTS``)."""
+    backoff: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    """Seconds before the first retry, doubled each time (default ``RETRY_BACKOFF``)."""
+    autoack: bool = True
+    """Acknowledge once the handler returned; False leaves it to the handler."""
+
+    @classmethod
+    def of(cls: type[_Options], consumer: Consumer, broker_name: str) -> _Options:
+        """The options of ``consumer`` for a broker taking ``cls``, or a clear error."""
+        unknown = set(consumer.options) - set(cls.__struct_fields__)
+        if unknown:
+            raise QueueException(
+                f'{consumer.key}: unknown consumer option {", ".join(sorted(unknown))} for '
+                f'{broker_name}; known: {", ".join(sorted(cls.__struct_fields__))}')
+        try:
+            return msgspec.convert(consumer.options, cls)
+        except msgspec.ValidationError as exc:
+            raise QueueException(f'{consumer.key}: {_option_problem(exc)}') from None
+
+
+AbstractQueueBroker.Options = ConsumerOptions
+_Options = TypeVar('_Options', bound=ConsumerOptions)
+
+
+def _option_problem(error: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int` >= 1, got `0` - at `$.prefetch`" as "prefetch must be
+    `int` >= 1, got `0`"."""
+    message, _, where = str(error).rpartition(' - at `$.')
+    if not where:
+        return str(error)
+    return f'{where.rstrip("`")} must be {message.removeprefix("Expected ")}'
+
+
+ACK_FLUSH_TIMEOUT = 10.0
+
+
+class Outcome(enum.Enum):
+    """What becomes of a delivery once its worker is done with it."""
+
+    ACK = 'ack'  # handled, or dead-lettered: acknowledge it
+    RELEASE = 'release'  # not finished (the pool is stopping): give it back
+    HANDLER_ACKS = 'handler acks'  # autoack=False: the handler acknowledges it itself
+
+
+class _Waiter:
+    """One task waiting to be woken by another: a bare future, made per wait.
+
+    The pool's hand-overs go through these rather than ``asyncio.Queue``, whose put and
+    get cost a future and a lock round per message; here a batch of deliveries costs one
+    wake-up per idle worker.
+    """
+
+    __slots__ = ('_future',)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        self._future = asyncio.get_running_loop().create_future()
+        try:
+            await self._future
+        finally:
+            self._future = None
+
+    @property
+    def waiting(self) -> bool:
+        return self._future is not None
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+class ConsumerPool:
+    """Consumes one queue for one consumer: the logic every backend reuses.
+
+    The backend feeds batches of :class:`Delivery` with :meth:`feed`, which waits while
+    the pool is full (backpressure). A fixed set of ``concurrency`` workers runs the
+    handler; a failure or timeout is retried ``retries`` times with doubling
+    ``backoff``, then the message goes to the dead-letter queue with the error. A body
+    that is not a JSON object (or does not fit the DTO) goes there at once. Finished
+    messages are acknowledged in batches through ``broker.ack``; on :meth:`close`,
+    messages not started or not finished go back through ``broker.release``.
+    """
+
+    def __init__(self, broker: AbstractQueueBroker, consumer: Consumer,
+                 options: ConsumerOptions) -> None:
+        self.broker = broker
+        self.consumer = consumer
+        self.options = options
+        self.name = consumer.queue.name
+        self.log = broker.log
+        self.concurrency = options.concurrency
+        self.retries = broker.ROLLBACK_ATTEMPTS if options.retries is None else options.retries
+        self.backoff = broker.RETRY_BACKOFF if options.backoff is None else options.backoff
+        self.capacity = max(2 * self.concurrency, broker.PREFETCH)
+        self._pending: deque[Delivery] = deque()  # fed, not started
+        self._running: set[Delivery] = set()
+        self._to_ack: list[Delivery] = []
+        self._to_release: list[Delivery] = []
+        self._idle: deque[_Waiter] = deque()  # workers waiting for deliveries
+        self._room = _Waiter()  # the feeder, waiting for room
+        self._acks_waiting = _Waiter()  # the acknowledging task, waiting for work
+        self._closing = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._acker: asyncio.Task[None] | None = None
+        self._watchdog = Watchdog()
+
+    def __repr__(self) -> str:
+        return f'<ConsumerPool {self.name} x{self.concurrency} for {self.consumer.key}>'
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
+        self._acker = loop.create_task(self._acknowledge())
+
+    @property
+    def closing(self) -> bool:
+        """True once the pool stops taking messages: backends stop fetching."""
+        return self._closing.is_set()
+
+    def stop_feeding(self) -> None:
+        """Take no more messages: a :meth:`feed` waiting for room returns at once."""
+        self._closing.set()
+        self._room.wake()
+
+    # -- the feeder's side ----------------------------------------------------------
+
+    async def feed(self, batch: Iterable[Delivery]) -> None:
+        """Hand over deliveries; return when the pool has room for more.
+
+        The deliveries belong to the pool from the call on, even if it is cancelled.
+        """
+        pending, idle = self._pending, self._idle
+        pending.extend(batch)
+        for _ in range(min(len(idle), len(pending))):
+            idle.popleft().wake()
+        while len(pending) >= self.capacity and not self.closing:
+            await self._room.wait()
+
+    # -- the workers ----------------------------------------------------------------
+
+    async def _work(self) -> None:
+        pending, waiter = self._pending, _Waiter()
+        worker = asyncio.current_task()
+        assert worker is not None
+        while True:
+            if not pending:
+                if self.closing:
+                    return
+                self._idle.append(waiter)
+                await waiter.wait()
+                continue
+            delivery = pending.popleft()
+            if self._room.waiting and len(pending) < self.capacity // 2 + 1:
+                self._room.wake()
+            self._running.add(delivery)
+            try:
+                outcome = await self._handle(delivery, worker)
+            except asyncio.CancelledError:
+                self._running.discard(delivery)
+                self._to_release.append(delivery)
+                raise
+            self._running.discard(delivery)
+            if outcome is Outcome.ACK:
+                self._to_ack.append(delivery)
+                self._acks_waiting.wake()
+            elif outcome is Outcome.RELEASE:
+                self._to_release.append(delivery)
+
+    def _arguments(self, delivery: Delivery) -> dict[str, Any]:
+        payload = decode_object(delivery.body)
+        consumer = self.consumer
+        if consumer.dto_class is not None:
+            dto_class = consumer.dto_class
+            dto = (msgspec.convert(payload, dto_class) if issubclass(dto_class, msgspec.Struct)
+                   else dto_class(**payload))
+            payload = {**payload, consumer.dto_name: dto}
+        raw_arg = self.broker.RAW_MESSAGE_ARG
+        if raw_arg is not None:
+            payload[raw_arg] = delivery.raw
+        return payload
+
+    async def _run_handler(self, kwargs: dict[str, Any], worker: asyncio.Task[None]) -> None:
+        result = self.consumer.handler(**kwargs)
+        if not inspect.isawaitable(result):
+            return
+        self._watchdog.watch(worker, self.consumer.timeout)
+        try:
+            await result
+        except asyncio.CancelledError:
+            if not self._watchdog.expired(worker):
+                raise
+            raise asyncio.TimeoutError from None
+        finally:
+            self._watchdog.forget(worker)
+
+    async def _handle(self, delivery: Delivery, worker: asyncio.Task[None]) -> Outcome:
+        consumer = self.consumer
+        try:
+            kwargs = self._arguments(delivery)
+        except Exception as exc:
+            self.log.error('Message in %s is malformed, dead-lettered: %s', self.name, exc)
+            return await self._dead_letter(delivery, exc, 0)
+        attempts, limit = 0, self.retries + 1
+        while True:
+            attempts += 1
+            try:
+                await self._run_handler(kwargs, worker)
+                return Outcome.ACK if self.options.autoack else Outcome.HANDLER_ACKS
+            except asyncio.TimeoutError as exc:
+                error: Exception = exc
+                self.log.warning('Consumer %s timed out after %ss (attempt %d of %d)',
+                                 consumer.key, consumer.timeout, attempts, limit)
+            except Exception as exc:
+                error = exc
+                self.log.warning('Consumer %s failed (attempt %d of %d): %r',
+                                 consumer.key, attempts, limit, exc)
+            if attempts >= limit:
+                self.log.error('Consumer %s gave up on a message of %s after %d attempts',
+                               consumer.key, self.name, attempts, exc_info=error)
+                return await self._dead_letter(delivery, error, attempts)
+            delay = self.backoff * 2 ** (attempts - 1)
+            if delay > 0 and not self.closing:  # a stop cuts the backoff short
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+            if self.closing:
+                return Outcome.RELEASE
+
+    async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
+                           ) -> Outcome:
+        envelope = encode_json({
+            'queue': self.name,
+            **_original_body(delivery.body),
+            'error': f'{type(error).__name__}: {error}',
+            'attempts': attempts,
+            'consumer': self.consumer.key,
+            'failed_at': time.time(),
+        })
+        try:
+            await self.broker.dead_letter(self.name, delivery, envelope)
+        except Exception as exc:
+            _log_failure(self.log, exc, 'Dead-lettering a message of %s failed; it goes back '
+                         'to the queue', self.name)
+            return Outcome.RELEASE
+        return Outcome.ACK
+
+    # -- acknowledging and closing --------------------------------------------------
+
+    async def _acknowledge(self) -> None:
+        while True:
+            if not self._to_ack:
+                if self.closing and all(w.done() for w in self._workers):
+                    return
+                await self._acks_waiting.wait()
+                continue
+            batch, self._to_ack = self._to_ack, []
+            try:
+                await self.broker.ack(self.name, batch)
+            except Exception as exc:
+                _log_failure(self.log, exc, 'Acknowledging %d messages of %s failed; they '
+                             'will be delivered again', len(batch), self.name)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop taking messages, let running handlers finish (each within its timeout,
+        or ``grace`` seconds), acknowledge what finished and release the rest."""
+        self.stop_feeding()
+        released = list(self._pending)
+        self._pending.clear()
+        for waiter in self._idle:
+            waiter.wake()
+        self._idle.clear()
+        timeout = grace if grace is not None else self.consumer.timeout + 1
+        if self._workers:
+            _, late = await asyncio.wait(self._workers, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                self.log.warning('Cancelled %d handlers of %s still running at stop',
+                                 len(late), self.name)
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._acker is not None:
+            self._acks_waiting.wake()
+            _, late = await asyncio.wait({self._acker}, timeout=max(timeout, ACK_FLUSH_TIMEOUT))
+            if late:
+                self._acker.cancel()
+                self.log.error('Acknowledging the last messages of %s timed out; they will be '
+                               'delivered again', self.name)
+                await asyncio.gather(self._acker, return_exceptions=True)
+        self._watchdog.close()
+        released.extend(self._to_release)
+        if released:
+            try:
+                await self.broker.release(self.name, released)
+            except Exception as exc:
+                _log_failure(self.log, exc, 'Releasing %d messages of %s failed; the broker '
+                             'will deliver them again', len(released), self.name)
+
+
+def _original_body(body: Any) -> dict[str, str]:
+    """A dead letter's copy of the message: ``body`` when it is UTF-8 text (a JSON
+    body always is), else ``body_base64``, so the original bytes can be recovered."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        return {'body': str(body)}
+    try:
+        return {'body': bytes(body).decode('utf-8')}
+    except UnicodeDecodeError:
+        import base64
+
+        return {'body_base64': base64.b64encode(body).decode('ascii')}
+
+
+def _log_failure(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
+    """Log a failed broker operation: one warning line for a lost connection (the
+    backend says how it recovers), the traceback only for an unexpected error."""
+    if isinstance(error, ConnectionError):
+        log.warning(message + ': %s', *args, error)
+    else:
+        log.error(message, *args, exc_info=error)
 
 
 # =====================================================================================
@@ -1923,7 +2196,8 @@ class CronTask(_Timer):
 
 def _memory_name(dsn: str) -> str:
     if not isinstance(dsn, str) or not dsn.startswith('memory://'):
-        raise ValueError(f'a memory backend DSN is memory://NAME, not {dsn!r}')
+        shown = redact_dsn(dsn) if isinstance(dsn, str) else dsn
+        raise ValueError(f'a memory backend needs a memory://NAME DSN, not {shown!r}')
     return dsn[len('memory://'):] or 'default'
 
 
@@ -1973,10 +2247,9 @@ class MemorySignalBus(AbstractSignalBus):
                 del self._hub.subscriptions[channel]
         self._patterns.discard(channel)
 
-    async def close(self) -> None:
+    async def disconnect(self) -> None:
         for channel in list(self._patterns):
             await self.unbind(channel)
-        await super().close()
 
 
 class _MemoryQueue:
@@ -2050,9 +2323,9 @@ class MemoryBroker(AbstractQueueBroker):
 
     async def bind(self, name: str) -> None:
         pool = self.pools[name]
-        self._fetchers[name] = asyncio.get_running_loop().create_task(self._fetch(name, pool))
+        self._fetchers[name] = asyncio.get_running_loop().create_task(self._consume(name, pool))
 
-    async def _fetch(self, name: str, pool: ConsumerPool) -> None:
+    async def _consume(self, name: str, pool: ConsumerPool) -> None:
         queue, size = self._hub.queue(name), self.FETCH_BATCH
         items = queue.items
         while True:
@@ -2079,7 +2352,7 @@ class MemoryBroker(AbstractQueueBroker):
     async def queue_length(self, name: str) -> int:
         return len(self._hub.queue(name).items)
 
-    async def close(self) -> None:
+    async def disconnect(self) -> None:
         for name in list(self._fetchers):
             await self.unbind(name)
 
@@ -2093,13 +2366,27 @@ def _strict_mock(spec: type, name: str) -> mock.MagicMock:
     return mock.MagicMock(spec=spec, name=name)
 
 
+def _checking(check: Callable[..., Any]) -> Callable[..., Any]:
+    """A mock's ``side_effect`` that makes the checks of the real method (raising what it
+    raises) and then lets the mock answer its ``return_value``."""
+    from unittest import mock
+
+    def side_effect(*args: Any, **kwargs: Any) -> Any:
+        check(*args, **kwargs)
+        return mock.DEFAULT
+    return side_effect
+
+
 class BusMock(AbstractSignalBus):
     """A signal bus for tests, built on ``unittest.mock``.
 
     ``bus.<signal>`` is a mock of :class:`BoundSignal` whose ``send``, ``call`` and
     ``waiter`` record their calls (``call`` answers ``{}``): assert on them with
-    ``agent.bus.user_created.send.assert_called_once_with('me', user_id=1)``. A signal
-    that is not declared raises :class:`SignalNotFound`, as on a real bus.
+    ``agent.bus.user_created.send.assert_called_once_with('me', user_id=1)``. They check
+    and serialize exactly as a real bus does: a signal that is not declared raises
+    :class:`SignalNotFound`, a payload that is not JSON or does not match a strict
+    signal raises :class:`SerializingError`, one that does not match a typed signal is
+    logged as the same warning. Nothing is delivered: no receiver runs.
     """
 
     def __init__(self, dsn: str = 'mock://', prefix: str = 'PUBSUB',
@@ -2124,6 +2411,17 @@ class BusMock(AbstractSignalBus):
         if bound is None:
             bound = self._signal_mocks[name] = _strict_mock(BoundSignal, f'bus.{name}')
             bound.signal, bound.bus = signal, self
+            real = BoundSignal(self, signal)
+
+            def check_send(sender: str, **kwargs: Any) -> None:
+                real._prepare(sender, kwargs)
+
+            def check_call(sender: str, timeout: float = 60, **kwargs: Any) -> None:
+                real._prepare(sender, kwargs)
+
+            bound.send.side_effect = _checking(check_send)
+            bound.call.side_effect = _checking(check_call)
+            bound.waiter.side_effect = _checking(check_call)
             bound.call.return_value = {}
         return bound
 
@@ -2131,9 +2429,12 @@ class BusMock(AbstractSignalBus):
 class BrokerMock(AbstractQueueBroker):
     """A queue broker for tests, built on ``unittest.mock``.
 
-    ``broker.<queue>`` is a mock of :class:`BoundQueue` whose ``send`` and ``length``
-    record their calls (``length`` answers 0): ``agent.broker.mailer.send.assert_called()``.
-    A queue that is not declared raises :class:`QueueNotFound`, as on a real broker.
+    ``broker.<queue>`` is a mock of :class:`BoundQueue` whose ``send``, ``send_many`` and
+    ``length`` record their calls (``length`` answers 0):
+    ``agent.broker.mailer.send.assert_called()``. They check and serialize exactly as a
+    real broker does: a queue that is not declared raises :class:`QueueNotFound`, a
+    message that is not a dict of JSON values raises :class:`SerializingError`. Nothing
+    is stored: no consumer runs.
     """
 
     def __init__(self, dsn: str = 'mock://', log: logging.Logger | None = None) -> None:
@@ -2163,6 +2464,16 @@ class BrokerMock(AbstractQueueBroker):
         if bound is None:
             bound = self._queue_mocks[name] = _strict_mock(BoundQueue, f'broker.{name}')
             bound.queue, bound.broker = queue, self
+
+            def check_send(message: Mapping[str, Any], **options: Any) -> None:
+                queue.serialize(message)
+
+            def check_send_many(messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+                for message in messages:
+                    queue.serialize(message)
+
+            bound.send.side_effect = _checking(check_send)
+            bound.send_many.side_effect = _checking(check_send_many)
             bound.length.return_value = 0
         return bound
 
@@ -2177,6 +2488,7 @@ SENT_KINDS = ('sends', 'calls', 'produces')
 EDGE_KINDS = ('receives', 'consumes', 'sends', 'calls', 'produces')
 GRAPH_FORMATS = ('dot', 'mermaid', 'json', 'asyncapi', 'svg', 'png')
 RENDERED_FORMATS = ('svg', 'png')
+BINARY_FORMATS = ('png',)
 
 # What a call on ``self.bus.X`` / ``self.broker.X`` means for the graph.
 _BUS_CALLS = {'send': 'sends', 'call': 'calls', 'waiter': 'calls'}
@@ -2553,10 +2865,9 @@ class Topology(msgspec.Struct, frozen=True):
                       for e in self.edges],
         }
 
-    def to_json(self) -> bytes:
-        """The graph as indented UTF-8 JSON ending with a newline."""
-        import msgspec
-        return msgspec.json.format(encode_json(self.as_dict()), indent=2) + b'\n'
+    def to_json(self) -> str:
+        """The graph as indented JSON text ending with a newline."""
+        return msgspec.json.format(encode_json(self.as_dict()), indent=2).decode() + '\n'
 
     def to_dot(self) -> Any:
         """The graph as a ``graphviz.Digraph`` (its ``.source`` is the DOT text)."""
@@ -2578,7 +2889,7 @@ class Topology(msgspec.Struct, frozen=True):
         :class:`GraphRenderError` when ``dot`` is not installed or fails."""
         if fmt not in RENDERED_FORMATS:
             raise ValueError(f'render() draws {" or ".join(RENDERED_FORMATS)}, not {fmt!r}')
-        import graphviz
+        graphviz = _optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
         try:
             data: bytes = self.to_dot().pipe(format=fmt)
         except graphviz.ExecutableNotFound:
@@ -2593,7 +2904,7 @@ class Topology(msgspec.Struct, frozen=True):
     def export(self, fmt: str) -> bytes:
         """The graph in one of ``GRAPH_FORMATS``, as bytes (text is UTF-8)."""
         if fmt == 'json':
-            return self.to_json()
+            return self.to_json().encode()
         if fmt == 'dot':
             return str(self.to_dot().source).encode()
         if fmt == 'mermaid':
@@ -2763,29 +3074,17 @@ def _agent_label(agent: AgentNode) -> str:
 
 
 def _dot_legend(graph: Any) -> None:
-    """A cluster showing the three node shapes and the five edge styles."""
+    """A small cluster showing the three node shapes; the edges carry their own labels."""
     with graph.subgraph(name='cluster_legend') as legend:
-        legend.attr(label='Legend', style='rounded', color='#94a3b8', fontsize='10')
+        legend.attr(label='Legend', style='rounded', color='#cbd5e1', fontsize='8',
+                    fontcolor='#64748b', margin='4', rank='same')
         for kind in ('agent', 'signal', 'queue'):
-            legend.node(f'legend_{kind}', label=kind, fontsize='10', **_NODE_STYLES[kind])
-        legend.edge('legend_agent', 'legend_signal', style='invis')
-        legend.edge('legend_signal', 'legend_queue', style='invis')
-        kinds = ''.join(f'<TR><TD ALIGN="RIGHT" PORT="{kind}">{kind}</TD></TR>'
-                        for kind in EDGE_KINDS)
-        ends = ''.join(f'<TR><TD PORT="{kind}"> </TD></TR>' for kind in EDGE_KINDS)
-        table = '<<TABLE BORDER="0" CELLBORDER="0" CELLSPACING="4">{}</TABLE>>'
-        legend.node('legend_edge_kinds', label=table.format(kinds), shape='plaintext',
-                    fontsize='10')
-        legend.node('legend_edge_ends', label=table.format(ends), shape='plaintext',
-                    fontsize='10')
-        for kind in EDGE_KINDS:
-            legend.edge(f'legend_edge_kinds:{kind}:e', f'legend_edge_ends:{kind}:w',
-                        **_EDGE_STYLES[kind])
+            legend.node(f'legend_{kind}', label=kind, fontsize='8', height='0.2',
+                        width='0.5', margin='0.04,0.02', **_NODE_STYLES[kind])
 
 
 def _dot_graph(topology: Topology) -> Any:
-    import graphviz
-
+    graphviz = _optional_dependency('graphviz', GRAPHVIZ_NEEDED_FOR)
     ids = _node_ids(topology)
     graph = graphviz.Digraph('topology', comment='microagent topology')
     graph.attr(rankdir='LR', bgcolor='white', fontname=_FONT, nodesep='0.3', ranksep='0.8')
@@ -2798,7 +3097,9 @@ def _dot_graph(topology: Topology) -> Any:
         for name in names:
             graph.node(ids[f'{kind}:{name}'], label=f'<{_html(name)}>', **_NODE_STYLES[kind])
     for edge in topology.edges:
-        graph.edge(ids[edge.source], ids[edge.target], **_EDGE_STYLES[edge.kind])
+        style = _EDGE_STYLES[edge.kind]
+        graph.edge(ids[edge.source], ids[edge.target], label=edge.kind,
+                   fontcolor=style['color'], **style)
     _dot_legend(graph)
     return graph
 
@@ -3187,9 +3488,13 @@ def asyncapi_json(document: JSONObject) -> bytes:
 
 def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -> int:
     """``marun --graph FORMAT [-o FILE] MODULE...``: write the graph of the settings
-    modules to FILE or standard output (an AsyncAPI document is titled with the
-    modules' names). Returns the exit status: 0, 2 when a settings module cannot be
-    used, 1 when drawing fails."""
+    modules to FILE or standard output. Returns the exit status: 0, 2 when a settings
+    module cannot be used (or a binary format would go to a terminal), 1 when drawing
+    fails."""
+    if fmt in BINARY_FORMATS and not output and sys.stdout.isatty():
+        print(f'marun: error: --graph {fmt} is binary and standard output is a terminal: '
+              f'write it to a file with -o FILE (or redirect the output)', file=sys.stderr)
+        return 2
     modules = list(modules)
     try:
         # What a settings module prints or logs while imported must not mix with a
@@ -3201,7 +3506,7 @@ def graph_command(modules: Iterable[str], fmt: str, output: str | None = None) -
     except (SettingsError, ValueError, TypeError) as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 2
-    except GraphRenderError as exc:
+    except (GraphRenderError, ImportError) as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 1
     if output:
@@ -3674,6 +3979,31 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
     yield from configs
 
 
+def check_transports(module_path: str) -> None:
+    """Construct each BUS and BROKER entry of a settings module that an agent uses, as
+    its process will (construction connects to nothing), so that an unknown keyword, a
+    DSN of the wrong scheme or a missing client library is a :class:`SettingsError`
+    naming the entry before any process starts. Call after :func:`load_configuration`."""
+    module = importlib.import_module(module_path)
+    agents = _section(module_path, module, 'AGENT')
+    for key, kind in (('bus', AbstractSignalBus), ('broker', AbstractQueueBroker)):
+        used = {entry.get(key) for entry in agents.values()}
+        for name, entry in _section(module_path, module, key.upper()).items():
+            if name not in used:
+                continue
+            params = dict(entry)
+            backend = params.pop('backend')
+            where = f'{module_path}: {key.upper()}[{name!r}]'
+            try:
+                transport = import_backend(backend)(**params)
+            except Exception as exc:
+                raise SettingsError(f'{where}: {exc}') from None
+            if not isinstance(transport, kind):
+                what = 'signal bus' if key == 'bus' else 'queue broker'
+                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
+                                    f'({kind.__name__} subclass)')
+
+
 def _needs(cls: type[MicroAgent]) -> list[str]:
     kinds = {type(d) for ds in cls.declarations.values() for d in ds}
     return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
@@ -3720,11 +4050,23 @@ def group_agents(configs: list[tuple[str, BackendConfig]]) -> list[list[str]]:
     return [names for _, names in groups]
 
 
+# Loggers of the client libraries (and asyncio) that ``marun`` keeps at WARNING unless
+# the settings give them a level: their INFO lines (a dozen per Kafka consumer start, two
+# per subscription change) are noise in an agent's log.
+QUIET_LOGGERS = ('aiokafka', 'aiormq', 'pamqp', 'redis', 'asyncio')
+
+
 def _configure_logging() -> None:
+    """The logging of ``marun``: INFO to standard output unless the root logger has
+    handlers already; the :data:`QUIET_LOGGERS` at WARNING unless configured."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, stream=sys.stdout,
             format='%(asctime)s %(levelname)-7s [pid#%(process)d] %(name)s: %(message)s')
+    for name in QUIET_LOGGERS:
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
 
 
 def run_group(modules: list[str], names: list[str], grace: float) -> None:
@@ -3760,6 +4102,11 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
             run_log.info('AgentProc[%s]: started on pid#%d', name, os.getpid())
         waits = [loop.create_task(agent.wait()) for agent in agents]
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except ConnectionError as exc:  # a server is unreachable: the message says which
+        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
+        failed = True
+        waits = []
     except Exception:
         run_log.exception('AgentProc[%s]: failed to start', label)
         failed = True
@@ -3898,6 +4245,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]
+        for module in args.modules:
+            check_transports(module)
     except SettingsError as exc:
         print(f'marun: error: {exc}', file=sys.stderr)
         return 2
@@ -3908,10 +4257,25 @@ def main(argv: list[str] | None = None) -> int:
     return AgentsManager(configs, grace=args.grace, modules=args.modules).start()
 
 
+def _importing_the_main_module_of_a_child() -> bool:
+    """True while a process that ``marun`` spawned imports the parent's main module (a
+    wrapper script that calls :func:`run` without an ``if __name__ == '__main__'``
+    guard): then there is nothing to run, the child runs its agents afterwards."""
+    import multiprocessing
+    return bool(getattr(multiprocessing.current_process(), '_inheriting', False))
+
+
 def run() -> None:
-    """Console entry point of ``marun``."""
+    """Console entry point of ``marun``; ``python -m microagent`` and a script calling
+    ``microagent.run()`` (with or without a ``__main__`` guard) work the same."""
+    if _importing_the_main_module_of_a_child():
+        return
     sys.exit(main())
 
 
-if __name__ == '__main__':  # pragma: no cover
-    run()
+if __name__ == '__main__':  # pragma: no cover - tested through python -m microagent
+    # ``python -m microagent`` runs this file as ``__main__``; the agents of the settings
+    # import it again as ``microagent``. Run that module, so that the launcher and the
+    # agents share one MicroAgent class (and the processes it spawns find ``run_group``).
+    import microagent
+    microagent.run()

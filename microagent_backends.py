@@ -3,20 +3,20 @@ and the Kafka broker.
 
 Each client library is imported when its backend is first used, so a machine with only
 one of them installed can use that backend; using another raises an ImportError that
-names the pip extra to install (``pip install 'microagent[redis]'``).
+names the package to install (``pip install redis``, or ``pip install '.[redis]'`` in a
+checkout of microagent: the ``microagent`` of the package index is the unrelated 1.x).
 
-Sections: shared helpers, Redis, AMQP, Kafka. Each section opens with how its backend
-stores and delivers messages.
+Sections: the transport kit every backend is built on, Redis, AMQP, Kafka. Each backend
+section opens with how it stores and delivers messages.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import inspect
+import logging
 import os
-import random
 import re
 import socket
 import urllib.parse
@@ -27,18 +27,21 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NoReturn
+
+import msgspec
 
 from microagent import (
     AbstractQueueBroker,
     AbstractSignalBus,
+    ConsumerOptions,
     ConsumerPool,
     Delivery,
+    Link,
     Queue,
     QueueException,
     QueueNotFound,
@@ -46,8 +49,6 @@ from microagent import (
 )
 
 if TYPE_CHECKING:
-    import logging
-
     from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
     from pamqp.commands import Queue as QueueMethods
     from pamqp.common import FieldTable
@@ -55,30 +56,50 @@ if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
     from redis.commands.core import AsyncScript
 
-__all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus']
+__all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus', 'Unreachable']
 
 
 # =====================================================================================
-# Shared helpers
+# The transport kit: what every backend is built on
 # =====================================================================================
+# One way to translate a client library's failure into the error a caller gets
+# (_Transport._failing), one record of the consumption of a queue (_Consumption), and,
+# from the core, one way to keep and report a connection (microagent.Link: lost, pause,
+# up) and one way to stop (close() drains the consumers, then disconnect()).
 
 def require(module: str, extra: str) -> Any:
-    """Import a client library, or raise an ImportError that names the pip extra."""
+    """Import a client library, or raise an ImportError that names what to install."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        package = module.split('.', maxsplit=1)[0]
         raise ImportError(
-            f'this backend needs the {module.split(".", maxsplit=1)[0]} package: '
-            f"pip install 'microagent[{extra}]'") from exc
+            f'this backend needs the {package} package: pip install {package} (in a '
+            f"checkout of microagent: pip install '.[{extra}]')") from exc
 
 
-def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
-    """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with
-    jitter so that many clients do not reconnect in step; endless."""
-    delay = first
-    while True:
-        yield delay * random.uniform(0.8, 1.2)
-        delay = min(delay * 2, cap)
+class _ConnectionAttemptLog(logging.Filter):
+    """Lowers the level of a client library's report of one failed connection attempt
+    (a transient condition, retried): without it every attempt would be an ERROR line of
+    the library. A record lowered below what its logger shows is dropped."""
+
+    def __init__(self, level: int, messages: Iterable[str]) -> None:
+        super().__init__()
+        self.level = level
+        self.messages = frozenset(messages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.messages or record.levelno <= self.level:
+            return True
+        record.levelno, record.levelname = self.level, logging.getLevelName(self.level)
+        return logging.getLogger(record.name).isEnabledFor(self.level)
+
+
+def lower_connection_attempt_logs(logger: str, level: int, *messages: str) -> None:
+    """Log these message templates of a library's logger at ``level`` (installed once)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(f, _ConnectionAttemptLog) for f in log.filters):
+        log.addFilter(_ConnectionAttemptLog(level, messages))
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
@@ -97,12 +118,83 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         task.exception()  # retrieved: the tasks log their own failures
 
 
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class Unreachable(ConnectionError):
+    """The server could not be reached, or did not answer in time. The message says
+    what failed, where (the DSN without its password) and why."""
+
+
+class _Transport:
+    """The failure handling every backend shares. A backend sets ``SERVER`` (its
+    server's name in messages) and ``_failures`` (what its client library raises when
+    an operation fails), and may override :meth:`_refused` and :meth:`_after_failure`.
+    """
+
+    SERVER: ClassVar[str]
+    dsn: str
+    _failures: tuple[type[BaseException], ...] = ()
+
+    def _refused(self, error: BaseException) -> bool:
+        """True when the server answered no (the error is not a lost connection)."""
+        return False
+
+    async def _after_failure(self, error: BaseException) -> None:
+        """What else a failure means for the backend's connections."""
+
+    def _failure(self, what: str, error: BaseException) -> Exception:
+        """The error to raise: :class:`Unreachable` (``{what}: {SERVER} at {where} is
+        unreachable: {why}``) or, when the server refused, :class:`QueueException`."""
+        if isinstance(error, (Unreachable, QueueException)):
+            return error
+        where, why = redact_dsn(self.dsn), str(error) or type(error).__name__
+        if self._refused(error):
+            return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
+        return Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
+
+    @contextlib.asynccontextmanager
+    async def _failing(self, what: str, link: Link | None = None) -> AsyncIterator[None]:
+        """Run an operation: a failure of the client library is raised as
+        :meth:`_failure`'s error (and marks ``link`` lost); success marks ``link`` up."""
+        try:
+            yield
+        except self._failures as exc:
+            await self._after_failure(exc)
+            if link is not None:
+                link.lost(exc)
+            raise self._failure(what, exc) from exc
+        if link is not None:
+            link.up()
+
+
+class _Consumption:
+    """The consumption of one queue by one broker, from ``bind`` until the pool drained
+    (``unbound``): the pool, the task that feeds it, and the link that says whether
+    consuming works. Each backend adds what its transport needs."""
+
+    def __init__(self, name: str, pool: ConsumerPool, link: Link) -> None:
+        self.name = name
+        self.pool = pool
+        self.link = link
+        self.task: asyncio.Task[None] | None = None  # the loop that feeds the pool
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {self.name}>'
+
+    async def stop_feeding(self) -> None:
+        await cancel_and_wait(self.task)
+        self.task = None
+
+
 # =====================================================================================
 # Redis: signal bus and broker
 # =====================================================================================
 # Redis backends: :class:`RedisSignalBus` (pub/sub) and :class:`RedisBroker` (lists).
 #
-# Both are built on redis-py's asyncio client (``pip install 'microagent[redis]'``), connect
+# Both are built on redis-py's asyncio client (extra ``redis``: ``pip install '.[redis]'``), connect
 # lazily (they can be constructed outside an event loop), reconnect forever with backoff
 # after a lost connection, and never show the DSN's password.
 #
@@ -142,19 +234,18 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
 # at once on a graceful stop. An empty list is waited on with
 # ``BLMOVE Q Q LEFT LEFT WAIT_TIME``, which returns when a message arrives and leaves the
 # list as it was, so a consumer killed at any instant loses nothing. Needs Redis >= 6.2.
-
-_RedisErrors = tuple[type[BaseException], ...]
+#
+# A reply can be lost after Redis ran a command (the connection broke in between). Only
+# commands whose replay is harmless are sent again (by redis-py, once): RPUSH (the
+# message may be stored twice), acknowledgements, releases, heartbeats and dead letters
+# (each is a no-op the second time). The fetch is never sent again: run twice it would
+# take the next batch under the same ids. A fetch that failed is *unanswered*; before
+# the next fetch its ids are released, which puts back whatever it took.
 
 
 # =====================================================================================
 # Redis: connections shared by the bus and the broker
 # =====================================================================================
-
-def _redis_errors() -> _RedisErrors:
-    """The errors of a lost or failing connection (imports redis-py, naming its extra)."""
-    client = require('redis.asyncio', 'redis')
-    return client.RedisError, OSError
-
 
 def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
                   retries: int) -> Redis:
@@ -162,8 +253,8 @@ def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
 
     ``retries``: how many times redis-py sends a command again, at once, after the
     connection broke before its reply arrived. Only for commands whose replay is safe
-    (see the Redis section): the command may have run already. A pooled connection that
-    the server closed meanwhile is replaced when it is taken from the pool, retry or not.
+    (see above): the command may have run already. A pooled connection that the server
+    closed meanwhile is often noticed only by the command sent on it, hence the retry.
     """
     client = require('redis.asyncio', 'redis')
     from redis.asyncio.retry import Retry
@@ -176,16 +267,37 @@ def _redis_client(dsn: str, connect_timeout: float, read_timeout: float | None,
     return redis
 
 
-def _unreachable(dsn: str, error: BaseException) -> ConnectionError:
-    return ConnectionError(f'Redis at {redact_dsn(dsn)} is unreachable: {error}')
+class _RedisTransport(_Transport):
+    """What the Redis bus and broker share: the DSN check, the errors of redis-py, and
+    what a failure means for their clients."""
 
+    SERVER = 'Redis'
 
-async def _drop_idle_connections(client: Redis | None) -> None:
-    """Close the client's idle pooled connections (after another one failed: they are
-    likely dead too, e.g. half-open), so that the next commands open fresh ones."""
-    if client is not None:
-        with contextlib.suppress(Exception):
-            await client.connection_pool.disconnect(inuse_connections=False)
+    def _clients(self) -> Iterable[Redis | None]:
+        return ()
+
+    def _init_transport(self) -> None:
+        """Refuse a DSN that is not for Redis (``amqp://...``); import redis-py."""
+        scheme = urllib.parse.urlsplit(self.dsn).scheme if isinstance(self.dsn, str) else None
+        if scheme not in ('redis', 'rediss', 'unix'):
+            shown = redact_dsn(self.dsn) if isinstance(self.dsn, str) else self.dsn
+            raise ValueError(f'{type(self).__name__} needs a redis://, rediss:// or unix:// '
+                             f'DSN, not {shown!r}')
+        self._failures = (require('redis.asyncio', 'redis').RedisError, OSError)
+
+    async def _after_failure(self, error: BaseException) -> None:
+        """Close the idle pooled connections of every client: they share the failed
+        one's network path and are likely dead too (half-open); each would wait out its
+        own read timeout before the next command could open a fresh one."""
+        for client in self._clients():
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.connection_pool.disconnect(inuse_connections=False)
+
+    async def _close_clients(self) -> None:
+        for client in self._clients():
+            if client is not None:
+                await client.aclose()
 
 
 # =====================================================================================
@@ -195,13 +307,14 @@ async def _drop_idle_connections(client: Redis | None) -> None:
 _PING = 'microagent'  # the message of the bus's PINGs (redis-py swallows its own ones)
 
 
-class RedisSignalBus(AbstractSignalBus):
+class RedisSignalBus(_RedisTransport, AbstractSignalBus):
     """Signal bus on Redis pub/sub: ``RedisSignalBus('redis://localhost:6379/0', prefix='APP')``.
 
     Channels are ``{prefix}:{signal}:{sender}`` (RPC requests add ``#{request_id}``,
     answers come on ``{prefix}:response:{bus_uid}#{request_id}``), as in microagent 1.x.
-    One pub/sub connection per bus carries all its subscriptions; after a lost
-    connection it reconnects with backoff, forever, and subscribes again.
+    One pub/sub connection per bus (link ``pubsub``) carries all its subscriptions; after
+    a lost connection it reconnects with backoff, forever, and subscribes again. Sends go
+    through a pooled connection (link ``publish``).
     """
 
     CONNECT_TIMEOUT: ClassVar[float] = 5
@@ -218,18 +331,20 @@ class RedisSignalBus(AbstractSignalBus):
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  **kwargs: Any) -> None:
         super().__init__(dsn, prefix, log, **kwargs)
-        self._errors = _redis_errors()
+        self._init_transport()
         self._publisher: Redis | None = None
         self._subscriber: Redis | None = None
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._reconnecting: Iterator[float] | None = None
-        self._pubsub_connected = False
+        self._subscribed_once = False  # this connection: patterns are subscribed again
         self._patterns: set[str] = set()
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
 
+    def _clients(self) -> Iterable[Redis | None]:
+        return self._publisher, self._subscriber
+
     async def send(self, channel: str, message: bytes) -> None:
-        """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable.
+        """PUBLISH ``message``; raise :class:`Unreachable` when Redis is unreachable.
 
         A PUBLISH whose connection broke before the reply is sent once more (a pooled
         connection that a server restart closed is often noticed only then), so a signal
@@ -238,11 +353,8 @@ class RedisSignalBus(AbstractSignalBus):
         if self._publisher is None:
             self._publisher = _redis_client(
                 self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
-        try:
+        async with self._failing('publishing', self.link('publish')):
             await self._publisher.publish(channel, message)
-        except self._errors as exc:
-            await _drop_idle_connections(self._publisher)
-            raise _unreachable(self.dsn, exc) from exc
 
     async def bind(self, channel: str) -> None:
         """PSUBSCRIBE ``channel``; return once the server confirmed the subscription."""
@@ -255,14 +367,14 @@ class RedisSignalBus(AbstractSignalBus):
                 self._reader = loop.create_task(self._read_forever())
             elif self._pubsub is not None:
                 # On a broken connection the reader reconnects and subscribes every pattern.
-                with contextlib.suppress(*self._errors):
+                with contextlib.suppress(*self._failures):
                     await self._pubsub.psubscribe(channel)
             await asyncio.wait_for(confirmed, self.SUBSCRIBE_TIMEOUT)
         except asyncio.TimeoutError:
             self._patterns.discard(channel)
-            raise ConnectionError(
-                f'Redis at {redact_dsn(self.dsn)} did not confirm the subscription to '
-                f'{channel} within {self.SUBSCRIBE_TIMEOUT}s') from None
+            raise Unreachable(
+                f'subscribing to {channel}: Redis at {redact_dsn(self.dsn)} did not confirm '
+                f'within {self.SUBSCRIBE_TIMEOUT}s') from None
         except BaseException:
             self._patterns.discard(channel)
             raise
@@ -280,22 +392,17 @@ class RedisSignalBus(AbstractSignalBus):
         if pubsub is not None:
             try:
                 await pubsub.punsubscribe(channel)
-            except self._errors as exc:
+            except self._failures as exc:
                 self.log.debug('Unsubscribing %s failed: %s', channel, exc)
 
-    async def close(self) -> None:
-        """Stop the reader and close both connections; the bus may be used again."""
+    async def disconnect(self) -> None:
+        """Stop the reader and close both connections."""
         reader, self._reader = self._reader, None
-        if reader is not None:
-            await cancel_and_wait(reader)
+        await cancel_and_wait(reader)
         self._patterns.clear()
-        self._reject_confirmations(ConnectionError(f'{self!r} was closed'))
-        self._responses_bound = None
-        clients = (self._publisher, self._subscriber)
+        self._reject_confirmations(Unreachable(f'{self!r} was closed'))
+        await self._close_clients()
         self._publisher = self._subscriber = None
-        for client in clients:
-            if client is not None:
-                await client.aclose()
 
     # -- the reader task ----------------------------------------------------------------
 
@@ -303,38 +410,31 @@ class RedisSignalBus(AbstractSignalBus):
         """Hold the pub/sub connection: (re)connect, subscribe every pattern, read."""
         if self._subscriber is None:
             self._subscriber = _redis_client(self.dsn, self.CONNECT_TIMEOUT, None, retries=0)
+        link = self.link('pubsub')
         while True:
             pubsub = self._subscriber.pubsub()
             try:
-                await self._subscribe_and_read(pubsub)
+                await self._subscribe_and_read(pubsub, link)
             except Exception as exc:
-                error = exc
-                if not isinstance(exc, self._errors):
+                if not isinstance(exc, self._failures):
                     self.log.exception('Reading the pub/sub connection failed')
+                link.lost(exc)
+                if not self._subscribed_once:  # unreachable: a waiting bind fails now
+                    self._reject_confirmations(self._failure('subscribing', exc))
             finally:
                 self._pubsub = None
+                self._subscribed_once = False
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            if self._pubsub_connected:  # the patterns are subscribed again on reconnecting
-                self._pubsub_connected = False
-            else:  # Redis is unreachable: a bind waiting for its confirmation fails now
-                self._reject_confirmations(_unreachable(self.dsn, error))
-            if self._reconnecting is None:
-                self.log.warning('Pub/sub connection to Redis at %s lost (%s); reconnecting',
-                                 redact_dsn(self.dsn), error)
-                self._reconnecting = reconnect_delays()
-            await asyncio.sleep(next(self._reconnecting))
+            await link.pause()
 
-    async def _subscribe_and_read(self, pubsub: PubSub) -> NoReturn:
+    async def _subscribe_and_read(self, pubsub: PubSub, link: Link) -> NoReturn:
         await pubsub.connect()  # type: ignore[no-untyped-call]
         self._pubsub = pubsub
-        self._pubsub_connected = True
+        self._subscribed_once = True
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
-        if self._reconnecting is not None:
-            self._reconnecting = None
-            self.log.info('Pub/sub connection to Redis at %s is back, %d patterns subscribed',
-                          redact_dsn(self.dsn), len(self._patterns))
+        link.up()
         handle, interval = self.handle_message, self.HEALTH_CHECK_INTERVAL
         loop = asyncio.get_running_loop()
         heard = loop.time()
@@ -477,14 +577,23 @@ class _Scripts:
     """The broker's Lua scripts, registered on the client that runs them."""
 
     def __init__(self, client: Redis) -> None:
-        self.fetch: AsyncScript = client.register_script(_FETCH)
         self.keep: AsyncScript = client.register_script(_KEEP)
         self.ack: AsyncScript = client.register_script(_ACK)
         self.release: AsyncScript = client.register_script(_RELEASE)
         self.dead: AsyncScript = client.register_script(_DEAD)
 
 
-class RedisBroker(AbstractQueueBroker):
+class _RedisConsumption(_Consumption):
+    """A queue consumed from Redis: the ids of the messages its pool holds (extended by
+    the heartbeat) and those of fetches whose reply never came (released first)."""
+
+    def __init__(self, name: str, pool: ConsumerPool, link: Link) -> None:
+        super().__init__(name, pool, link)
+        self.in_flight: set[bytes] = set()
+        self.unanswered: list[bytes] = []
+
+
+class RedisBroker(_RedisTransport, AbstractQueueBroker):
     """At-least-once queue broker on Redis lists: ``RedisBroker('redis://localhost/0')``.
 
     Settings (class attributes, or keyword arguments as in 1.x):
@@ -499,7 +608,8 @@ class RedisBroker(AbstractQueueBroker):
     that went silent is noticed within ``COMMAND_TIMEOUT``, or ``WAIT_TIME +
     COMMAND_TIMEOUT`` for a consumer waiting on an empty queue (10 s by default). See the
     module documentation for the keys used and why no command can lose a message when
-    its reply is lost.
+    its reply is lost. Links: ``commands`` (sends, acknowledgements, heartbeats) and
+    ``consume {queue}`` per consumed queue.
 
     A consumer holds up to ``FETCH_LIMIT`` plus its pool's capacity (``max(2 *
     concurrency, PREFETCH)``) messages, in flight, waiting for a free worker. For long
@@ -516,7 +626,7 @@ class RedisBroker(AbstractQueueBroker):
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
-        self._errors = _redis_errors()
+        self._init_transport()
         self._token = uuid.uuid4().hex[:16]
         self._fetches = 0  # fetches so far: with the token and a position, the ids
         self._client: Redis | None = None
@@ -524,27 +634,27 @@ class RedisBroker(AbstractQueueBroker):
         self._blocking: Redis | None = None
         self._scripts: _Scripts | None = None
         self._fetch_script: AsyncScript | None = None
-        self._fetchers: dict[str, asyncio.Task[None]] = {}
-        self._in_flight: dict[str, set[bytes]] = {}
-        self._unanswered: dict[str, list[bytes]] = {}
+        self._consumptions: dict[str, _RedisConsumption] = {}
         self._keeper: asyncio.Task[None] | None = None
 
     # -- connections ----------------------------------------------------------------------
-    # Three clients: commands whose replay is harmless (sends, acks, releases, heartbeats,
-    # dead letters, lengths) may be sent again once by redis-py after a broken connection;
-    # fetches never are (see _fetch); BLMOVE waits up to WAIT_TIME on a connection of its own.
+    # Three clients: commands whose replay is harmless, sent again once by redis-py after a
+    # broken connection; fetches, never sent twice; BLMOVE, which waits up to WAIT_TIME.
 
-    def _commands(self) -> _Scripts:
-        """The scripts on the command client (both made on first use)."""
-        if self._scripts is None:
-            self._scripts = _Scripts(self._command_client())
-        return self._scripts
+    def _clients(self) -> Iterable[Redis | None]:
+        return self._client, self._fetching, self._blocking
 
     def _command_client(self) -> Redis:
         if self._client is None:
             self._client = _redis_client(
                 self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
         return self._client
+
+    def _commands(self) -> _Scripts:
+        """The scripts on the command client (both made on first use)."""
+        if self._scripts is None:
+            self._scripts = _Scripts(self._command_client())
+        return self._scripts
 
     def _fetch_command(self) -> AsyncScript:
         """The fetch script, on a client that never sends a command twice."""
@@ -563,97 +673,87 @@ class RedisBroker(AbstractQueueBroker):
                 retries=0)
         return self._blocking
 
-    @contextlib.asynccontextmanager
-    async def _talking(self) -> AsyncIterator[None]:
-        """Translate a failed command into :class:`ConnectionError` (without the DSN's
-        password). The idle pooled connections of every client are dropped: they share
-        the failed one's network path, and each would wait out its own read timeout."""
-        try:
-            yield
-        except self._errors as exc:
-            for client in (self._client, self._fetching, self._blocking):
-                await _drop_idle_connections(client)
-            raise _unreachable(self.dsn, exc) from exc
-
     # -- producing ----------------------------------------------------------------------
 
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
         """RPUSH ``message`` to the list ``name``; return once Redis stored it, or raise
-        :class:`ConnectionError`."""
-        async with self._talking():
+        :class:`Unreachable`."""
+        async with self._failing(f'sending to {name}', self.link('commands')):
             await self._command_client().rpush(name, message)
 
     async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
         """RPUSH many messages in one round trip."""
-        async with self._talking(), self._command_client().pipeline(transaction=False) as pipe:
+        async with self._failing(f'sending to {name}', self.link('commands')), \
+                self._command_client().pipeline(transaction=False) as pipe:
             for start in range(0, len(messages), _PUSH_CHUNK):
                 pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
             await pipe.execute()
 
     async def queue_length(self, name: str) -> int:
         """How many messages wait in the list ``name`` (not counting those in flight)."""
-        async with self._talking():
+        async with self._failing(f'measuring {name}', self.link('commands')):
             return await self._command_client().llen(name)
 
     # -- consuming ----------------------------------------------------------------------
 
     async def bind(self, name: str) -> None:
         """Start consuming ``name``: first put back what dead consumers left in flight."""
-        pool = self.pools[name]
-        async with self._talking():
-            await self._keep(name)
+        consumption = _RedisConsumption(name, self.pools[name], self.link(f'consume {name}'))
+        async with self._failing(f'consuming {name}', consumption.link):
+            await self._keep(consumption)
+        self._consumptions[name] = consumption
         loop = asyncio.get_running_loop()
-        self._fetchers[name] = loop.create_task(self._consume(name, pool))
+        consumption.task = loop.create_task(self._consume(consumption))
         if self._keeper is None:
             self._keeper = loop.create_task(self._keep_alive())
 
     async def unbind(self, name: str) -> None:
-        """Stop fetching at once; every wait of the fetcher can be interrupted safely."""
-        fetcher = self._fetchers.pop(name, None)
-        if fetcher is not None:
-            await cancel_and_wait(fetcher)
+        """Stop fetching at once (every wait of the fetcher can be interrupted safely),
+        and put back what an unanswered fetch may have taken."""
+        consumption = self._consumptions.get(name)
+        if consumption is None:
+            return
+        await consumption.stop_feeding()
         try:
-            await self._release_unanswered(name)
-        except ConnectionError as exc:
+            await self._release_unanswered(consumption)
+        except Unreachable as exc:
             self.log.warning('%s; what its last fetch took is delivered again after %ss',
                              exc, self.VISIBILITY_TIMEOUT)
 
-    async def _consume(self, name: str, pool: ConsumerPool) -> None:
+    async def unbound(self, name: str) -> None:
+        self._consumptions.pop(name, None)
+
+    async def _consume(self, consumption: _RedisConsumption) -> None:
         size = max(1, min(self.FETCH_LIMIT, _LUA_CHUNK))
-        reconnecting: Iterator[float] | None = None
+        pool, link = consumption.pool, consumption.link
         while not pool.closing:
             try:
-                await self._release_unanswered(name)
-                batch = await self._fetch_safely(name, size)
-                if reconnecting is not None:
-                    reconnecting = None
-                    self.log.info('Consuming %s from Redis at %s again',
-                                  name, redact_dsn(self.dsn))
-                if not batch:
-                    await self._wait_for_messages(name)
-                    continue
+                async with self._failing(f'consuming {consumption.name}', link):
+                    await self._release_unanswered(consumption)
+                    batch = await self._fetch_safely(consumption, size)
+                    if not batch:
+                        await self._wait_for_messages(consumption.name)
+                        continue
                 await pool.feed(batch)
                 if len(batch) < size and self.LINGER > 0:
                     await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
-                if not isinstance(exc, ConnectionError):
-                    self.log.exception('Consuming %s failed', name)
-                if reconnecting is None:
-                    self.log.warning('Consuming %s: %s; reconnecting', name, exc)
-                    reconnecting = reconnect_delays()
-                await asyncio.sleep(next(reconnecting))
+                if not isinstance(exc, Unreachable):
+                    self.log.exception('Consuming %s failed', consumption.name)
+                    link.lost(exc)
+                await link.pause()
 
-    async def _fetch_safely(self, name: str, size: int) -> list[Delivery]:
+    async def _fetch_safely(self, consumption: _RedisConsumption, size: int) -> list[Delivery]:
         """Fetch a batch; when cancelled meanwhile, put what it took back at the head."""
-        fetch = asyncio.ensure_future(self._fetch(name, size))
+        fetch = asyncio.ensure_future(self._fetch(consumption, size))
         try:
             return await asyncio.shield(fetch)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await self.release(name, await fetch)
+                await self.release(consumption.name, await fetch)
             raise
 
-    async def _fetch(self, name: str, size: int) -> list[Delivery]:
+    async def _fetch(self, consumption: _RedisConsumption, size: int) -> list[Delivery]:
         """Move up to ``size`` messages into flight under new ids and return them.
 
         The script is never sent twice: sent again after its reply was lost, it would
@@ -662,48 +762,42 @@ class RedisBroker(AbstractQueueBroker):
         """
         self._fetches += 1
         prefix = f'{self._token}:{self._fetches}:'
-        script = self._fetch_command()
         try:
-            async with self._talking():
-                bodies = await script(keys=_queue_keys(name), args=[
-                    size, self._visibility_ms(), self._token, self._fetches])
+            bodies = await self._fetch_command()(keys=_queue_keys(consumption.name), args=[
+                size, self._visibility_ms(), self._token, self._fetches])
         except BaseException:
-            ids = [f'{prefix}{position}'.encode() for position in range(1, size + 1)]
-            self._unanswered.setdefault(name, []).extend(ids)
+            consumption.unanswered.extend(
+                f'{prefix}{position}'.encode() for position in range(1, size + 1))
             raise
         batch = [Delivery(body, None, f'{prefix}{position}'.encode())
                  for position, body in enumerate(bodies, 1)]
-        if batch:
-            self._in_flight.setdefault(name, set()).update(d.tag for d in batch)
+        consumption.in_flight.update(d.tag for d in batch)
         return batch
 
-    async def _release_unanswered(self, name: str) -> None:
+    async def _release_unanswered(self, consumption: _RedisConsumption) -> None:
         """Put back what fetches whose reply never came may have taken (a no-op for the
         ids that do not exist: releasing is safe to repeat)."""
-        ids = self._unanswered.get(name)
-        if not ids:
-            return
+        ids = consumption.unanswered
         for start in range(0, len(ids), _LUA_CHUNK):
-            async with self._talking():
+            async with self._failing(f'releasing messages of {consumption.name}'):
                 released = await self._commands().release(
-                    keys=_queue_keys(name), args=ids[start:start + _LUA_CHUNK])
+                    keys=_queue_keys(consumption.name), args=ids[start:start + _LUA_CHUNK])
             if released:
                 self.log.warning('Put back %d messages of %s taken by a fetch whose reply '
-                                 'was lost', released, name)
-        del self._unanswered[name]
+                                 'was lost', released, consumption.name)
+        ids.clear()
 
     async def _wait_for_messages(self, name: str) -> None:
         """Block until the list is not empty (or ``WAIT_TIME`` passed), leaving it as is:
         moving its head to its head is a no-op that BLMOVE waits for."""
         wait: Any = max(self.WAIT_TIME, 0)  # annotated int in redis-py; Redis takes fractions
-        async with self._talking():
-            await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
+        await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:
         """Forget finished messages, one round trip per batch."""
         tags = self._forget(name, deliveries)
         keys = _queue_keys(name)[1:]
-        async with self._talking():
+        async with self._failing(f'acknowledging messages of {name}', self.link('commands')):
             for start in range(0, len(tags), _LUA_CHUNK):
                 await self._commands().ack(keys=keys, args=tags[start:start + _LUA_CHUNK])
 
@@ -712,7 +806,7 @@ class RedisBroker(AbstractQueueBroker):
         tags = self._forget(name, deliveries)
         if not tags:
             return
-        async with self._talking():
+        async with self._failing(f'releasing messages of {name}', self.link('commands')):
             await self._commands().release(keys=_queue_keys(name), args=tags)
 
     async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
@@ -720,7 +814,7 @@ class RedisBroker(AbstractQueueBroker):
         message no longer in flight was put back in the queue meanwhile: it is not
         dead-lettered but delivered again)."""
         _, inflight, bodies = _queue_keys(name)
-        async with self._talking():
+        async with self._failing(f'dead-lettering a message of {name}', self.link('commands')):
             moved = await self._commands().dead(
                 keys=[inflight, bodies, f'{name}.dead'], args=[delivery.tag, envelope])
         if not moved:
@@ -731,9 +825,9 @@ class RedisBroker(AbstractQueueBroker):
         """Stop the heartbeat of these messages (even if acknowledging them fails: they
         are then delivered again after the visibility timeout)."""
         tags = [d.tag for d in deliveries]
-        ids = self._in_flight.get(name)
-        if ids is not None:
-            ids.difference_update(tags)
+        consumption = self._consumptions.get(name)
+        if consumption is not None:
+            consumption.in_flight.difference_update(tags)
         return tags
 
     # -- heartbeat and recovery of dead consumers' messages ---------------------------
@@ -741,49 +835,42 @@ class RedisBroker(AbstractQueueBroker):
     def _visibility_ms(self) -> int:
         return max(1, int(self.VISIBILITY_TIMEOUT * 1000))
 
-    async def _keep(self, name: str) -> None:
-        """Extend this consumer's deadlines in ``name`` and requeue the expired ones."""
-        ids = list(self._in_flight.get(name, ()))
-        keys, limit = _queue_keys(name), min(self.FETCH_LIMIT, _LUA_CHUNK)
+    async def _keep(self, consumption: _RedisConsumption) -> None:
+        """Extend this consumer's deadlines and requeue the expired messages."""
+        ids = list(consumption.in_flight)
+        keys, limit = _queue_keys(consumption.name), min(self.FETCH_LIMIT, _LUA_CHUNK)
         requeued = 0
         for start in range(0, max(len(ids), 1), _LUA_CHUNK):
             requeued += await self._commands().keep(
                 keys=keys, args=[self._visibility_ms(), limit, *ids[start:start + _LUA_CHUNK]])
         if requeued:
             self.log.warning('Put back %d messages of %s left unfinished in flight for %ss '
-                             '(a consumer died?)', requeued, name, self.VISIBILITY_TIMEOUT)
+                             '(a consumer died?)', requeued, consumption.name,
+                             self.VISIBILITY_TIMEOUT)
 
     async def _keep_alive(self) -> None:
+        link = self.link('commands')
         while True:
             await asyncio.sleep(max(self.VISIBILITY_TIMEOUT / 3, 0.02))
-            for name in list(self._in_flight):
-                if not self._in_flight[name] and name not in self._fetchers:
-                    del self._in_flight[name]
-            for name in {*self._fetchers, *self._in_flight}:
+            for consumption in list(self._consumptions.values()):
                 try:
-                    async with self._talking():
-                        await self._keep(name)
-                except Exception as exc:
-                    if not isinstance(exc, ConnectionError):
-                        self.log.exception('Heartbeat of %s failed', name)
-                    self.log.debug('Heartbeat of %s failed: %s', name, exc)
+                    async with self._failing('heartbeat', link):
+                        await self._keep(consumption)
+                except Unreachable:
+                    pass  # the link logged it; the next beat tries again
+                except Exception:
+                    self.log.exception('Heartbeat of %s failed', consumption.name)
 
-    async def close(self) -> None:
-        """Stop consumers gracefully (acknowledging what finished), then close the
-        connections; the broker may be used again."""
-        for pool in list(self.pools.values()):
-            await self.unbind_consumer(pool.consumer)
-        for name in list(self._fetchers):
+    async def disconnect(self) -> None:
+        """Stop the heartbeat and close the connections."""
+        for name in list(self._consumptions):
             await self.unbind(name)
+        self._consumptions.clear()
         keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            await cancel_and_wait(keeper)
-        clients = (self._client, self._fetching, self._blocking)
+        await cancel_and_wait(keeper)
+        await self._close_clients()
         self._client = self._fetching = self._blocking = None
         self._scripts = self._fetch_script = None
-        for client in clients:
-            if client is not None:
-                await client.aclose()
 
 
 # =====================================================================================
@@ -791,7 +878,7 @@ class RedisBroker(AbstractQueueBroker):
 # =====================================================================================
 # AMQP (RabbitMQ) queue broker: :class:`AMQPBroker`, built on aiormq.
 #
-# Install with ``pip install 'microagent[amqp]'``. The broker connects lazily (it can be
+# Install with ``pip install '.[amqp]'`` (a checkout). The broker connects lazily (it can be
 # constructed outside an event loop), holds one connection with a client-provided name
 # (``broker.connection_name``, shown by RabbitMQ's tools), and after losing it reconnects
 # forever with backoff; consumers subscribe again by themselves. The DSN's password never
@@ -829,29 +916,6 @@ CONTENT_TYPE = 'application/json'
 PERSISTENT = 2
 
 
-class _Unreachable(ConnectionError):
-    """RabbitMQ cannot be reached; the message already names the (redacted) server."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Errors:
-    """aiormq's exception classes, imported with the library."""
-    not_found: type[Exception]  # a channel closed by a 404: no such queue or exchange
-    returned: type[Exception]  # a mandatory message that no queue would receive
-    refused: type[Exception]  # a message RabbitMQ did not confirm (basic.nack)
-    channel: type[Exception]  # any error that closed a channel, not the connection
-    failures: tuple[type[BaseException], ...]  # everything a lost or failing link raises
-
-
-def _aiormq_errors() -> _Errors:
-    errors = require('aiormq', 'amqp').exceptions
-    return _Errors(
-        not_found=errors.ChannelNotFoundEntity, returned=errors.PublishError,
-        refused=errors.DeliveryError, channel=errors.AMQPChannelError,
-        failures=(errors.AMQPError, errors.ChannelInvalidStateError, OSError, RuntimeError,
-                  asyncio.TimeoutError))
-
-
 def _connection_name(dsn: str) -> str:
     """The ``name=`` of the DSN, or one that tells where this broker runs."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query)
@@ -878,17 +942,6 @@ def _declaration(name: str) -> Queue | None:
         return None
 
 
-def _describe(error: BaseException | str | None) -> str:
-    if error is None or isinstance(error, str):
-        return error or 'no connection yet'
-    return str(error) or type(error).__name__
-
-
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
 async def _first_ended(*futures: asyncio.Future[Any]) -> BaseException | None:
     """Wait until one of ``futures`` is done and return why. Their exceptions are not
     raised here (a channel closed normally carries a CancelledError), and none is
@@ -896,7 +949,6 @@ async def _first_ended(*futures: asyncio.Future[Any]) -> BaseException | None:
     done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
     ended = done.pop()
     return None if ended.cancelled() else ended.exception()
-
 
 
 def _settlement(unsettled: dict[int, None], tags: Sequence[int]) -> tuple[int | None, list[int]]:
@@ -911,21 +963,232 @@ def _settlement(unsettled: dict[int, None], tags: Sequence[int]) -> tuple[int | 
     return (max(below) if below else None), sorted(tag for tag in taken if tag > lowest_open)
 
 
-class _Consumption:
-    """The consumption of one queue, from ``bind`` to ``unbind``, over reconnections.
+class _AMQPTransport(_Transport):
+    """aiormq's errors: a channel error is RabbitMQ refusing; the rest is a failed link."""
 
-    ``channel``, ``consumer_tag`` and ``unsettled`` (delivery tags received and neither
-    acknowledged nor released, in delivery order) belong to the current subscription
-    and are replaced by the next one. Deliveries wait in ``buffer`` until the feeder
-    task hands them to the pool in batches.
-    """
+    SERVER = 'RabbitMQ'
 
-    def __init__(self, name: str, pool: ConsumerPool, prefetch: int,
-                 declare: Mapping[str, Any]) -> None:
-        self.name = name
-        self.pool = pool
-        self.prefetch = prefetch
-        self.declare = declare
+    def _init_transport(self) -> None:
+        errors = require('aiormq', 'amqp').exceptions
+        self._not_found = errors.ChannelNotFoundEntity  # no such queue or exchange
+        self._returned = errors.PublishError  # a mandatory message no queue would receive
+        self._nacked = errors.DeliveryError  # a message RabbitMQ did not confirm
+        self._channel_error = errors.AMQPChannelError  # closed a channel, not the connection
+        self._failures = (errors.AMQPError, errors.ChannelInvalidStateError, OSError,
+                          RuntimeError, asyncio.TimeoutError)
+
+    def _refused(self, error: BaseException) -> bool:
+        """A closed channel (no such queue...), a returned or unconfirmed message."""
+        return isinstance(error, (self._channel_error, self._nacked))
+
+
+class _Connection(_AMQPTransport):
+    """The broker's connection to RabbitMQ (link ``connection``), held by a supervisor
+    task that reconnects forever, and what lives on it besides the consumers' channels:
+    the publishing channel (publisher confirms), the channel for declarations and
+    lengths (a passive declare of a missing queue closes its channel, so it is kept
+    apart and opened again when needed), and what was declared."""
+
+    def __init__(self, broker: AMQPBroker) -> None:
+        self.broker = broker
+        self.dsn = broker.dsn
+        self.log = broker.log
+        self._init_transport()
+        self.name = _connection_name(broker.dsn)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._connection: AbstractConnection | None = None
+        self._connected = asyncio.Event()
+        self._publisher: AbstractChannel | None = None
+        self._publisher_lock = asyncio.Lock()
+        self._admin: AbstractChannel | None = None
+        self.admin_lock = asyncio.Lock()
+        self.declared: set[str] = set()
+        self._exchanges: set[str] = set()
+
+    @property
+    def link(self) -> Link:
+        return self.broker.link('connection')
+
+    async def live(self, timeout: float | None) -> AbstractConnection:
+        """The open connection; wait up to ``timeout`` seconds for it (None: forever),
+        also while a lost one is being replaced."""
+        loop = asyncio.get_running_loop()
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = loop.create_task(self._keep_connected())
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            connection = self._connection
+            if connection is not None and connection.is_opened:
+                return connection
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
+                                  f'{self.link.last_error or "no connection yet"}')
+            if connection is not None:  # lost; wait until the supervisor lets it go
+                await asyncio.wait([connection.closing], timeout=remaining)
+                await asyncio.sleep(0)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), remaining)
+
+    async def _keep_connected(self) -> None:
+        """Hold the connection: connect, wait until it is lost, reconnect with backoff."""
+        link = self.link
+        while True:
+            try:
+                connection = await self._connect()
+            except Exception as exc:
+                link.lost(exc)
+                await link.pause()
+                continue
+            self._connection = connection
+            self._connected.set()
+            link.up()
+            reason = await _first_ended(connection.closing)
+            self._connected.clear()
+            self._connection = self._publisher = self._admin = None
+            self.declared.clear()  # a restarted server lost its non-durable queues
+            self._exchanges.clear()
+            link.lost(reason or 'connection closed')
+            await link.pause()
+
+    async def _connect(self) -> AbstractConnection:
+        aiormq = require('aiormq', 'amqp')
+        try:
+            connection: AbstractConnection = aiormq.Connection(_with_heartbeat(
+                self.dsn, self.broker.HEARTBEAT))
+        except Exception:
+            raise ValueError(f'invalid AMQP DSN {redact_dsn(self.dsn)}') from None
+        properties: FieldTable = {'connection_name': self.name}
+        try:
+            await asyncio.wait_for(connection.connect(properties), self.broker.CONNECT_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        return connection
+
+    async def channel(self, *, publisher_confirms: bool) -> AbstractChannel:
+        """A new channel; when the connection dies meanwhile, one on the next connection
+        (within ``CONNECT_TIMEOUT``: opening a channel publishes nothing, so this is safe)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.broker.CONNECT_TIMEOUT
+        while True:
+            connection = await self.live(max(0.0, deadline - loop.time()))
+            try:
+                return await connection.channel(publisher_confirms=publisher_confirms,
+                                                timeout=self.broker.OPERATION_TIMEOUT)
+            except self._failures:
+                if connection.is_opened and not connection.is_closed:
+                    raise
+
+    async def publishing_channel(self) -> AbstractChannel:
+        channel = self._publisher
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._publisher_lock:
+            channel = self._publisher
+            if channel is None or channel.is_closed:
+                channel = self._publisher = await self.channel(publisher_confirms=True)
+            return channel
+
+    async def _admin_channel(self) -> AbstractChannel:
+        """The channel for declarations (hold ``admin_lock``); reopened after an error."""
+        channel = self._admin
+        if channel is None or channel.is_closed:
+            channel = self._admin = await self.channel(publisher_confirms=False)
+        return channel
+
+    # -- declarations -------------------------------------------------------------------
+
+    async def passive_declare(self, name: str) -> QueueMethods.DeclareOk | None:
+        """The queue's declare-ok, or None when it does not exist (hold ``admin_lock``)."""
+        channel = await self._admin_channel()
+        try:
+            return await channel.queue_declare(
+                name, passive=True, timeout=self.broker.OPERATION_TIMEOUT)
+        except self._not_found:
+            return None
+
+    async def _ensure_exchange(self, exchange: str) -> None:
+        """Declare a missing exchange, topic and durable (hold ``admin_lock``)."""
+        if exchange in self._exchanges:
+            return
+        timeout = self.broker.OPERATION_TIMEOUT
+        channel = await self._admin_channel()
+        try:
+            await channel.exchange_declare(exchange, passive=True, timeout=timeout)
+        except self._not_found:
+            channel = await self._admin_channel()
+            await channel.exchange_declare(
+                exchange, exchange_type='topic', durable=True, timeout=timeout)
+            self.log.info('Declared exchange %s (topic, durable)', exchange)
+        self._exchanges.add(exchange)
+
+    async def ensure_queue(self, name: str, declare: Mapping[str, Any] | None = None, *,
+                           check: bool = False) -> None:
+        """Make sure queue ``name`` exists (used as it is when it does, declared durable
+        when missing) and is bound to its exchange by its topics. Once per connection
+        unless ``check``."""
+        if name in self.declared and not check:
+            return
+        queue = _declaration(name)
+        exchange = queue.exchange if queue is not None else ''
+        timeout = self.broker.OPERATION_TIMEOUT
+        async with self.admin_lock:
+            if name in self.declared and not check:
+                return
+            if exchange:
+                await self._ensure_exchange(exchange)
+            if await self.passive_declare(name) is None:
+                options = {'durable': True, **(declare or {})}
+                channel = await self._admin_channel()
+                await channel.queue_declare(name, timeout=timeout, **options)
+                self.log.info('Declared queue %s %s', name, options)
+            if exchange and queue is not None:
+                channel = await self._admin_channel()
+                for topic in queue.topics or (name,):
+                    await channel.queue_bind(name, exchange, routing_key=topic, timeout=timeout)
+            self.declared.add(name)
+
+    def forget(self, name: str, exchange: str) -> None:
+        """Declare ``name`` and ``exchange`` again next time (deleted meanwhile?)."""
+        self.declared.discard(name)
+        self._exchanges.discard(exchange)
+
+    async def declare(self, name: str, **options: Any) -> QueueMethods.DeclareOk:
+        async with self.admin_lock:
+            channel = await self._admin_channel()
+            info: QueueMethods.DeclareOk = await channel.queue_declare(
+                name, timeout=self.broker.OPERATION_TIMEOUT, **options)
+        self.declared.add(name)
+        return info
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._supervisor)
+        self._supervisor = None
+        connection, self._connection = self._connection, None
+        self._publisher = self._admin = None
+        self.declared.clear()
+        self._exchanges.clear()
+        self._connected.clear()
+        if connection is not None:
+            with contextlib.suppress(*self._failures):
+                await asyncio.wait_for(connection.close(), self.broker.OPERATION_TIMEOUT)
+
+
+class _AMQPConsumption(_Consumption):
+    """A queue consumed from RabbitMQ. ``channel``, ``consumer_tag`` and ``unsettled``
+    (delivery tags received and neither acknowledged nor released, in delivery order)
+    belong to the current subscription and are replaced by the next one. Deliveries wait
+    in ``buffer`` until the feeder task hands them to the pool in batches; ``task`` keeps
+    the subscription (and subscribes again after a loss)."""
+
+    def __init__(self, name: str, pool: ConsumerPool, link: Link,
+                 options: _AMQPOptions) -> None:
+        super().__init__(name, pool, link)
+        self.prefetch = options.prefetch or min(pool.capacity, MAX_PREFETCH)
+        self.declare = options.declare_queue or {}
         self.channel: AbstractChannel | None = None
         self.consumer_tag: str | None = None
         self.unsettled: dict[int, None] = {}
@@ -933,14 +1196,19 @@ class _Consumption:
         self.buffer: list[Delivery] = []
         self.wakeup: asyncio.Future[None] | None = None
         self.stopping = False
-        self.keeper: asyncio.Task[None] | None = None
         self.feeder: asyncio.Task[None] | None = None
 
-    def __repr__(self) -> str:
-        return f'<Consumption {self.name} prefetch={self.prefetch}>'
+
+class _AMQPOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
+    """The consumer options of :class:`AMQPBroker`: the common ones, and ``prefetch``
+    (RabbitMQ's ``prefetch_count``, default the pool's capacity) and ``declare_queue``
+    (``queue_declare`` options for a missing queue)."""
+
+    prefetch: Annotated[int, msgspec.Meta(ge=1, le=MAX_PREFETCH)] | None = None
+    declare_queue: dict[str, Any] | None = None
 
 
-class AMQPBroker(AbstractQueueBroker):
+class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
     """At-least-once queue broker on RabbitMQ: ``AMQPBroker('amqp://guest:guest@host/')``.
 
     ``send(name, message, topic=None, exchange=None, properties=None)``: ``topic`` is the
@@ -948,10 +1216,10 @@ class AMQPBroker(AbstractQueueBroker):
     exchange with ``name`` as routing key (1.x style); ``properties`` adds AMQP message
     properties (``headers``, ``priority``...). It returns once RabbitMQ confirmed the
     message; during an outage it waits up to ``CONNECT_TIMEOUT`` for the reconnection,
-    then raises :class:`ConnectionError`.
+    then raises :class:`Unreachable`.
 
     Consumers get the aiormq ``DeliveredMessage`` as ``amqp=``. Consumer options, besides
-    the common ones:
+    the common ones (:class:`AMQPBroker.Options`):
 
     - ``autoack=False``: the handler acknowledges with ``await broker.putout(amqp)``
       (a message not put out goes back to the queue when its consumer stops).
@@ -966,12 +1234,12 @@ class AMQPBroker(AbstractQueueBroker):
     Settings (class attributes, or keyword arguments): ``ROLLBACK_ATTEMPTS``,
     ``RETRY_BACKOFF``, ``PREFETCH`` (see :class:`AbstractQueueBroker`), ``CONNECT_TIMEOUT``,
     ``CONFIRM_TIMEOUT``, ``OPERATION_TIMEOUT`` (seconds), ``PUBLISH_BATCH`` (messages of a
-    ``send_many`` awaiting their confirmations at once).
+    ``send_many`` awaiting their confirmations at once), ``HEARTBEAT``. Links:
+    ``connection``, and ``consume {queue}`` per consumed queue.
     """
 
+    Options = _AMQPOptions
     RAW_MESSAGE_ARG: ClassVar[str | None] = 'amqp'
-    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = (
-        AbstractQueueBroker.CONSUMER_OPTIONS | {'declare_queue', 'prefetch'})
     CONNECT_TIMEOUT: ClassVar[float] = 10
     """Seconds to open the connection; also the longest a send waits for a reconnection."""
     CONFIRM_TIMEOUT: ClassVar[float] = 30
@@ -989,214 +1257,34 @@ class AMQPBroker(AbstractQueueBroker):
         if urllib.parse.urlsplit(dsn).scheme not in ('amqp', 'amqps'):
             raise ValueError(f'{type(self).__name__} needs an amqp:// or amqps:// DSN, '
                              f'not {redact_dsn(dsn)!r}')
-        self._errors = _aiormq_errors()
+        self._init_transport()
         self._properties = require('aiormq', 'amqp').spec.Basic.Properties
-        self.connection_name = _connection_name(dsn)
-        self._consumptions: dict[str, _Consumption] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        """Forget the connection and what was declared on it (at start and on close)."""
-        self._supervisor: asyncio.Task[None] | None = None
-        self._connection: AbstractConnection | None = None
-        self._connected = asyncio.Event()
-        self._last_error: BaseException | None = None
-        self._publisher: AbstractChannel | None = None
-        self._publisher_lock = asyncio.Lock()
-        self._admin: AbstractChannel | None = None
-        self._admin_lock = asyncio.Lock()
-        self._declared: set[str] = set()
-        self._exchanges: set[str] = set()
+        # A failed connection attempt is reported by this broker itself (at WARNING).
+        lower_connection_attempt_logs('aiormq.connection', logging.DEBUG,
+                                      'error when creating transport: %r')
+        self._amqp = _Connection(self)
+        self.connection_name = self._amqp.name
+        self._consumptions: dict[str, _AMQPConsumption] = {}
         self._unconfirmed = 0
         self._all_confirmed = asyncio.Event()
         self._all_confirmed.set()
 
-    def _failure(self, what: str, error: BaseException) -> Exception:
-        """The error to raise for a failed operation, without the DSN's password."""
-        if isinstance(error, (_Unreachable, QueueException)):
-            return error
-        where = redact_dsn(self.dsn)
-        if isinstance(error, self._errors.channel):
-            return QueueException(f'{what}: RabbitMQ at {where} refused: {_describe(error)}')
-        return _Unreachable(f'{what}: RabbitMQ at {where} is unreachable: {_describe(error)}')
-
-    # -- the connection -----------------------------------------------------------------
-
-    async def _live_connection(self, timeout: float | None) -> AbstractConnection:
-        """The open connection; wait up to ``timeout`` seconds for it (None: forever),
-        also while a lost one is being replaced."""
-        loop = asyncio.get_running_loop()
-        if self._supervisor is None or self._supervisor.done():
-            self._supervisor = loop.create_task(self._keep_connected())
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            connection = self._connection
-            if connection is not None and connection.is_opened:
-                return connection
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise _Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
-                                   f'{_describe(self._last_error)}')
-            if connection is not None:  # lost; wait until the supervisor lets it go
-                await asyncio.wait([connection.closing], timeout=remaining)
-                await asyncio.sleep(0)
-                continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), remaining)
-
-    async def _keep_connected(self) -> None:
-        """Hold the connection: connect, wait until it is lost, reconnect with backoff."""
-        delays: Iterator[float] | None = None
-        while True:
-            try:
-                connection = await self._connect()
-            except Exception as exc:
-                self._last_error = exc
-                if delays is None:
-                    self.log.warning('Cannot connect to RabbitMQ at %s (%s); retrying',
-                                     redact_dsn(self.dsn), _describe(exc))
-                    delays = reconnect_delays()
-                else:
-                    self.log.debug('Connecting to RabbitMQ at %s failed again: %s',
-                                   redact_dsn(self.dsn), _describe(exc))
-                await asyncio.sleep(next(delays))
-                continue
-            self._connection = connection
-            self._connected.set()
-            if delays is not None:
-                self.log.info('Connected to RabbitMQ at %s again', redact_dsn(self.dsn))
-            reason = await _first_ended(connection.closing)
-            self._connected.clear()
-            self._connection = self._publisher = self._admin = None
-            self._declared.clear()  # a restarted server lost its non-durable queues
-            self._exchanges.clear()
-            self._last_error = reason or ConnectionError('connection closed')
-            self.log.warning('Connection to RabbitMQ at %s lost (%s); reconnecting',
-                             redact_dsn(self.dsn), _describe(self._last_error))
-            delays = reconnect_delays()
-            await asyncio.sleep(next(delays))
-
-    async def _connect(self) -> AbstractConnection:
-        aiormq = require('aiormq', 'amqp')
-        try:
-            connection: AbstractConnection = aiormq.Connection(_with_heartbeat(
-                self.dsn, self.HEARTBEAT))
-        except Exception:
-            raise ValueError(f'invalid AMQP DSN {redact_dsn(self.dsn)}') from None
-        properties: FieldTable = {'connection_name': self.connection_name}
-        try:
-            await asyncio.wait_for(connection.connect(properties), self.CONNECT_TIMEOUT)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            raise
-        return connection
-
-    async def _open_channel(self, *, publisher_confirms: bool) -> AbstractChannel:
-        """A new channel; when the connection dies meanwhile, one on the next connection
-        (within ``CONNECT_TIMEOUT``: opening a channel publishes nothing, so this is safe)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.CONNECT_TIMEOUT
-        while True:
-            connection = await self._live_connection(max(0.0, deadline - loop.time()))
-            try:
-                return await connection.channel(
-                    publisher_confirms=publisher_confirms, timeout=self.OPERATION_TIMEOUT)
-            except self._errors.failures:
-                if connection.is_opened and not connection.is_closed:
-                    raise
-
-    async def _publishing_channel(self) -> AbstractChannel:
-        channel = self._publisher
-        if channel is not None and not channel.is_closed:
-            return channel
-        async with self._publisher_lock:
-            channel = self._publisher
-            if channel is None or channel.is_closed:
-                channel = self._publisher = await self._open_channel(publisher_confirms=True)
-            return channel
-
-    async def _admin_channel(self) -> AbstractChannel:
-        """The channel for declarations (hold ``_admin_lock``); reopened after an error."""
-        channel = self._admin
-        if channel is None or channel.is_closed:
-            channel = self._admin = await self._open_channel(publisher_confirms=False)
-        return channel
-
     # -- declarations -------------------------------------------------------------------
-
-    async def _passive_declare(self, name: str) -> QueueMethods.DeclareOk | None:
-        """The queue's declare-ok, or None when it does not exist (hold ``_admin_lock``)."""
-        channel = await self._admin_channel()
-        try:
-            return await channel.queue_declare(
-                name, passive=True, timeout=self.OPERATION_TIMEOUT)
-        except self._errors.not_found:
-            return None
-
-    async def _ensure_exchange(self, exchange: str) -> None:
-        """Declare a missing exchange, topic and durable (hold ``_admin_lock``)."""
-        if exchange in self._exchanges:
-            return
-        channel = await self._admin_channel()
-        try:
-            await channel.exchange_declare(exchange, passive=True, timeout=self.OPERATION_TIMEOUT)
-        except self._errors.not_found:
-            channel = await self._admin_channel()
-            await channel.exchange_declare(
-                exchange, exchange_type='topic', durable=True, timeout=self.OPERATION_TIMEOUT)
-            self.log.info('Declared exchange %s (topic, durable)', exchange)
-        self._exchanges.add(exchange)
-
-    async def _ensure_queue(self, name: str, declare: Mapping[str, Any] | None = None, *,
-                            check: bool = False) -> None:
-        """Make sure queue ``name`` exists (used as it is when it does, declared durable
-        when missing) and is bound to its exchange by its topics. Once per broker unless
-        ``check``."""
-        if name in self._declared and not check:
-            return
-        queue = _declaration(name)
-        exchange = queue.exchange if queue is not None else ''
-        async with self._admin_lock:
-            if name in self._declared and not check:
-                return
-            if exchange:
-                await self._ensure_exchange(exchange)
-            if await self._passive_declare(name) is None:
-                options = {'durable': True, **(declare or {})}
-                channel = await self._admin_channel()
-                await channel.queue_declare(name, timeout=self.OPERATION_TIMEOUT, **options)
-                self.log.info('Declared queue %s %s', name, options)
-            if exchange and queue is not None:
-                channel = await self._admin_channel()
-                for topic in queue.topics or (name,):
-                    await channel.queue_bind(
-                        name, exchange, routing_key=topic, timeout=self.OPERATION_TIMEOUT)
-            self._declared.add(name)
 
     async def declare_queue(self, name: str, **options: Any) -> QueueMethods.DeclareOk:
         """Declare queue ``name`` with ``queue_declare`` options (``durable``,
         ``arguments``...), as in microagent 1.x; return RabbitMQ's declare-ok."""
-        try:
-            async with self._admin_lock:
-                channel = await self._admin_channel()
-                info: QueueMethods.DeclareOk = await channel.queue_declare(
-                    name, timeout=self.OPERATION_TIMEOUT, **options)
-        except self._errors.failures as exc:
-            raise self._failure(f'declaring queue {name}', exc) from exc
+        async with self._failing(f'declaring queue {name}'):
+            info = await self._amqp.declare(name, **options)
         self.log.info('Declared queue %s: %s messages, %s consumers',
                       name, info.message_count, info.consumer_count)
-        self._declared.add(name)
         return info
 
     async def queue_length(self, name: str) -> int:
         """How many messages wait in queue ``name`` (not counting unacknowledged ones);
         0 for a queue that does not exist (it is not created)."""
-        try:
-            async with self._admin_lock:
-                info = await self._passive_declare(name)
-        except self._errors.failures as exc:
-            raise self._failure(f'measuring queue {name}', exc) from exc
+        async with self._failing(f'measuring queue {name}'), self._amqp.admin_lock:
+            info = await self._amqp.passive_declare(name)
         return int(info.message_count or 0) if info is not None else 0
 
     # -- producing ----------------------------------------------------------------------
@@ -1233,21 +1321,23 @@ class AMQPBroker(AbstractQueueBroker):
         try:
             for attempt in (1, 2):
                 try:
-                    if exchange is None:
-                        await self._ensure_queue(name)
-                    await self._publish(target, routing_key, messages, properties or {})
+                    async with self._failing(
+                            f'sending to {name} (the message may not be stored)'):
+                        if exchange is None:
+                            await self._amqp.ensure_queue(name)
+                        await self._publish(target, routing_key, messages, properties or {})
                     return
-                except (self._errors.returned, self._errors.not_found) as exc:
-                    if attempt == 2 or exchange is not None:
-                        raise self._unroutable(name, target, routing_key, exc) from exc
-                    self._declared.discard(name)  # deleted meanwhile? declare it again
-                    self._exchanges.discard(target)
-                except self._errors.refused as exc:
-                    raise QueueException(
-                        f'RabbitMQ refused to store a message for {name!r}: {exc}') from exc
-                except self._errors.failures as exc:
-                    raise self._failure(
-                        f'sending to {name} (the message may not be stored)', exc) from exc
+                except QueueException as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, (self._returned, self._not_found)):
+                        if attempt == 2 or exchange is not None:
+                            raise self._unroutable(name, target, routing_key, cause) from cause
+                        self._amqp.forget(name, target)  # deleted meanwhile? declare it again
+                    elif isinstance(cause, self._nacked):
+                        raise QueueException(f'RabbitMQ refused to store a message for '
+                                             f'{name!r}: {cause}') from cause
+                    else:
+                        raise
         finally:
             self._unconfirmed -= len(messages)
             if not self._unconfirmed:
@@ -1255,15 +1345,15 @@ class AMQPBroker(AbstractQueueBroker):
 
     def _unroutable(self, name: str, exchange: str, routing_key: str, error: BaseException
                     ) -> QueueException:
-        if isinstance(error, self._errors.returned):
+        if isinstance(error, self._returned):
             return QueueException(
                 f'RabbitMQ returned a message for {name!r}: no queue is bound to exchange '
                 f'{exchange!r} by routing key {routing_key!r}')
-        return QueueException(f'cannot send to {name!r}: {_describe(error)}')
+        return QueueException(f'cannot send to {name!r}: {error}')
 
     async def _publish(self, exchange: str, routing_key: str, bodies: Sequence[bytes],
                        extra: Mapping[str, Any]) -> None:
-        channel = await self._publishing_channel()
+        channel = await self._amqp.publishing_channel()
         # wait=False (aiormq's Channel has it since 6.x; its AbstractChannel does not say
         # so): await the confirmation only, not also the socket write, which would hold
         # the channel's lock and serialize the publishes of a batch.
@@ -1281,7 +1371,7 @@ class AMQPBroker(AbstractQueueBroker):
                 return_exceptions=True)
             errors = [result for result in results if isinstance(result, BaseException)]
             if errors:
-                returned = [error for error in errors if isinstance(error, self._errors.returned)]
+                returned = [error for error in errors if isinstance(error, self._returned)]
                 error = (returned or errors)[0]
                 if isinstance(error, asyncio.CancelledError):  # its channel closed, not us
                     raise ConnectionError('the channel closed before RabbitMQ confirmed')
@@ -1289,70 +1379,49 @@ class AMQPBroker(AbstractQueueBroker):
 
     # -- consuming ----------------------------------------------------------------------
 
-    def _consumer_settings(self, pool: ConsumerPool) -> tuple[int, Mapping[str, Any]]:
-        """The consumer's ``prefetch`` and ``declare_queue`` options, checked."""
-        options = pool.consumer.options
-        prefetch = options.get('prefetch')
-        if prefetch is None:
-            prefetch = min(pool.capacity, MAX_PREFETCH)
-        elif (isinstance(prefetch, bool) or not isinstance(prefetch, int)
-              or not 1 <= prefetch <= MAX_PREFETCH):
-            raise QueueException(f'{pool.consumer.key}: prefetch must be a whole number from 1 '
-                                 f'to {MAX_PREFETCH}, not {prefetch!r}')
-        declare = options.get('declare_queue') or {}
-        if not isinstance(declare, Mapping):
-            raise QueueException(f'{pool.consumer.key}: declare_queue must be a dict of '
-                                 f'queue_declare options, not {declare!r}')
-        return prefetch, declare
-
     async def bind(self, name: str) -> None:
         """Subscribe to queue ``name`` (declaring it when missing); return once RabbitMQ
         confirmed the subscription. It is renewed after every reconnection."""
         pool = self.pools[name]
-        consumption = _Consumption(name, pool, *self._consumer_settings(pool))
+        options = pool.options
+        assert isinstance(options, _AMQPOptions)
+        consumption = _AMQPConsumption(name, pool, self.link(f'consume {name}'), options)
         self._consumptions[name] = consumption
         loop = asyncio.get_running_loop()
         live: asyncio.Future[None] = loop.create_future()
         consumption.feeder = loop.create_task(self._feed(consumption))
-        consumption.keeper = loop.create_task(self._keep_consuming(consumption, live))
+        consumption.task = loop.create_task(self._consume(consumption, live))
         try:
             await live
         except BaseException:
-            await cancel_and_wait(consumption.keeper)
+            await consumption.stop_feeding()
             await cancel_and_wait(consumption.feeder)
             await self._unsubscribed(consumption)
             self._consumptions.pop(name, None)
             raise
 
-    async def _keep_consuming(self, consumption: _Consumption, live: asyncio.Future[None]
-                              ) -> None:
+    async def _consume(self, consumption: _AMQPConsumption, live: asyncio.Future[None]
+                       ) -> None:
         """Subscribe, wait until the subscription ends (lost connection or channel, or
-        cancelled by RabbitMQ), subscribe again with backoff; forever."""
-        name, where = consumption.name, redact_dsn(self.dsn)
+        cancelled by RabbitMQ), subscribe again with backoff; forever. The first
+        subscription is tried for up to ``CONNECT_TIMEOUT`` (its reply may be lost)."""
+        name, link = consumption.name, consumption.link
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.CONNECT_TIMEOUT  # for the first subscription
-        delays: Iterator[float] | None = None
+        deadline = loop.time() + self.CONNECT_TIMEOUT
         while True:
             try:
-                connection = await self._live_connection(
-                    None if live.done() else max(0.0, deadline - loop.time()))
-                ended = await self._subscribe(consumption, connection)
-            except Exception as exc:
+                async with self._failing(f'consuming {name}', link):
+                    connection = await self._amqp.live(
+                        None if live.done() else max(0.0, deadline - loop.time()))
+                    ended = await self._subscribe(consumption, connection)
+            except Exception as failure:
                 await self._unsubscribed(consumption)
-                if not live.done():
-                    failure = self._failure(f'consuming {name}', exc)
-                    if isinstance(failure, QueueException) or loop.time() >= deadline:
-                        live.set_exception(failure)
-                        return
-                elif delays is None:
-                    self.log.warning('Subscribing to %s on RabbitMQ at %s failed (%s); retrying',
-                                     name, where, _describe(exc))
+                if not live.done() and (isinstance(failure, QueueException)
+                                        or loop.time() >= deadline):
+                    live.set_exception(failure)
+                    return
             else:
-                if not live.done():
-                    live.set_result(None)
-                elif delays is not None:
-                    self.log.info('Consuming %s from RabbitMQ at %s again', name, where)
-                delays = None
+                _resolve(live)
                 closed, cancelled = ended
                 try:
                     reason = await _first_ended(closed, cancelled)
@@ -1360,20 +1429,16 @@ class AMQPBroker(AbstractQueueBroker):
                     by_server = cancelled.done()
                     cancelled.cancel()
                 await self._unsubscribed(consumption)
-                why = ('RabbitMQ cancelled the consumer: queue deleted?' if by_server
-                       else _describe(reason or 'channel closed'))
-                self.log.warning('Consuming %s from RabbitMQ at %s stopped (%s); subscribing '
-                                 'again', name, where, why)
-            if delays is None:
-                delays = reconnect_delays()
-            await asyncio.sleep(next(delays))
+                link.lost('RabbitMQ cancelled the consumer: queue deleted?' if by_server
+                          else reason or 'channel closed')
+            await link.pause()
 
-    async def _subscribe(self, consumption: _Consumption, connection: AbstractConnection
+    async def _subscribe(self, consumption: _AMQPConsumption, connection: AbstractConnection
                          ) -> tuple[asyncio.Future[Any], asyncio.Future[None]]:
         """Open a channel and consume on it; return the futures that end it: the
         channel's closing, and the consumer cancelled by RabbitMQ (the queue was
         deleted; aiormq 7 reports it, older versions do not)."""
-        await self._ensure_queue(consumption.name, consumption.declare, check=True)
+        await self._amqp.ensure_queue(consumption.name, consumption.declare, check=True)
         channel = await connection.channel(
             publisher_confirms=False, timeout=self.OPERATION_TIMEOUT)
         consumption.channel = channel
@@ -1390,28 +1455,25 @@ class AMQPBroker(AbstractQueueBroker):
         consumption.consumer_tag = ok.consumer_tag
         return channel.closing, cancelled
 
-    async def _unsubscribed(self, consumption: _Consumption) -> None:
+    async def _unsubscribed(self, consumption: _AMQPConsumption) -> None:
         """Give up the subscription's channel; RabbitMQ delivers its unacknowledged
         messages again (those still in the buffer are dropped here)."""
         channel, consumption.channel = consumption.channel, None
         consumption.consumer_tag = None
         consumption.unsettled = {}
         consumption.buffer.clear()
-        await self._close_channel(channel)
-
-    async def _close_channel(self, channel: AbstractChannel | None) -> None:
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(*self._errors.failures):
+            with contextlib.suppress(*self._failures):
                 await asyncio.wait_for(channel.close(), self.OPERATION_TIMEOUT)
 
-    async def _on_message(self, consumption: _Consumption, channel: AbstractChannel,
+    async def _on_message(self, consumption: _AMQPConsumption, channel: AbstractChannel,
                           message: DeliveredMessage) -> None:
         """aiormq's consumer callback: buffer the delivery for the feeder."""
         tag = message.delivery_tag
         if channel is not consumption.channel or tag is None:
             return  # a channel given up: RabbitMQ requeues its messages as it closes
         if consumption.stopping:
-            with contextlib.suppress(*self._errors.failures):
+            with contextlib.suppress(*self._failures):
                 await self._settle(consumption, [tag], ack=False)
             return
         consumption.unsettled[tag] = None
@@ -1419,7 +1481,7 @@ class AMQPBroker(AbstractQueueBroker):
         wakeup, consumption.wakeup = consumption.wakeup, None
         _resolve(wakeup)
 
-    async def _feed(self, consumption: _Consumption) -> None:
+    async def _feed(self, consumption: _AMQPConsumption) -> None:
         """Hand what arrived together to the pool as one batch (it waits when full)."""
         loop = asyncio.get_running_loop()
         while True:
@@ -1436,18 +1498,18 @@ class AMQPBroker(AbstractQueueBroker):
         consumption = self._consumptions.get(name)
         if consumption is None:
             return
-        await cancel_and_wait(consumption.keeper)
+        await consumption.stop_feeding()
         channel, consumer_tag = consumption.channel, consumption.consumer_tag
         if channel is not None and consumer_tag is not None and not channel.is_closed:
             try:
                 await channel.basic_cancel(consumer_tag, timeout=self.OPERATION_TIMEOUT)
-            except self._errors.failures as exc:
-                self.log.debug('Cancelling the consumer of %s failed: %s', name, _describe(exc))
+            except self._failures as exc:
+                self.log.debug('Cancelling the consumer of %s failed: %s', name, exc)
         consumption.stopping = True
         await cancel_and_wait(consumption.feeder)
         leftovers, consumption.buffer = consumption.buffer, []
         if leftovers:
-            with contextlib.suppress(*self._errors.failures):
+            with contextlib.suppress(*self._failures):
                 await self._settle(consumption, [d.tag for d in leftovers], ack=False)
 
     async def unbound(self, name: str) -> None:
@@ -1458,7 +1520,7 @@ class AMQPBroker(AbstractQueueBroker):
 
     # -- settling deliveries --------------------------------------------------------------
 
-    async def _settle(self, consumption: _Consumption, tags: Sequence[int], *, ack: bool
+    async def _settle(self, consumption: _AMQPConsumption, tags: Sequence[int], *, ack: bool
                       ) -> None:
         """Acknowledge (or release: nack with requeue) delivery tags of the current
         channel, with one ``multiple=True`` frame for the contiguous part."""
@@ -1469,18 +1531,11 @@ class AMQPBroker(AbstractQueueBroker):
             if channel is not consumption.channel:
                 return
             highest, singles = _settlement(consumption.unsettled, tags)
+            settle = channel.basic_ack if ack else partial(channel.basic_nack, requeue=True)
             if highest is not None:
-                await self._settle_frame(channel, highest, multiple=True, ack=ack)
+                await settle(highest, multiple=True)
             for tag in singles:
-                await self._settle_frame(channel, tag, multiple=False, ack=ack)
-
-    @staticmethod
-    async def _settle_frame(channel: AbstractChannel, tag: int, *, multiple: bool, ack: bool
-                            ) -> None:
-        if ack:
-            await channel.basic_ack(tag, multiple=multiple)
-        else:
-            await channel.basic_nack(tag, multiple=multiple, requeue=True)
+                await settle(tag, multiple=False)
 
     async def _settle_deliveries(self, name: str, deliveries: list[Delivery], *, ack: bool
                                  ) -> None:
@@ -1492,13 +1547,10 @@ class AMQPBroker(AbstractQueueBroker):
         if len(tags) < len(deliveries):
             self.log.debug('%d messages of %s came on a channel since lost; RabbitMQ delivers '
                            'them again', len(deliveries) - len(tags), name)
-        if not tags:
-            return
-        try:
-            await self._settle(consumption, tags, ack=ack)
-        except self._errors.failures as exc:
+        if tags:
             action = 'acknowledging' if ack else 'releasing'
-            raise self._failure(f'{action} {len(tags)} messages of {name}', exc) from exc
+            async with self._failing(f'{action} {len(tags)} messages of {name}'):
+                await self._settle(consumption, tags, ack=ack)
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:
         """Acknowledge finished deliveries (``multiple=True`` where contiguous)."""
@@ -1532,32 +1584,25 @@ class AMQPBroker(AbstractQueueBroker):
                                  '(RabbitMQ delivers it again)', tag, amqp.routing_key)
                 return
             await amqp.channel.basic_ack(tag)
-        except self._errors.failures as exc:
+        except self._failures as exc:
             self.log.warning('Acknowledging message %s of %s failed (%s); RabbitMQ delivers '
-                             'it again', tag, amqp.routing_key, _describe(exc))
+                             'it again', tag, amqp.routing_key, exc)
 
     # -- closing ------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Stop consumers gracefully, wait for the confirmations of pending sends, close
-        the channels and the connection. The broker may be used again."""
-        for pool in list(self.pools.values()):
-            await self.unbind_consumer(pool.consumer)
+    async def disconnect(self) -> None:
+        """Wait for the confirmations of pending sends, close the channels and the
+        connection."""
         for name in list(self._consumptions):
             await self.unbind(name)
-            await self._unsubscribed(self._consumptions.pop(name))
+            await self.unbound(name)
         if not self._all_confirmed.is_set():
             try:
                 await asyncio.wait_for(self._all_confirmed.wait(), self.CONFIRM_TIMEOUT)
             except asyncio.TimeoutError:
                 self.log.warning('Closing with %d messages not yet confirmed by RabbitMQ',
                                  self._unconfirmed)
-        await cancel_and_wait(self._supervisor)
-        connection = self._connection
-        self._reset()
-        if connection is not None:
-            with contextlib.suppress(*self._errors.failures):
-                await asyncio.wait_for(connection.close(), self.OPERATION_TIMEOUT)
+        await self._amqp.close()
 
 
 # =====================================================================================
@@ -1565,7 +1610,7 @@ class AMQPBroker(AbstractQueueBroker):
 # =====================================================================================
 # Kafka backend: :class:`KafkaBroker`, a queue broker on aiokafka.
 #
-# ``pip install 'microagent[kafka]'``. Wire format of microagent 1.x: a queue is the topic
+# ``pip install '.[kafka]'`` (a checkout). Wire format of microagent 1.x: a queue is the topic
 # named like the queue, a message is one record whose value is the JSON object's bytes
 # (no key, no headers), so 1.x producers and this broker interoperate both ways.
 #
@@ -1616,10 +1661,6 @@ _SEND_OPTIONS = frozenset({'key', 'partition', 'timestamp_ms', 'headers'})
 _IGNORED_SEND_OPTIONS = frozenset({'topic'})  # AMQP routing, meaningless here
 
 
-# =====================================================================================
-# Kafka broker
-# =====================================================================================
-
 def _aiokafka() -> Any:
     """The aiokafka package (imported on first use, naming the extra when missing)."""
     return require('aiokafka', 'kafka')
@@ -1666,7 +1707,6 @@ async def _stop(client: Any) -> None:
     await stop()
 
 
-
 class _PartitionOffsets:
     """The records of one partition fetched during one assignment of it, to find the
     offset to commit: the first one not finished, or the one after the last fetched.
@@ -1693,20 +1733,19 @@ class _PartitionOffsets:
         return fetched[0] if fetched else self.next_offset
 
 
-class _Subscription:
-    """One queue consumed by one broker: its aiokafka consumer in the queue's group,
-    the fetching and committing tasks, and the offsets of the records in the pool."""
+class _KafkaConsumption(_Consumption):
+    """A queue consumed from Kafka: its aiokafka consumer in the queue's group, the
+    committing task, and the offsets of the records in the pool."""
 
-    def __init__(self, name: str, group_id: str, consumer: Any, pool: ConsumerPool) -> None:
-        self.name = name
+    def __init__(self, name: str, pool: ConsumerPool, link: Link, group_id: str,
+                 consumer: Any) -> None:
+        super().__init__(name, pool, link)
         self.group_id = group_id
         self.consumer = consumer
-        self.pool = pool
         self.partitions: dict[Any, _PartitionOffsets] = {}
         self.dirty: set[_PartitionOffsets] = set()
         self.finished = asyncio.Event()
         self.commit_lock = asyncio.Lock()
-        self.fetcher: asyncio.Task[None] | None = None
         self.committer: asyncio.Task[None] | None = None
         self.commit_failing = False
 
@@ -1776,32 +1815,56 @@ class _RebalanceListener:
     Registered as a virtual ``aiokafka.ConsumerRebalanceListener`` (aiokafka is
     imported lazily, so this module cannot subclass it)."""
 
-    def __init__(self, broker: KafkaBroker, subscription: _Subscription) -> None:
+    def __init__(self, broker: KafkaBroker, consumption: _KafkaConsumption) -> None:
         self.broker = broker
-        self.subscription = subscription
+        self.consumption = consumption
 
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
         if not revoked:
             return
-        try:
-            await asyncio.wait_for(self.broker._commit(self.subscription, revoked),
-                                   self.broker._commit_timeout)
-        except asyncio.TimeoutError:
-            self.broker.log.warning('Committing offsets of %s timed out in a rebalance; '
-                                    'their records may be delivered again',
-                                    self.subscription.name)
-        self.subscription.revoke(revoked)
+        await self.broker._commit(self.consumption, revoked)
+        self.consumption.revoke(revoked)
         self.broker.log.info('Kafka group %s: partitions %s of %s revoked',
-                             self.subscription.group_id,
-                             sorted(p.partition for p in revoked), self.subscription.name)
+                             self.consumption.group_id,
+                             sorted(p.partition for p in revoked), self.consumption.name)
 
     async def on_partitions_assigned(self, assigned: set[Any]) -> None:
         self.broker.log.info('Kafka group %s: partitions %s of %s assigned',
-                             self.subscription.group_id,
-                             sorted(p.partition for p in assigned), self.subscription.name)
+                             self.consumption.group_id,
+                             sorted(p.partition for p in assigned), self.consumption.name)
 
 
-class KafkaBroker(AbstractQueueBroker):
+class _KafkaOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
+    """The consumer options of :class:`KafkaBroker`: the common ones, and ``group_id``
+    (the consumer group; default ``microagent.{queue}``). ``autoack=False`` is refused:
+    offsets are committed only after handling."""
+
+    group_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.autoack:
+            raise ValueError('KafkaBroker commits offsets after handling; autoack=False '
+                             'is not supported')
+
+
+class _KafkaTransport(_Transport):
+    """aiokafka's errors: a lost connection, a timeout, or a retriable error is a failed
+    link; any other Kafka error is Kafka refusing."""
+
+    SERVER = 'Kafka'
+
+    def _init_transport(self) -> None:
+        errors = _aiokafka().errors
+        self._failures = (errors.KafkaError, OSError, asyncio.TimeoutError)
+        self._unreachable = (OSError, asyncio.TimeoutError, errors.KafkaConnectionError,
+                             errors.KafkaTimeoutError, errors.NodeNotReadyError,
+                             errors.NoBrokersAvailable)
+
+    def _refused(self, error: BaseException) -> bool:
+        return not (isinstance(error, self._unreachable) or getattr(error, 'retriable', False))
+
+
+class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     """Queue broker on Kafka: ``KafkaBroker('kafka://localhost:9092')``.
 
     The DSN may list several bootstrap servers: ``kafka://k1:9092,k2:9092``. Nothing
@@ -1829,11 +1892,11 @@ class KafkaBroker(AbstractQueueBroker):
     getting those its class takes (``security_protocol``, ``sasl_mechanism``,
     ``ssl_context``... for all; ``max_request_size`` for the producer,
     ``max_partition_fetch_bytes`` for the consumers).
+    Links: ``producer``, and ``consume {queue}`` per consumed queue.
     """
 
+    Options = _KafkaOptions
     RAW_MESSAGE_ARG: ClassVar[str | None] = 'kafka'
-    CONSUMER_OPTIONS: ClassVar[frozenset[str]] = (
-        AbstractQueueBroker.CONSUMER_OPTIONS | {'group_id'})
     PARTITIONS: ClassVar[int] = 8
     REPLICATION_FACTOR: ClassVar[int] = 1
     SESSION_TIMEOUT: ClassVar[float] = 10.0
@@ -1847,42 +1910,52 @@ class KafkaBroker(AbstractQueueBroker):
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
         self.servers = _bootstrap_servers(dsn)
-        aiokafka = _aiokafka()
-        self._check_client_options(aiokafka)
-        self._errors: tuple[type[BaseException], ...] = (
-            aiokafka.errors.KafkaError, OSError, asyncio.TimeoutError)
+        self._init_transport()
+        self._check_client_options()
+        # aiokafka retries a failed connection by itself: a warning per attempt, not an error.
+        lower_connection_attempt_logs(
+            'aiokafka', logging.WARNING, 'Unable connect to "%s:%s": %s',
+            'Unable connect to node with id %s: %s', 'Unable to update metadata from %s')
         self._producer: Any = None
         self._admin: Any = None
         self._reader: Any = None
         self._start_lock = asyncio.Lock()
         self._reader_lock = asyncio.Lock()
         self._topics: set[str] = set()
-        self._subscriptions: dict[str, _Subscription] = {}
+        self._consumptions: dict[str, _KafkaConsumption] = {}
 
     # --- clients, started on first use --------------------------------------------
 
-    def _check_client_options(self, aiokafka: Any) -> None:
+    @staticmethod
+    def _client_classes() -> tuple[Any, Any, Any]:
+        aiokafka = _aiokafka()
+        return (aiokafka.AIOKafkaProducer, aiokafka.AIOKafkaConsumer,
+                require('aiokafka.admin', 'kafka').AIOKafkaAdminClient)
+
+    def _check_client_options(self) -> None:
         """Refuse a ``CLIENT_OPTIONS`` key that no aiokafka client takes (a typo)."""
-        clients = (aiokafka.AIOKafkaProducer, aiokafka.AIOKafkaConsumer,
-                   require('aiokafka.admin', 'kafka').AIOKafkaAdminClient)
-        known = {name for client in clients for name in inspect.signature(client).parameters}
+        known = {name for client in self._client_classes()
+                 for name in inspect.signature(client).parameters}
         unknown = sorted(set(self.CLIENT_OPTIONS) - known)
         if unknown:
             raise TypeError(f'{type(self).__name__}: no aiokafka client takes the '
                             f'CLIENT_OPTIONS {", ".join(unknown)}')
 
-    def _client_options(self, client_class: Any) -> dict[str, Any]:
-        """The options for an aiokafka client: the servers, the request timeout and the
-        ``CLIENT_OPTIONS`` that this client's class takes (``max_request_size`` is the
-        producer's only, for example)."""
-        options = {'bootstrap_servers': self.servers,
-                   'request_timeout_ms': int(self.REQUEST_TIMEOUT * 1000), **self.CLIENT_OPTIONS}
+    def _client(self, client_class: Any, **options: Any) -> Any:
+        """An aiokafka client with the servers, the request timeout and the
+        ``CLIENT_OPTIONS`` that its class takes (``max_request_size`` is the producer's
+        only, for example)."""
+        common = {'bootstrap_servers': self.servers,
+                  'request_timeout_ms': int(self.REQUEST_TIMEOUT * 1000), **self.CLIENT_OPTIONS}
         accepted = inspect.signature(client_class).parameters
-        return {key: value for key, value in options.items() if key in accepted}
+        return client_class(**{k: v for k, v in common.items() if k in accepted}, **options)
 
     async def _started(self, attribute: str, create: Callable[[], Any]) -> Any:
         """The client kept as ``attribute``, created and started by the first caller
         (concurrent first uses wait for it); a client that fails to start is closed."""
+        running = getattr(self, attribute)
+        if running is not None:
+            return running
         async with self._start_lock:
             running = getattr(self, attribute)
             if running is not None:
@@ -1898,40 +1971,21 @@ class KafkaBroker(AbstractQueueBroker):
             return client
 
     async def _producer_started(self) -> Any:
-        if self._producer is not None:
-            return self._producer
-        producer = _aiokafka().AIOKafkaProducer
-        return await self._started('_producer', lambda: producer(
-            acks='all', client_id='microagent-producer', **self._client_options(producer)))
+        producer, _, _ = self._client_classes()
+        return await self._started('_producer', lambda: self._client(
+            producer, acks='all', client_id='microagent-producer'))
 
     async def _admin_started(self) -> Any:
-        if self._admin is not None:
-            return self._admin
-        admin = require('aiokafka.admin', 'kafka').AIOKafkaAdminClient
-        return await self._started('_admin', lambda: admin(
-            client_id='microagent-admin', **self._client_options(admin)))
+        _, _, admin = self._client_classes()
+        return await self._started('_admin', lambda: self._client(
+            admin, client_id='microagent-admin'))
 
     async def _reader_started(self) -> Any:
         """A consumer outside any group, to read the partitions' offsets."""
-        if self._reader is not None:
-            return self._reader
-        reader = _aiokafka().AIOKafkaConsumer
-        return await self._started('_reader', lambda: reader(
-            client_id='microagent-offsets', enable_auto_commit=False, fetch_max_wait_ms=100,
-            **self._client_options(reader)))
-
-    def _failure(self, what: str, error: BaseException) -> Exception:
-        """The error to raise for a failed Kafka operation: :class:`ConnectionError` when
-        Kafka could not be reached or did not answer in time."""
-        aiokafka = _aiokafka()
-        unreachable = (OSError, asyncio.TimeoutError, aiokafka.errors.KafkaConnectionError,
-                       aiokafka.errors.KafkaTimeoutError, aiokafka.errors.NodeNotReadyError,
-                       aiokafka.errors.NoBrokersAvailable)
-        detail = str(error) or type(error).__name__
-        if isinstance(error, unreachable) or getattr(error, 'retriable', False):
-            return ConnectionError(
-                f'Kafka at {redact_dsn(self.dsn)} is unreachable: {what} failed: {detail}')
-        return QueueException(f'Kafka at {redact_dsn(self.dsn)}: {what} failed: {detail}')
+        _, reader, _ = self._client_classes()
+        return await self._started('_reader', lambda: self._client(
+            reader, client_id='microagent-offsets', enable_auto_commit=False,
+            fetch_max_wait_ms=100))
 
     # --- topics --------------------------------------------------------------------
 
@@ -1970,136 +2024,116 @@ class KafkaBroker(AbstractQueueBroker):
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
         """Produce ``message`` to topic ``name``; return once Kafka acknowledged it.
 
-        Raises :class:`ConnectionError` when Kafka is unreachable (within
-        ``SEND_TIMEOUT``); the message may then not be stored.
+        Raises :class:`Unreachable` when Kafka is unreachable (within ``SEND_TIMEOUT``);
+        the message may then not be stored.
         """
         options = self._send_options(kwargs)
         topic = _topic(name)
-        try:
+        async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
             await self._ensure_topic(topic)
             await producer.send_and_wait(topic, message, **options)
-        except self._errors as exc:
-            raise self._failure(f'sending to {name}', exc) from exc
 
     async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
         """Produce several messages, batched by the producer; return once all are
         acknowledged (on an error, some of them may be stored)."""
         options = self._send_options(kwargs)
         topic = _topic(name)
-        try:
+        async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
             await self._ensure_topic(topic)
             acks = [await producer.send(topic, message, **options) for message in messages]
             await asyncio.gather(*acks)
-        except self._errors as exc:
-            raise self._failure(f'sending to {name}', exc) from exc
 
     # --- consuming -----------------------------------------------------------------
 
     async def bind(self, name: str) -> None:
         """Join the queue's consumer group; return once partitions are assigned and
-        fetching runs. Raises :class:`ConnectionError` when Kafka is unreachable."""
+        fetching runs. Raises :class:`Unreachable` when Kafka is unreachable."""
         pool = self.pools[name]
-        options = pool.consumer.options
-        if not options.get('autoack', True):
-            raise QueueException(f'{pool.consumer.key}: KafkaBroker commits offsets after '
-                                 'handling; autoack=False is not supported')
-        group_id = options.get('group_id') or f'microagent.{name}'
-        if not isinstance(group_id, str):
-            raise QueueException(f'{pool.consumer.key}: group_id must be a string')
+        options = pool.options
+        assert isinstance(options, _KafkaOptions)
+        group_id = options.group_id or f'microagent.{name}'
         topic = _topic(name)
         aiokafka = _aiokafka()
         session_ms = int(self.SESSION_TIMEOUT * 1000)
-        consumer = aiokafka.AIOKafkaConsumer(
-            group_id=group_id, client_id=f'microagent-{name}', enable_auto_commit=False,
-            auto_offset_reset='earliest', session_timeout_ms=session_ms,
-            heartbeat_interval_ms=max(session_ms // 3, 100),
-            **self._client_options(aiokafka.AIOKafkaConsumer))
-        subscription = _Subscription(name, group_id, consumer, pool)
-        listener = _RebalanceListener(self, subscription)
+        consumer = self._client(
+            aiokafka.AIOKafkaConsumer, group_id=group_id, client_id=f'microagent-{name}',
+            enable_auto_commit=False, auto_offset_reset='earliest',
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(session_ms // 3, 100))
+        consumption = _KafkaConsumption(name, pool, self.link(f'consume {name}'), group_id,
+                                        consumer)
         aiokafka.ConsumerRebalanceListener.register(_RebalanceListener)
-        consumer.subscribe([topic], listener=listener)
+        consumer.subscribe([topic], listener=_RebalanceListener(self, consumption))
         try:
-            await self._ensure_topic(topic)
-            await asyncio.wait_for(consumer.start(), self.START_TIMEOUT)
-        except BaseException as exc:
+            async with self._failing(f'joining group {group_id} for {name}', consumption.link):
+                await self._ensure_topic(topic)
+                await asyncio.wait_for(consumer.start(), self.START_TIMEOUT)
+        except BaseException:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-            if isinstance(exc, self._errors):
-                raise self._failure(f'joining group {group_id} for {name}', exc) from exc
             raise
-        self._subscriptions[name] = subscription
+        self._consumptions[name] = consumption
         loop = asyncio.get_running_loop()
-        subscription.fetcher = loop.create_task(self._fetch(subscription))
-        subscription.committer = loop.create_task(self._commit_periodically(subscription))
+        consumption.task = loop.create_task(self._consume(consumption))
+        consumption.committer = loop.create_task(self._commit_periodically(consumption))
 
-    async def _fetch(self, subscription: _Subscription) -> None:
-        """Feed the pool with batches of records, forever; retry failures with backoff
-        (aiokafka reconnects by itself)."""
-        consumer, pool = subscription.consumer, subscription.pool
+    async def _consume(self, consumption: _KafkaConsumption) -> None:
+        """Feed the pool with batches of records, forever; a failure is retried with
+        backoff (aiokafka reconnects by itself)."""
+        consumer, pool, link = consumption.consumer, consumption.pool, consumption.link
         size = max(1, pool.capacity)
-        failing = None
         while not pool.closing:
             try:
-                batches = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS, max_records=size)
+                async with self._failing(f'fetching {consumption.name}', link):
+                    batches = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS,
+                                                     max_records=size)
             except Exception as exc:
-                failing = failing or reconnect_delays()
-                delay = next(failing)
-                self.log.warning('Fetching %s from Kafka at %s failed (%s); again in %.1fs',
-                                 subscription.name, redact_dsn(self.dsn),
-                                 str(exc) or type(exc).__name__, delay)
-                await asyncio.sleep(delay)
+                if not isinstance(exc, (Unreachable, QueueException)):
+                    link.lost(exc)
+                await link.pause()
                 continue
-            if failing is not None:
-                failing = None
-                self.log.info('Fetching %s from Kafka at %s again',
-                              subscription.name, redact_dsn(self.dsn))
             if batches:
-                await pool.feed(subscription.track(batches))
+                await pool.feed(consumption.track(batches))
 
-    async def _commit_periodically(self, subscription: _Subscription) -> None:
+    async def _commit_periodically(self, consumption: _KafkaConsumption) -> None:
         while True:
-            await subscription.finished.wait()
-            subscription.finished.clear()
-            await self._commit(subscription)
+            await consumption.finished.wait()
+            consumption.finished.clear()
+            await self._commit(consumption)
             await asyncio.sleep(self.COMMIT_INTERVAL)
 
-    @property
-    def _commit_timeout(self) -> float:
-        """Seconds a commit may take: well within a rebalance, which waits for the
-        members' revocation callbacks (aiokafka retries some errors forever)."""
-        return min(self.SEND_TIMEOUT, self.SESSION_TIMEOUT / 2)
-
-    async def _commit(self, subscription: _Subscription,
+    async def _commit(self, consumption: _KafkaConsumption,
                       partitions: Iterable[Any] | None = None) -> None:
         """Commit the finished offsets (of ``partitions``, or of every partition); what
-        fails is committed again with the next commit."""
-        async with subscription.commit_lock:
-            offsets = subscription.to_commit(partitions)
+        fails is committed again with the next commit. A commit takes at most half the
+        session timeout: a rebalance waits for it (aiokafka retries some errors forever)."""
+        async with consumption.commit_lock:
+            offsets = consumption.to_commit(partitions)
             if not offsets:
                 return
             try:
-                await _within(subscription.consumer.commit(offsets), self._commit_timeout)
+                await _within(consumption.consumer.commit(offsets),
+                              min(self.SEND_TIMEOUT, self.SESSION_TIMEOUT / 2))
             except Exception as exc:
-                subscription.retry(offsets)
-                if not subscription.commit_failing:
-                    subscription.commit_failing = True
+                consumption.retry(offsets)
+                if not consumption.commit_failing:
+                    consumption.commit_failing = True
                     self.log.warning(
                         'Committing offsets of %s (group %s) failed; retrying (their records '
-                        'are delivered again if it never succeeds): %s', subscription.name,
-                        subscription.group_id, str(exc) or type(exc).__name__)
+                        'are delivered again if it never succeeds): %s', consumption.name,
+                        consumption.group_id, str(exc) or type(exc).__name__)
             else:
-                subscription.committed(offsets)
-                if subscription.commit_failing:
-                    subscription.commit_failing = False
-                    self.log.info('Committing offsets of %s works again', subscription.name)
+                consumption.committed(offsets)
+                if consumption.commit_failing:
+                    consumption.commit_failing = False
+                    self.log.info('Committing offsets of %s works again', consumption.name)
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:
         """Mark records finished; their offsets are committed soon after."""
-        subscription = self._subscriptions.get(name)
-        if subscription is not None:
-            subscription.finish(deliveries)
+        consumption = self._consumptions.get(name)
+        if consumption is not None:
+            consumption.finish(deliveries)
 
     async def release(self, name: str, deliveries: list[Delivery]) -> None:
         """Nothing to send: the offsets of unfinished records are never committed, so
@@ -2107,44 +2141,42 @@ class KafkaBroker(AbstractQueueBroker):
 
     async def unbind(self, name: str) -> None:
         """Stop fetching at once; the group membership lasts until the pool drained
-        (see :meth:`unbind_consumer`), so that finished records can be committed."""
-        subscription = self._subscriptions.get(name)
-        if subscription is None:
+        (see :meth:`unbound`), so that finished records can be committed."""
+        consumption = self._consumptions.get(name)
+        if consumption is None:
             return
-        await cancel_and_wait(subscription.fetcher)
-        subscription.fetcher = None
+        await consumption.stop_feeding()
         with contextlib.suppress(Exception):
-            subscription.consumer.pause(*subscription.consumer.assignment())
+            consumption.consumer.pause(*consumption.consumer.assignment())
 
     async def unbound(self, name: str) -> None:
         """The consumer of ``name`` has drained: commit what finished and leave the
         group, so that its partitions go to the other consumers at once."""
-        subscription = self._subscriptions.pop(name, None)
-        if subscription is not None:
-            await self._finish(subscription)
-
-    async def _finish(self, subscription: _Subscription) -> None:
-        await cancel_and_wait(subscription.fetcher)
-        async with subscription.commit_lock:  # not in the middle of a commit: aiokafka
-            await cancel_and_wait(subscription.committer)  # would finish it after the stop
+        consumption = self._consumptions.pop(name, None)
+        if consumption is None:
+            return
+        await consumption.stop_feeding()
+        async with consumption.commit_lock:  # not in the middle of a commit: aiokafka
+            await cancel_and_wait(consumption.committer)  # would finish it after the stop
         try:
-            await asyncio.wait_for(self._commit(subscription), self.CLOSE_TIMEOUT)
+            await asyncio.wait_for(self._commit(consumption), self.CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
             self.log.warning('Committing the last offsets of %s timed out; their records may '
-                             'be delivered again', subscription.name)
+                             'be delivered again', name)
         try:
-            await asyncio.wait_for(subscription.consumer.stop(), self.CLOSE_TIMEOUT)
+            await asyncio.wait_for(consumption.consumer.stop(), self.CLOSE_TIMEOUT)
         except Exception as exc:
             self.log.warning('Stopping the Kafka consumer of %s failed: %s',
-                             subscription.name, str(exc) or type(exc).__name__)
+                             name, str(exc) or type(exc).__name__)
 
     def partitions(self, name: str) -> frozenset[int]:
         """The partitions of queue ``name`` that this broker's consumer holds now (empty
         while its group rebalances, or when it does not consume ``name``)."""
-        subscription = self._subscriptions.get(name)
-        if subscription is None:
+        consumption = self._consumptions.get(name)
+        if consumption is None:
             return frozenset()
-        return frozenset(tp.partition for tp in subscription.consumer.assignment())
+        return frozenset(tp.partition for tp in consumption.consumer.assignment())
+
 
     # --- lag -----------------------------------------------------------------------
 
@@ -2152,13 +2184,12 @@ class KafkaBroker(AbstractQueueBroker):
         """The lag of the queue's consumer group: over the topic's partitions, the end
         offset minus the group's committed offset (the first offset when none)."""
         topic = _topic(name)
-        subscription = self._subscriptions.get(name)
-        group_id = subscription.group_id if subscription else f'microagent.{name}'
-        try:
+        consumption = self._consumptions.get(name)
+        group_id = consumption.group_id if consumption else f'microagent.{name}'
+        async with self._failing(f'reading the lag of {name}'):
             await self._ensure_topic(topic)
-            return await asyncio.wait_for(self._lag(topic, group_id), self.SEND_TIMEOUT)
-        except self._errors as exc:
-            raise self._failure(f'reading the lag of {name}', exc) from exc
+            lag: int = await asyncio.wait_for(self._lag(topic, group_id), self.SEND_TIMEOUT)
+        return lag
 
     async def _lag(self, topic: str, group_id: str) -> int:
         admin = await self._admin_started()
@@ -2184,38 +2215,45 @@ class KafkaBroker(AbstractQueueBroker):
         0.6) report there the base offset of the last record *batch* plus one, which
         misses the other records of a batch (``send_many``). On Kafka both agree; the
         fetch costs one round trip and the last batch of each partition.
+
+        The long-lived reader keeps the partitions of every topic it was asked about
+        assigned and paused: a call changes no subscription (which aiokafka logs at INFO
+        each time), it seeks, resumes the partitions for that one fetch and pauses them.
         """
         reader = await self._reader_started()
         async with self._reader_lock:
             starts = await reader.beginning_offsets(partitions)
             ends = dict(await reader.end_offsets(partitions))
-            pending = {tp for tp in partitions if ends[tp] > starts[tp]}
-            if not pending:
+            fetched = {tp for tp in partitions if ends[tp] > starts[tp]}
+            if not fetched:
                 return starts, ends
-            reader.assign(list(pending))
+            assigned = reader.assignment()
+            if not fetched <= assigned:  # once per topic in the broker's life
+                assigned = assigned | set(partitions)
+                reader.assign(list(assigned))
+                reader.pause(*assigned)
+            for partition in fetched:
+                reader.seek(partition, ends[partition] - 1)
+            reader.resume(*fetched)
             try:
-                for partition in pending:
-                    reader.seek(partition, ends[partition] - 1)
+                pending = set(fetched)
                 while pending:
-                    await reader.getmany(*pending, timeout_ms=100)
-                    for partition in list(pending):
-                        highwater = reader.highwater(partition)
-                        if highwater is not None:
-                            ends[partition] = max(ends[partition], highwater)
-                            pending.discard(partition)
+                    # Records of a partition come from a fetch at its last record, made
+                    # after the seek: their response's high watermark is current.
+                    records = await reader.getmany(*pending, timeout_ms=100)
+                    for partition in pending & records.keys():
+                        ends[partition] = max(ends[partition], reader.highwater(partition))
+                        pending.discard(partition)
             finally:
-                reader.unsubscribe()
+                reader.pause(*fetched)
         return starts, ends
 
     # --- closing -------------------------------------------------------------------
 
-    async def close(self) -> None:
-        """Commit finished offsets and leave the groups, flush and stop the producer,
-        stop the admin client. The broker can be used again afterwards."""
-        subscriptions = list(self._subscriptions.values())
-        self._subscriptions.clear()
-        for subscription in subscriptions:
-            await self._finish(subscription)
+    async def disconnect(self) -> None:
+        """Flush and stop the producer, stop the offsets reader and the admin client."""
+        for name in list(self._consumptions):
+            await self.unbound(name)
         clients = {'producer': self._producer, 'offsets reader': self._reader,
                    'admin client': self._admin}
         self._producer = self._reader = self._admin = None

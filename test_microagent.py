@@ -314,7 +314,8 @@ def test_agent_class_refuses_two_consumers_of_one_queue(names: Any) -> None:
 def test_bus_and_broker_can_be_made_outside_an_event_loop() -> None:
     assert MemorySignalBus('memory://lazy').prefix == 'PUBSUB'
     assert MemoryBroker('memory://lazy').pools == {}
-    with pytest.raises(TypeError, match='no setting'):
+    with pytest.raises(TypeError, match="unknown keyword 'rollback_attempts' "
+                                        r"\(did you mean 'ROLLBACK_ATTEMPTS'\?\)"):
         MemoryBroker('memory://lazy', rollback_attempts=1)
     with pytest.raises(ValueError, match='memory://NAME'):
         MemoryBroker('redis://localhost')
@@ -1305,7 +1306,7 @@ EXAMPLES_GRAPH = {
 def test_examples_graph_is_exactly_the_expected_json() -> None:
     data = build_graph(EXAMPLES).to_json()
     assert json.loads(data) == EXAMPLES_GRAPH
-    assert data.endswith(b'}\n')
+    assert data.endswith('}\n')
 
 
 def test_examples_check_finds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1521,23 +1522,25 @@ def test_dot_accepts_the_dot_output(modules: list[str]) -> None:
     texts = svg_texts(run_dot(source))
     for name in (*topology.signals, *topology.queues, *(a.name for a in topology.agents)):
         assert name in texts
-    for kind in ('agent', 'signal', 'queue', 'receives', 'consumes', 'sends', 'calls',
-                 'produces'):
+    for kind in ('agent', 'signal', 'queue'):
         assert kind in texts  # the legend
+    for edge in topology.edges:
+        assert edge.kind in texts  # the edges' labels
 
 
 def test_dot_has_three_node_shapes_and_five_edge_styles() -> None:
     source = build_graph(EXAMPLES).export('dot').decode()
-    shapes = {node: shape for node, shape in re.findall(r'^\t(\w+) \[.*shape=(\w+)', source,
+    shapes = {node: shape for node, shape in re.findall(r'^\t+(\w+) \[.*shape=(\w+)', source,
                                                       re.MULTILINE)}
     assert {shapes['agent_user_agent'], shapes['signal_user_created'],
             shapes['queue_mailer']} == {'box', 'ellipse', 'cylinder'}
+    assert {shapes['legend_agent'], shapes['legend_signal'],
+            shapes['legend_queue']} == {'box', 'ellipse', 'cylinder'}
     styles = {(m.group(1), m.group(2)) for m in re.finditer(
-        r'^\t\tlegend_edge_kinds:(\w+):e -> legend_edge_ends:\w+:w \[(.*)\]$', source,
-        re.MULTILINE)}
+        r'^\t\w+ -> \w+ \[label=(\w+) (.*)\]$', source, re.MULTILINE)}
     assert {kind for kind, _ in styles} == {'receives', 'consumes', 'sends', 'calls',
                                            'produces'}
-    assert len({style for _, style in styles}) == 5
+    assert len({style for _, style in styles}) == 5  # one style per kind
     assert 'periodic post_comment (every 2 s)' in source
 
 
@@ -1686,7 +1689,7 @@ def test_graph_command_writes_to_stdout_only_the_graph(
         capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     assert graph_command([EXAMPLES, NAMES], 'json', None) == 0
     out, _ = capsysbinary.readouterr()
-    assert out == build_graph(EXAMPLES, NAMES).to_json()
+    assert out == build_graph(EXAMPLES, NAMES).to_json().encode()
 
 
 def test_graph_command_reports_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -2027,7 +2030,7 @@ def test_against_accepts_the_same_contract_and_additions(contract_v1: Path,
 def test_against_a_file_that_is_no_contract_is_an_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing, graph = tmp_path / 'missing.json', tmp_path / 'graph.json'
-    graph.write_bytes(build_graph(EXAMPLES).to_json())
+    graph.write_text(build_graph(EXAMPLES).to_json())
     assert check_command([EXAMPLES], str(missing)) == 1
     assert check_command([EXAMPLES], str(graph)) == 1
     assert capsys.readouterr().out.splitlines() == [
@@ -2077,3 +2080,436 @@ def test_a_dsn_that_cannot_be_split_is_a_settings_error(
     out, err = capsys.readouterr()
     assert out == ''
     assert err == (f'marun: error: dsn_{unique}: BUS[\'main\']["dsn"]: Invalid IPv6 URL\n')
+
+
+# =====================================================================================
+# Issue 15: the first hour of a new user
+# =====================================================================================
+
+# -- 7. declarations: conflicting re-declarations, dead-letter queues ------------------
+
+def test_identical_redeclaration_is_allowed_and_a_conflicting_one_refused(names: Any) -> None:
+    first = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    again = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    assert Signal.get(names.paid) in (first, again)
+    with pytest.raises(SignalException, match='already declared with other arguments'):
+        Signal(names.paid, ['x'])
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': str})
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': int}, strict=True)
+    assert Signal.get(names.paid).providing_args == ['order_id']  # not replaced
+
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    with pytest.raises(QueueException, match='already declared with exchange'):
+        Queue(names.orders)
+    assert Queue.get(names.orders).exchange == 'shop'
+
+
+def test_a_json_file_cannot_change_a_declared_signal(tmp_path: Path, names: Any) -> None:
+    path = write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": {{"order_id": "number"}}}}],
+          "queues": [{{"name": "{names.orders}"}}]}}''')
+    load_stuff(str(path))
+    load_stuff(str(path))  # loaded again by another module: the same declarations
+    Signal(names.paid, {'order_id': 'number'})
+    with pytest.raises(SignalException, match=r'other.json: signals\[0\]: .*already declared'):
+        load_stuff(str(write(tmp_path / 'other.json', f'''
+            {{"signals": [{{"name": "{names.paid}", "providing_args": ["x"]}}]}}''')))
+    assert Signal.get(names.paid).providing_args == ['order_id']
+
+
+async def test_dead_letter_queue_exists_as_soon_as_the_queue(names: Any, memory: Any) -> None:
+    Queue(names.jobs)
+    _, broker = memory
+    assert await getattr(broker, f'{names.jobs}.dead').length() == 0  # without .dead_letter
+    assert Queue.get(f'{names.jobs}.dead').name == f'{names.jobs}.dead'
+    before = set(Queue.get_all())
+    dead = Queue.get(names.jobs).dead_letter
+    assert dead.dead_letter.name == f'{names.jobs}.dead.dead'
+    assert set(Queue.get_all()) == before  # reading dead_letter declares nothing
+    Queue(f'{names.jobs}.dead', exchange='dlx')  # the user may declare it with options
+    assert Queue.get(names.jobs).dead_letter.exchange == 'dlx'
+
+
+# -- 8. strict typed signals -------------------------------------------------------------
+
+async def test_strict_signal_refuses_a_bad_send_and_drops_a_bad_receipt(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    strict = Signal(names.paid, {'order_id': 'number'}, strict=True)
+    soft = Signal(names.soft, {'order_id': 'number'})
+    got = Recorder()
+
+    class Billing(MicroAgent):
+        @receiver(strict, soft)
+        def paid(self, signal: Signal, sender: str, **payload: Any) -> None:
+            got(signal=signal.name, **payload)
+
+    bus, _ = memory
+    agent = Billing(bus=bus)
+    await agent.start()
+    try:
+        for bad in ({'order_idd': 1}, {}, {'order_id': 'one'}):
+            with pytest.raises(SerializingError, match='strict'):
+                await getattr(bus, names.paid).send('shop', **bad)
+        with caplog.at_level(logging.WARNING, logger='microagent'):
+            await getattr(bus, names.soft).send('shop', order_idd=1)  # the 1.x soft check
+            await bus.send(f'PUBSUB:{names.paid}:shop', b'{"order_idd": 2}')  # a 1.x peer
+            await getattr(bus, names.paid).send('shop', order_id=3)
+            await got.wait(2)
+    finally:
+        await agent.stop()
+    assert got.calls == [{'signal': names.soft, 'order_idd': 1},
+                         {'signal': names.paid, 'order_id': 3}]
+    dropped = [r for r in caplog.records if 'Dropped signal' in r.getMessage()]
+    assert [r.levelno for r in dropped] == [logging.ERROR]
+    assert 'unexpected order_idd' in dropped[0].getMessage()
+    assert any(r.levelno == logging.WARNING and names.soft in r.getMessage()
+               for r in caplog.records)
+
+
+def test_strict_in_a_json_file(tmp_path: Path, names: Any) -> None:
+    signals, _ = load_stuff(str(write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": ["order_id"],
+                        "strict": true}},
+                       {{"name": "{names.soft}", "providing_args": ["order_id"]}}]}}''')))
+    assert getattr(signals, names.paid).strict and not getattr(signals, names.soft).strict
+    with pytest.raises(SignalException, match='strict must be true or false'):
+        load_stuff(str(write(tmp_path / 'bad.json', f'''
+            {{"signals": [{{"name": "{names.other}", "strict": "yes"}}]}}''')))
+
+
+# -- 4. mocks check and serialize as the real bound objects do --------------------------
+
+async def outcome(send: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
+    """What awaiting ``send()`` gives: the exception (type and text) or None, and the
+    messages logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='microagent'):
+        try:
+            await send()
+        except Exception as exc:
+            return (type(exc), str(exc)), [r.getMessage() for r in caplog.records]
+    return None, [r.getMessage() for r in caplog.records]
+
+
+async def test_mocks_refuse_and_warn_exactly_as_the_real_bus_and_broker(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    Signal(names.paid, {'order_id': 'number'})
+    Signal(names.strict, {'order_id': 'number'}, strict=True)
+    Queue(names.orders)
+    real_bus, real_broker = memory
+    bus_mock, broker_mock = BusMock(), BrokerMock()
+    cases: list[Any] = [
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id='one'),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1, at=object()),
+        lambda bus, broker: getattr(bus, names.paid).send('', order_id=1),
+        lambda bus, broker: getattr(bus, names.strict).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.strict).call('shop', timeout=0.01),
+        lambda bus, broker: getattr(bus, names.paid).call('sh#op', timeout=0.01, order_id=1),
+        lambda bus, broker: getattr(broker, names.orders).send(['a']),
+        lambda bus, broker: getattr(broker, names.orders).send({'at': object()}),
+        lambda bus, broker: getattr(broker, names.orders).send({'order_id': 1}),
+        lambda bus, broker: getattr(broker, names.orders).send_many([{'n': 1}, 'b']),
+    ]
+    for case in cases:
+        real = await outcome(lambda case=case: case(real_bus, real_broker), caplog)
+        mocked = await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+        assert mocked == real
+    refused = [await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+               for case in cases]
+    assert sum(result is not None for result, _ in refused) == 8
+    assert sum(bool(logged) for _, logged in refused) == 3  # the soft typed-signal warnings
+
+
+async def test_mocks_still_record_and_answer_what_the_test_sets(names: Any) -> None:
+    Signal(names.rpc, ['n'])
+    Queue(names.orders)
+    bus, broker = BusMock(), BrokerMock()
+    assert await getattr(bus, names.rpc).call('me', n=1) == {}
+    getattr(bus, names.rpc).call.return_value = {'A.count': 3}
+    assert await getattr(bus, names.rpc).call('me', timeout=1, n=1) == {'A.count': 3}
+    getattr(bus, names.rpc).call.assert_awaited_with('me', timeout=1, n=1)
+    async with getattr(bus, names.rpc).waiter('me', n=2):
+        pass
+    getattr(bus, names.rpc).waiter.assert_called_once_with('me', n=2)
+    await getattr(broker, names.orders).send_many([{'n': 1}])
+    getattr(broker, names.orders).send_many.assert_awaited_once_with([{'n': 1}])
+    with pytest.raises(SerializingError):
+        await getattr(broker, names.orders).send(['a'])
+    getattr(broker, names.orders).send.assert_awaited_once_with(['a'])
+
+
+# -- 6. graph tooling ----------------------------------------------------------------------
+
+def test_missing_graphviz_and_croniter_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, 'graphviz', None)  # as if not installed
+    monkeypatch.setitem(sys.modules, 'croniter', None)
+    with pytest.raises(ImportError, match=r'needs the graphviz package: pip install graphviz'):
+        build_graph(EXAMPLES).to_dot()
+    assert graph_command([EXAMPLES], 'svg', None) == 1
+    assert capsys.readouterr().err.startswith(
+        'marun: error: drawing the graph as dot, svg or png (mermaid and json need nothing) '
+        'needs the graphviz package: pip install graphviz')
+    assert graph_command([EXAMPLES], 'mermaid', None) == 0
+    with pytest.raises(ImportError, match=r'^@cron needs the croniter package: pip install '
+                                          r'croniter$'):
+        cron('* * * * *')
+
+
+def test_text_formats_are_str() -> None:
+    topology = build_graph(EXAMPLES)
+    assert isinstance(topology.to_json(), str) and isinstance(topology.to_mermaid(), str)
+    assert topology.export('json') == topology.to_json().encode()
+
+
+@needs_dot
+def test_png_is_not_written_to_a_terminal(tmp_path: Path) -> None:
+    import pty
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+             EXAMPLES], cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, timeout=60,
+            env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 2
+    assert done.stderr.decode() == (
+        'marun: error: --graph png is binary and standard output is a terminal: write it to '
+        'a file with -o FILE (or redirect the output)\n')
+    piped = subprocess.run(
+        [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+         EXAMPLES], cwd=ROOT, capture_output=True, timeout=60,
+        env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    assert piped.returncode == 0 and piped.stdout.startswith(b'\x89PNG')
+
+
+def svg_box(element: ET.Element) -> tuple[float, float]:
+    """Width and height of the points of an SVG element's polygons and paths."""
+    numbers = [float(n) for shape in element.iter()
+               if shape.tag in (f'{SVG}polygon', f'{SVG}path')
+               for n in re.findall(r'-?\d+(?:\.\d+)?', shape.get('points') or shape.get('d') or '')]
+    xs, ys = numbers[0::2], numbers[1::2]
+    return max(xs) - min(xs), max(ys) - min(ys)
+
+
+@needs_dot
+def test_svg_edges_are_labelled_and_the_legend_is_small() -> None:
+    topology = build_graph(EXAMPLES)
+    root = ET.fromstring(topology.render('svg'))
+    groups = {''.join(g.find(f'{SVG}title').itertext()): g  # type: ignore[union-attr]
+              for g in root.iter(f'{SVG}g') if g.find(f'{SVG}title') is not None}
+    edges = [g for g in groups.values() if g.get('class') == 'edge']
+    assert len(edges) == len(topology.edges)
+    labels = sorted(''.join(t.itertext()) for g in edges for t in g.iter(f'{SVG}text'))
+    assert labels == sorted(edge.kind for edge in topology.edges)
+    legend_width, legend_height = svg_box(groups['cluster_legend'])
+    graph_width, graph_height = svg_box(groups['topology'])
+    assert legend_width * legend_height < 0.05 * graph_width * graph_height
+
+
+# -- 5. vendoring: python -m microagent, a wrapper script ---------------------------------
+
+VENDORED_APP = '''
+import asyncio
+import microagent
+from microagent import MicroAgent, ServerInterrupt, on
+
+class Quick(MicroAgent):
+    @on('server')
+    async def serve(self):
+        self.log.info('QUICK ran with %s', microagent.__file__)
+        await asyncio.sleep(0.1)
+        raise ServerInterrupt('done')
+'''
+
+
+@pytest.fixture
+def vendored(tmp_path: Path) -> Path:
+    """A project with a copy of microagent.py, an agent and its settings."""
+    shutil.copy(ROOT / 'microagent.py', tmp_path / 'microagent.py')
+    (tmp_path / 'app.py').write_text(VENDORED_APP)
+    (tmp_path / 'settings.py').write_text("AGENT = {'quick': {'backend': 'app.Quick'}}\n")
+    (tmp_path / 'run.py').write_text('import microagent\nmicroagent.run()\n')  # no guard
+    return tmp_path
+
+
+@pytest.mark.parametrize('command', [['-m', 'microagent'], ['run.py']])
+def test_vendored_copy_runs_like_marun(vendored: Path, command: list[str]) -> None:
+    env = {key: value for key, value in os.environ.items() if key != 'PYTHONPATH'}
+    done = subprocess.run([sys.executable, *command, 'settings'], cwd=vendored, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f'QUICK ran with {vendored / "microagent.py"}' in out
+    assert 'AgentsManager: quick ended (exit 0)' in out
+    assert 'Traceback' not in out and 'not a MicroAgent subclass' not in out
+
+
+def test_vendored_copy_draws_the_graph(vendored: Path) -> None:
+    done = subprocess.run([sys.executable, '-m', 'microagent', '--graph', 'json', 'settings'],
+                          cwd=vendored, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)['agents'][0]['class'] == 'app.Quick'
+
+
+# -- 3. settings mistakes are one-line errors before any process starts -------------------
+
+def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(('section', 'entry', 'error'), [
+    ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
+     "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
+     "it takes dsn, prefix, log and the settings RESPONSE_TIMEOUT"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
+                'ROLLBACK_ATTEMPT': 5},
+     "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
+     "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
+     "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
+    ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
+     "BUS['main'][\"backend\"]: 'microagent.MemoryBroker' is not a signal bus "
+     "(AbstractSignalBus subclass)"),
+])
+def test_wrong_bus_and_broker_entries_are_one_line_errors(
+        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
+    (tmp_path / f'agents_{unique}.py').write_text(AGENTS_MODULE.format(suffix=unique))
+    other = 'BROKER' if section == 'BUS' else 'BUS'
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        {section} = {{'main': {entry!r}}}
+        {other} = {{'main': {{'backend': 'microagent.Memory{"Broker" if other == "BROKER"
+                                                               else "SignalBus"}',
+                             'dsn': 'memory://{unique}'}}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'bus': 'main',
+                              'broker': 'main'}}}}
+    '''))
+    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
+    assert code == 2, out
+    assert out.strip() == f'marun: error: settings_{unique}: {error}'
+    assert 's3cret' not in out
+
+
+# -- 2. under marun the client libraries log at WARNING unless the settings say otherwise --
+
+NOISY_AGENT = '''
+import logging
+from microagent import MicroAgent, ServerInterrupt, on
+
+class Noisy(MicroAgent):
+    @on('server')
+    async def serve(self):
+        logging.getLogger('aiokafka.consumer.consumer').info('KAFKA INFO')
+        logging.getLogger('aiormq.connection').warning('AIORMQ WARNING')
+        logging.getLogger('asyncio').info('ASYNCIO INFO')
+        logging.getLogger('redis.asyncio').info('REDIS INFO')
+        self.log.info('AGENT INFO')
+        raise ServerInterrupt('done')
+'''
+
+
+def test_marun_keeps_client_library_loggers_at_warning_unless_configured(
+        tmp_path: Path, unique: str) -> None:
+    (tmp_path / f'noisy_{unique}.py').write_text(NOISY_AGENT)
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        import logging
+        logging.getLogger('redis').setLevel(logging.INFO)  # the user wants these
+        AGENT = {{'noisy': {{'backend': 'noisy_{unique}.Noisy'}}}}
+    '''))
+    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
+    assert code == 0, out
+    assert 'AGENT INFO' in out and 'AIORMQ WARNING' in out and 'REDIS INFO' in out
+    assert 'KAFKA INFO' not in out and 'ASYNCIO INFO' not in out
+
+
+# -- 1 and 9. the README: a memory app of one's own, install commands that work -----------
+
+README = (ROOT / 'README.md').read_text()
+
+MEMORY_APP_AGENTS = '''
+import asyncio
+from microagent import (MicroAgent, Queue, ServerInterrupt, Signal, consumer, on, periodic,
+                        receiver)
+
+order_paid = Signal('order_paid', {'order_id': 'number'})
+invoices = Queue('invoices')
+
+
+class OrdersAgent(MicroAgent):
+    @periodic(period=0.1)  # a signal reaches the receivers live when it is sent
+    async def sell(self):
+        await self.bus.order_paid.send('orders', order_id=7)
+        await self.broker.invoices.send({'order_id': 7})
+
+
+class BillingAgent(MicroAgent):
+    @on('pre_start')
+    def setup(self):
+        self.done = asyncio.Event()
+        self.seen = set()
+
+    @receiver(order_paid)
+    def paid(self, order_id, **kwargs):
+        self.log.info('BILLING got signal for order %s', order_id)
+        self.seen.add('signal')
+        if len(self.seen) == 2:
+            self.done.set()
+
+    @consumer(invoices)
+    async def invoice(self, order_id):
+        self.log.info('BILLING got invoice for order %s', order_id)
+        self.seen.add('invoice')
+        if len(self.seen) == 2:
+            self.done.set()
+
+    @on('server')
+    async def until_done(self):
+        await asyncio.wait_for(self.done.wait(), 10)
+        raise ServerInterrupt('both arrived')
+'''
+
+
+def readme_block(heading: str, first_line: str) -> str:
+    """The code block of the README section ``heading`` that starts with ``first_line``."""
+    section = README.split(f'\n{heading}\n', 1)[1].split('\n## ', 1)[0]
+    blocks = re.findall(r'```\w*\n(.*?)```', section, re.DOTALL)
+    return next(block for block in blocks if block.startswith(first_line))
+
+
+def test_readme_memory_app_runs_and_the_limit_of_memory_is_said(tmp_path: Path) -> None:
+    settings = readme_block('### Which backend?', '# myapp/settings.py')
+    assert "'microagent.MemorySignalBus'" in settings and "'microagent.MemoryBroker'" in settings
+    (tmp_path / 'myapp').mkdir()
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    (tmp_path / 'myapp' / 'settings.py').write_text(settings)
+    (tmp_path / 'myapp' / 'agents.py').write_text(MEMORY_APP_AGENTS)
+    code, out = run_marun_in(['myapp.settings'], tmp_path)
+    assert code == 0, out
+    assert 'BILLING got signal for order 7' in out and 'BILLING got invoice for order 7' in out
+    assert 'orders, billing share a memory:// bus or broker and run in one process' in out
+    section = README.split('\n### Which backend?\n', 1)[1].split('\n## ', 1)[0]
+    assert 'reach only the process they live in' in ' '.join(section.split())
+
+
+def test_readme_install_commands_work_from_a_checkout() -> None:
+    arguments = [argument.strip("'\"")
+                 for command in re.findall(r'pip install ([^`\n&]+)', README)
+                 for argument in command.split() if not argument.startswith('-')]
+    assert len(arguments) >= 5
+    by_name = {argument for argument in arguments if not argument.startswith(('.', '/'))}
+    assert by_name == {'graphviz', 'microagent'}  # microagent: only where it says not to
+    assert ('`pip install microagent` would fetch the unrelated 1.x package'
+            in ' '.join(README.split()))

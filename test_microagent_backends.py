@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -2504,3 +2505,201 @@ async def test_broker_loses_nothing_when_a_reply_is_lost(behind_proxy: BehindPro
         await broker.close()
     assert behind_proxy.proxy.replies_dropped == 1, f'no reply of {command} was dropped'
     assert len(ledger.sent) >= 299
+
+
+# =====================================================================================
+# Issue 15: the first hour of a new user
+# =====================================================================================
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_marun(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
+    """Run marun to its end: exit status, output (stdout and stderr), seconds taken."""
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def write_example_settings(path: Path, bus: dict[str, Any] | None,
+                           broker: dict[str, Any]) -> str:
+    """A settings module running the examples' email agent (and the user agent when
+    there is a bus) on the given BUS and BROKER entries, logging at INFO; its name."""
+    agents: dict[str, Any] = {'email_agent': {'backend': 'examples.email_agent.EmailAgent',
+                                              'broker': 'main'}}
+    if bus is not None:
+        agents['user_agent'] = {'backend': 'examples.user_agent.UserAgent', 'bus': 'main',
+                                'broker': 'main'}
+    path.write_text(
+        'import logging, sys\n'
+        "logging.basicConfig(stream=sys.stdout, level=logging.INFO,\n"
+        "                    format='%(levelname)s %(name)s: %(message)s')\n"
+        f"BUS = {{'main': {bus!r}}}\n" * (bus is not None)
+        + f"BROKER = {{'main': {broker!r}}}\nAGENT = {agents!r}\n")
+    return path.stem
+
+
+# -- 3. wrong DSN schemes and keywords fail at construction, under marun in the supervisor --
+
+def test_backends_check_the_dsn_scheme_at_construction() -> None:
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: RedisSignalBus('amqp://guest:s3cret@127.0.0.1:5672/'),
+         "RedisSignalBus needs a redis://, rediss:// or unix:// DSN, not "
+         "'amqp://guest:***@127.0.0.1:5672/'"),
+        (lambda: RedisBroker('kafka://127.0.0.1:9092'),
+         "RedisBroker needs a redis://, rediss:// or unix:// DSN, not 'kafka://127.0.0.1:9092'"),
+        (lambda: AMQPBroker('redis://:s3cret@127.0.0.1/0'),
+         "AMQPBroker needs an amqp:// or amqps:// DSN, not 'redis://:***@127.0.0.1/0'"),
+        (lambda: KafkaBroker('amqp://127.0.0.1:5672'),
+         "KafkaBroker needs a kafka://host:port DSN, not 'amqp://127.0.0.1:5672'"),
+    ]
+    for construct, error in cases:
+        with pytest.raises(ValueError) as caught:
+            construct()
+        assert str(caught.value) == error
+    for dsn in ('redis://127.0.0.1/0', 'rediss://127.0.0.1/0', 'unix:///tmp/redis.sock'):
+        RedisSignalBus(dsn)
+        RedisBroker(dsn)
+    bus = RedisSignalBus('redis://127.0.0.1/0', prefix='APP', SUBSCRIBE_TIMEOUT=1)
+    assert bus.SUBSCRIBE_TIMEOUT == 1 and RedisSignalBus.SUBSCRIBE_TIMEOUT == 10
+    with pytest.raises(TypeError, match=r"unknown keyword 'prefx' \(did you mean 'prefix'\?\)"):
+        RedisSignalBus('redis://127.0.0.1/0', prefx='APP')
+
+
+@pytest.mark.parametrize(('section', 'entry', 'error'), [
+    ('BUS', {'backend': 'microagent_backends.RedisSignalBus',
+             'dsn': 'amqp://guest:guest@127.0.0.1:5672/'},
+     "BUS['main']: RedisSignalBus needs a redis://, rediss:// or unix:// DSN, not "
+     "'amqp://guest:***@127.0.0.1:5672/'"),
+    ('BUS', {'backend': 'microagent.tools.redis.RedisSignalBus', 'dsn': 'redis://127.0.0.1/7',
+             'prefx': 'APP'},
+     "BUS['main']: RedisSignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?)"),
+    ('BROKER', {'backend': 'microagent_backends.AMQPBroker', 'dsn': 'redis://127.0.0.1/7'},
+     "BROKER['main']: AMQPBroker needs an amqp:// or amqps:// DSN, not 'redis://127.0.0.1/7'"),
+    ('BROKER', {'backend': 'microagent_backends.KafkaBroker', 'dsn': 'kafka://127.0.0.1:9092',
+                'PARTITION': 3},
+     "BROKER['main']: KafkaBroker got an unknown keyword 'PARTITION' (did you mean "
+     "'PARTITIONS'?)"),
+])
+def test_marun_refuses_wrong_backend_settings_at_once(
+        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
+    redis_bus = {'backend': 'microagent_backends.RedisSignalBus', 'dsn': 'redis://127.0.0.1/7'}
+    redis_broker = {'backend': 'microagent_backends.RedisBroker', 'dsn': 'redis://127.0.0.1/7'}
+    module = write_example_settings(
+        tmp_path / f'settings_{unique}.py', entry if section == 'BUS' else redis_bus,
+        entry if section == 'BROKER' else redis_broker)
+    code, out, took = run_marun([module], tmp_path)
+    assert code == 2, out
+    assert out.count('\n') == 1 and out.startswith(f'marun: error: {module}: {error}'), out
+    assert took < WAIT
+
+
+# -- 3. a server unreachable at start: clear lines, no traceback, no library errors ------
+
+@pytest.mark.parametrize('backend', ['redis', 'amqp', 'kafka'])
+def test_marun_with_an_unreachable_server_says_so_in_clear_lines(
+        tmp_path: Path, unique: str, backend: str) -> None:
+    port = free_port()
+    entries = {
+        'redis': {'backend': 'microagent_backends.RedisBroker', 'dsn': f'redis://127.0.0.1:{port}/0'},
+        'amqp': {'backend': 'microagent_backends.AMQPBroker', 'CONNECT_TIMEOUT': 2,
+                 'dsn': f'amqp://guest:s3cret@127.0.0.1:{port}/'},
+        'kafka': {'backend': 'microagent_backends.KafkaBroker', 'SEND_TIMEOUT': 2,
+                  'dsn': f'kafka://127.0.0.1:{port}'},
+    }
+    module = write_example_settings(tmp_path / f'settings_{unique}.py', None, entries[backend])
+    code, out, _ = run_marun([module], tmp_path)
+    assert code == 1, out
+    assert 'Traceback' not in out and 's3cret' not in out
+    cannot_start = [line for line in out.splitlines() if 'cannot start' in line]
+    assert len(cannot_start) == 1 and f'127.0.0.1:{port}' in cannot_start[0], out
+    assert 'unreachable' in cannot_start[0]
+    library_errors = [line for line in out.splitlines()
+                      if line.startswith('ERROR') and ' microagent' not in line]
+    assert library_errors == [], out
+
+
+# -- 2. Kafka: queue length reads offsets, it does not subscribe a consumer per call ------
+
+async def test_kafka_queue_length_logs_nothing_per_call(
+        brokers: Callable[..., KafkaBroker], unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    Queue(unique)
+    kafka_broker = brokers(PARTITIONS=2)
+    bound = getattr(kafka_broker, unique)
+    await bound.send({'n': 0})
+    assert await bound.length() == 1  # the first call may set up its long-lived reader
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='aiokafka'):
+        lengths = []
+        for _ in range(3):
+            await bound.send_many([{'n': n} for n in range(5)])  # one batch of records
+            lengths.append(await bound.length())
+        lengths.append(await bound.length())
+    assert lengths == [6, 11, 16, 16]
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith('aiokafka')]
+    assert noise == []
+
+
+# -- the examples on real servers: no traceback, no third-party INFO lines -----------------
+
+LOG_LINE = re.compile(r' (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\[pid#\d+\] ([\w.]+): ')
+
+
+@pytest.mark.parametrize('example', ['settings_redis', 'settings_amqp', 'settings_kafka'])
+def test_examples_on_real_servers_run_cleanly_and_quietly(
+        request: pytest.FixtureRequest, private_redis: RedisServer, example: str) -> None:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1',
+           'MICROAGENT_REDIS_DSN': private_redis.dsn}
+    if example == 'settings_amqp':
+        env['MICROAGENT_AMQP_DSN'] = request.getfixturevalue('amqp_dsn')
+    if example == 'settings_kafka':
+        env['MICROAGENT_KAFKA_DSN'] = request.getfixturevalue('kafka_dsn')
+    needles = ['Email #1 to', 'Caught user_created',
+               "RPC rpc_comments_count answered {'CommentAgent.comments_count': 1}"]
+    with child_process([sys.executable, '-c', 'import microagent; microagent.run()',
+                        f'examples.{example}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True) as process:
+        assert process.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while not all(any(n in line for line in seen) for n in needles):
+            assert time.monotonic() < deadline, ''.join(seen)
+            line = process.stdout.readline()
+            assert line, ''.join(seen)  # marun ended early
+            seen.append(line)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    out = ''.join(seen) + rest
+    assert process.returncode == 0, out
+    assert 'Traceback' not in out
+    foreign = [line for line in out.splitlines()
+               if (m := LOG_LINE.search(line)) and not m.group(2).startswith('microagent')]
+    assert foreign == [], out
+
+
+# -- 9. a missing client library names what to install, from a checkout too ---------------
+
+@pytest.mark.parametrize(('module', 'make', 'message'), [
+    ('redis', lambda: RedisBroker('redis://127.0.0.1/0'),
+     "this backend needs the redis package: pip install redis (in a checkout of microagent: "
+     "pip install '.[redis]')"),
+    ('aiormq', lambda: AMQPBroker('amqp://127.0.0.1/'),
+     "this backend needs the aiormq package: pip install aiormq (in a checkout of "
+     "microagent: pip install '.[amqp]')"),
+    ('aiokafka', lambda: KafkaBroker('kafka://127.0.0.1:9092'),
+     "this backend needs the aiokafka package: pip install aiokafka (in a checkout of "
+     "microagent: pip install '.[kafka]')"),
+])
+def test_missing_client_library_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, module: str, make: Callable[[], object],
+        message: str) -> None:
+    for name in [m for m in sys.modules if m == module or m.startswith(f'{module}.')]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError) as caught:
+        make()
+    assert str(caught.value) == message
