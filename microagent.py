@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import importlib
 import inspect
 import keyword
@@ -44,8 +45,9 @@ __version__ = '2.0.0'
 
 __all__ = [
     'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
-    'BrokerMock', 'BusMock', 'GraphRenderError', 'GroupInterrupt', 'MemoryBroker',
-    'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException', 'QueueNotFound',
+    'BrokerMock', 'BusMock', 'ConsumerOptions', 'GraphRenderError', 'GroupInterrupt', 'Link',
+    'LinkState', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException',
+    'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
     'Topology', 'build_graph', 'check_topology', 'check_transports', 'consumer', 'cron',
     'init_agent', 'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on',
@@ -154,6 +156,41 @@ def _python_type(spec: Any) -> Any:
     return None if spec is type(None) else spec
 
 
+def _public_attributes(*classes: type) -> frozenset[str]:
+    return frozenset(name for cls in classes for name in dir(cls) if not name.startswith('_'))
+
+
+@functools.cache
+def _bus_attributes() -> frozenset[str]:
+    """What ``bus.<name>`` and ``bus.<signal>.<name>`` already mean."""
+    return _public_attributes(AbstractSignalBus, BoundSignal) | {
+        'dsn', 'prefix', 'uid', 'log', 'receivers', 'links'}
+
+
+@functools.cache
+def _broker_attributes() -> frozenset[str]:
+    """What ``broker.<name>`` and ``broker.<queue>.<name>`` already mean."""
+    return _public_attributes(AbstractQueueBroker, BoundQueue) | {
+        'dsn', 'log', 'pools', 'links'}
+
+
+def _refuse_taken_name(kind: str, name: str, taken: frozenset[str],
+                       error: type[Exception]) -> None:
+    """A signal called ``close`` would be unreachable as ``bus.close`` (the method)."""
+    if name in taken:
+        raise error(f'{kind} name {name!r} is taken by an attribute of the '
+                    f'{"bus" if kind == "signal" else "broker"}: choose another name')
+
+
+def _refuse_taken_names(kind: str, declared: Iterable[str], cls: type,
+                        error: type[Exception]) -> None:
+    """At a backend's construction: no declared name may be one of its attributes
+    (``putout``, ``partitions``...), which the core classes do not know."""
+    taken = _public_attributes(cls)
+    for name in declared:
+        _refuse_taken_name(kind, name, taken, error)
+
+
 class Signal:
     """A declared event: a unique name and the arguments its payload carries.
 
@@ -188,6 +225,7 @@ class Signal:
                 f'signal name {name!r} must be an identifier: letters, digits and _')
         if name in _RESERVED_SIGNALS:
             raise SignalException(f'signal name {name!r} is reserved for RPC answers')
+        _refuse_taken_name('signal', name, _bus_attributes(), SignalException)
         if isinstance(providing_args, str):
             raise SignalException(
                 f'signal {name!r}: providing_args is a list of names, not the string '
@@ -323,6 +361,7 @@ class Queue:
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise QueueException(
                 f'queue name {name!r} must be 1-200 characters of letters, digits, _ . : -')
+        _refuse_taken_name('queue', name, _broker_attributes(), QueueException)
         if not isinstance(exchange, str):
             raise QueueException(f'queue {name!r}: exchange must be a string')
         if isinstance(topics, str):
@@ -1142,7 +1181,7 @@ class Link:
         self.name = name
         self.where = where
         self.log = log
-        self.connected = False
+        self.connected = True  # until an attempt fails: a link is made as it is first used
         self.since = time.time()
         self.last_error: str | None = None
         self._delays: Iterator[float] | None = None
@@ -1152,7 +1191,7 @@ class Link:
 
     def up(self) -> None:
         """The connection works (again)."""
-        if self.connected:
+        if self.connected and self._delays is None:
             return
         if self._delays is not None:
             self.log.info('%s to %s is back', self.name, self.where)
@@ -1179,6 +1218,27 @@ class Link:
 
     def state(self) -> LinkState:
         return LinkState(self.name, self.connected, self.since, self.last_error)
+
+
+class _Connections:
+    """The connections of a bus or broker: ``links`` (name -> :class:`Link`, made by the
+    backend as it opens them) and ``connected``."""
+
+    dsn: str
+    log: logging.Logger
+    links: dict[str, Link]
+
+    @property
+    def connected(self) -> bool:
+        """True when every connection opened so far is up (see :attr:`links`)."""
+        return all(link.connected for link in self.links.values())
+
+    def link(self, name: str) -> Link:
+        """The :class:`Link` called ``name``, made on first use (backends call this)."""
+        link = self.links.get(name)
+        if link is None:
+            link = self.links[name] = Link(name, redact_dsn(self.dsn), self.log)
+        return link
 
 
 class ResponseStream:
@@ -1215,8 +1275,9 @@ class ResponseStream:
         return self._answers.popleft()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    """Wake whoever awaits ``future`` (if any, and not woken already)."""
+    if future is not None and not future.done():
         future.set_result(None)
 
 
@@ -1251,7 +1312,7 @@ def _unknown_keyword(cls: type, key: str, arguments: list[str]) -> str:
             f'{", ".join(arguments)} and the settings {", ".join(settable)}')
 
 
-class AbstractSignalBus(abc.ABC):
+class AbstractSignalBus(_Connections, abc.ABC):
     """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
 
     A backend implements :meth:`send` (publish raw bytes to a channel) and :meth:`bind`
@@ -1285,6 +1346,7 @@ class AbstractSignalBus(abc.ABC):
         self._watchdog = Watchdog()
         self._responses_bound: asyncio.Future[None] | None = None
         self.links: dict[str, Link] = {}
+        _refuse_taken_names('signal', Signal.get_all(), type(self), SignalException)
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)} {self.prefix}#{self.uid[:8]}>'
@@ -1294,18 +1356,6 @@ class AbstractSignalBus(abc.ABC):
             raise AttributeError(name)
         return BoundSignal(self, Signal.get(name))
 
-    @property
-    def connected(self) -> bool:
-        """True when every connection the bus opened is up (see :attr:`links`)."""
-        return all(link.connected for link in self.links.values())
-
-    def link(self, name: str) -> Link:
-        """The :class:`Link` called ``name``, made on first use (backends call this)."""
-        link = self.links.get(name)
-        if link is None:
-            link = self.links[name] = Link(name, redact_dsn(self.dsn), self.log)
-        return link
-
     @abc.abstractmethod
     async def send(self, channel: str, message: bytes) -> None:
         """Publish ``message`` (JSON bytes) on ``channel``."""
@@ -1314,7 +1364,7 @@ class AbstractSignalBus(abc.ABC):
     async def bind(self, channel: str) -> None:
         """Subscribe to the channel pattern ``channel``; return once it is live."""
 
-    async def unbind(self, channel: str) -> None:  # noqa: B027 - optional for backends
+    async def unbind(self, channel: str) -> None:
         """Unsubscribe from the channel pattern ``channel``."""
 
     async def close(self) -> None:
@@ -1323,7 +1373,7 @@ class AbstractSignalBus(abc.ABC):
         await self.disconnect()
         self.links.clear()
 
-    async def disconnect(self) -> None:  # noqa: B027 - optional for backends
+    async def disconnect(self) -> None:
         """Close the backend's connections."""
 
     # -- receiving --------------------------------------------------------------------
@@ -1623,7 +1673,7 @@ class BoundQueue:
         return await self.broker.queue_length(self.queue.name)
 
 
-class AbstractQueueBroker(abc.ABC):
+class AbstractQueueBroker(_Connections, abc.ABC):
     """The queue broker: send JSON-object messages to durable queues and consume them.
 
     A backend implements :meth:`send`, :meth:`bind` (start feeding ``self.pools[name]``;
@@ -1651,6 +1701,7 @@ class AbstractQueueBroker(abc.ABC):
         self.pools: dict[str, ConsumerPool] = {}
         self.links: dict[str, Link] = {}
         _apply_settings(self, attributes, ('dsn', 'log'))
+        _refuse_taken_names('queue', Queue.get_all(), type(self), QueueException)
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
@@ -1659,18 +1710,6 @@ class AbstractQueueBroker(abc.ABC):
         if name.startswith('__'):
             raise AttributeError(name)
         return BoundQueue(self, Queue.get(name))
-
-    @property
-    def connected(self) -> bool:
-        """True when every connection the broker opened is up (see :attr:`links`)."""
-        return all(link.connected for link in self.links.values())
-
-    def link(self, name: str) -> Link:
-        """The :class:`Link` called ``name``, made on first use (backends call this)."""
-        link = self.links.get(name)
-        if link is None:
-            link = self.links[name] = Link(name, redact_dsn(self.dsn), self.log)
-        return link
 
     @abc.abstractmethod
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
@@ -1724,20 +1763,20 @@ class AbstractQueueBroker(abc.ABC):
     async def bind(self, name: str) -> None:
         """Start consuming queue ``name`` into ``self.pools[name]``; return once live."""
 
-    async def unbind(self, name: str) -> None:  # noqa: B027 - optional for backends
+    async def unbind(self, name: str) -> None:
         """Stop fetching from queue ``name``; no :meth:`ConsumerPool.feed` after it."""
 
-    async def ack(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+    async def ack(self, name: str, deliveries: list[Delivery]) -> None:
         """Acknowledge finished deliveries (handled or dead-lettered)."""
 
-    async def release(self, name: str, deliveries: list[Delivery]) -> None:  # noqa: B027
+    async def release(self, name: str, deliveries: list[Delivery]) -> None:
         """Give unfinished deliveries back to the queue, to be delivered again."""
 
     async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
         """Store the envelope of a message that could not be handled in ``{name}.dead``."""
         await self.send(f'{name}.dead', envelope)
 
-    async def unbound(self, name: str) -> None:  # noqa: B027 - optional for backends
+    async def unbound(self, name: str) -> None:
         """The consumer of ``name`` has drained (everything acknowledged or released):
         release what consuming it held (a channel, a consumer group membership)."""
 
@@ -1752,7 +1791,7 @@ class AbstractQueueBroker(abc.ABC):
         await self.disconnect()
         self.links.clear()
 
-    async def disconnect(self) -> None:  # noqa: B027 - optional for backends
+    async def disconnect(self) -> None:
         """Flush and close the backend's connections (after the consumers drained)."""
 
 
@@ -1791,12 +1830,11 @@ _Options = TypeVar('_Options', bound=ConsumerOptions)
 
 
 def _option_problem(error: msgspec.ValidationError) -> str:
-    """msgspec's "Expected `int` >= 1, got `0` - at `$.prefetch`" as "prefetch must be
-    `int` >= 1, got `0`"."""
+    """msgspec's "Expected `int` >= 1 - at `$.prefetch`" as "prefetch must be int >= 1"."""
     message, _, where = str(error).rpartition(' - at `$.')
     if not where:
         return str(error)
-    return f'{where.rstrip("`")} must be {message.removeprefix("Expected ")}'
+    return f'{where.rstrip("`")} must be {message.removeprefix("Expected ").replace("`", "")}'
 
 
 ACK_FLUSH_TIMEOUT = 10.0
@@ -2856,7 +2894,7 @@ class Topology(msgspec.Struct, frozen=True):
         return tuple(sorted({edge for agent in self.agents for edge in agent.edges()}))
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form of the graph (see DESIGN.md)."""
+        """The JSON form of the graph (its shape: the README, section Topology)."""
         return {
             'agents': [agent.as_dict() for agent in self.agents],
             'signals': list(self.signals),

@@ -45,6 +45,7 @@ from microagent import (
     Queue,
     QueueException,
     QueueNotFound,
+    _resolve,
     redact_dsn,
 )
 
@@ -118,11 +119,6 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         task.exception()  # retrieved: the tasks log their own failures
 
 
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
 class Unreachable(ConnectionError):
     """The server could not be reached, or did not answer in time. The message says
     what failed, where (the DSN without its password) and why."""
@@ -192,55 +188,31 @@ class _Consumption:
 # =====================================================================================
 # Redis: signal bus and broker
 # =====================================================================================
-# Redis backends: :class:`RedisSignalBus` (pub/sub) and :class:`RedisBroker` (lists).
+# Redis backends: :class:`RedisSignalBus` (pub/sub) and :class:`RedisBroker` (lists), on
+# redis-py's asyncio client (extra ``redis``). Needs Redis >= 6.2 (BLMOVE).
 #
-# Both are built on redis-py's asyncio client (extra ``redis``: ``pip install '.[redis]'``), connect
-# lazily (they can be constructed outside an event loop), reconnect forever with backoff
-# after a lost connection, and never show the DSN's password.
+# Signal bus: one pub/sub connection per bus carries all its subscriptions (``PSUBSCRIBE``
+# patterns), read by one task, and is subscribed again after a reconnection; sends go
+# through a pooled connection. Pub/sub is at-most-once: what others publish during an
+# outage is lost; a send of the bus's own raises.
 #
-# Signal bus: every bus holds one pub/sub connection for all of its subscriptions
-# (``PSUBSCRIBE`` patterns), read by one task, and publishes on a separate pooled
-# connection. After a lost connection it reconnects and subscribes all its patterns again;
-# a signal published meanwhile by others is lost (pub/sub is at-most-once), a ``send`` of
-# its own raises :class:`ConnectionError`.
+# Queue broker, at-least-once, wire-compatible with microagent 1.x: queue ``Q`` is the
+# list ``Q`` (producers RPUSH a JSON object, consumers take from the head). A Lua script
+# moves a batch from the head into flight in one round trip, where it stays until
+# acknowledged: ``microagent:{Q}:inflight`` (sorted set, id -> deadline by the server's
+# clock; an id is ``<consumer token>:<fetch>:<position>``, unique per message taken) and
+# ``microagent:{Q}:bodies`` (hash, id -> body); ``{Q}`` is a Redis Cluster hash tag. Dead
+# letters go to the list ``Q.dead``. A live consumer extends its deadlines every third of
+# ``VISIBILITY_TIMEOUT``; every consumer puts back at the head what a dead one left in
+# flight past its deadline. An empty list is waited on with ``BLMOVE Q Q LEFT LEFT``, a
+# no-op, so a consumer killed at any instant loses nothing.
 #
-# Queue broker, at-least-once, wire-compatible with microagent 1.x: a queue is the Redis
-# list named exactly like the queue; producers ``RPUSH`` one JSON object per message and
-# consumers take from the head. A consumer never pops a message into its own memory only:
-# a Lua script moves a batch from the head of the list into the queue's in-flight
-# structure (one round trip, deadlines from the server's clock), where it stays until its
-# handler finished. The keys of queue ``Q`` (``{Q}`` is a Redis Cluster hash tag, so all
-# of them live in the slot of the list ``Q``; braces cannot occur in a queue name, so no
-# queue's list can collide with them):
-#
-# ``Q``
-#     list, the messages waiting, oldest first.
-# ``microagent:{Q}:inflight``
-#     sorted set, message id -> deadline (milliseconds of the server's clock). An id is
-#     ``<consumer token>:<fetch>:<position>``, unique per message taken (also over a
-#     restart of Redis that lost its data), so identical bodies never collide.
-# ``microagent:{Q}:bodies``
-#     hash, message id -> body of the messages in flight.
-# ``Q.dead``
-#     list, the dead letters: JSON envelopes with the body, the error and the attempts.
-#
-# A live consumer extends the deadlines of its in-flight messages every third of
-# ``VISIBILITY_TIMEOUT`` (heartbeat), so a long handler is not delivered twice (unless it
-# blocks the event loop for longer than that); at the same pace every consumer of the
-# queue, and each one as it starts, puts back at the head of the list the in-flight
-# messages whose deadline passed: those of a consumer that died (SIGKILL, lost machine),
-# delivered again after about ``VISIBILITY_TIMEOUT`` seconds. Finished messages are
-# acknowledged in batches (one round trip each), unfinished ones are put back at the head
-# at once on a graceful stop. An empty list is waited on with
-# ``BLMOVE Q Q LEFT LEFT WAIT_TIME``, which returns when a message arrives and leaves the
-# list as it was, so a consumer killed at any instant loses nothing. Needs Redis >= 6.2.
-#
-# A reply can be lost after Redis ran a command (the connection broke in between). Only
-# commands whose replay is harmless are sent again (by redis-py, once): RPUSH (the
-# message may be stored twice), acknowledgements, releases, heartbeats and dead letters
-# (each is a no-op the second time). The fetch is never sent again: run twice it would
-# take the next batch under the same ids. A fetch that failed is *unanswered*; before
-# the next fetch its ids are released, which puts back whatever it took.
+# A reply can be lost after Redis ran a command. Only commands whose replay is harmless
+# are sent again (by redis-py, once): RPUSH (the message may be stored twice),
+# acknowledgements, releases, heartbeats and dead letters (no-ops the second time). The
+# fetch never is: run twice it would take the next batch under the same ids. A fetch
+# that failed is *unanswered*: before the next fetch its ids are released, which puts
+# back whatever it took.
 
 
 # =====================================================================================
@@ -876,40 +848,22 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
 # =====================================================================================
 # AMQP (RabbitMQ) broker
 # =====================================================================================
-# AMQP (RabbitMQ) queue broker: :class:`AMQPBroker`, built on aiormq.
+# AMQP (RabbitMQ) queue broker: :class:`AMQPBroker`, on aiormq (extra ``amqp``). One
+# connection, named in RabbitMQ's tools (``broker.connection_name``), reconnected forever;
+# on it a publishing channel in confirm mode (messages persistent and ``mandatory``: an
+# unroutable one raises instead of vanishing), a channel for declarations (a passive
+# declare of a missing queue closes its channel) and one channel per consumed queue with
+# manual acknowledgements.
 #
-# Install with ``pip install '.[amqp]'`` (a checkout). The broker connects lazily (it can be
-# constructed outside an event loop), holds one connection with a client-provided name
-# (``broker.connection_name``, shown by RabbitMQ's tools), and after losing it reconnects
-# forever with backoff; consumers subscribe again by themselves. The DSN's password never
-# shows in reprs, logs or errors.
+# Wire format of 1.x: a JSON object body, to the default exchange with routing key = the
+# queue's name, or for ``Queue(name, exchange, topics)`` to that exchange with the send's
+# ``topic=``. An existing queue is used as it is (1.x declares non-durable queues,
+# FastStream durable ones); a missing one is declared durable, by producers too. A missing
+# exchange is declared ``topic`` and durable, the queue bound by each of its topics.
 #
-# Channels of the connection:
-#
-# - publishing, in publisher-confirm mode: :meth:`AMQPBroker.send` returns once RabbitMQ
-#   confirmed the message. Messages are published persistent (``delivery_mode=2``) and
-#   ``mandatory``: a message that no queue would receive raises :class:`QueueException`
-#   instead of being dropped silently.
-# - one per consumed queue: ``basic_consume`` with manual acknowledgements,
-#   ``prefetch_count`` = the consumer pool's capacity (see :class:`AMQPBroker`).
-# - one for declarations and ``queue_length``: a passive declare of a missing queue closes
-#   its channel, so that channel is kept apart and opened again when needed.
-#
-# Wire format, interoperable with microagent 1.x: a message is a JSON object body,
-# published to the default exchange with routing key = queue name, or, for a
-# ``Queue(name, exchange, topics)``, to that exchange with routing key = the ``topic=`` of
-# the send (default: the queue's first topic, or its name). A queue that already exists is
-# used as it is (passive declare: 1.x declares non-durable queues, FastStream durable ones,
-# and re-declaring with other properties is a channel error); a missing one is declared
-# durable, by consumers and producers alike (a message sent before its consumer ever ran
-# is kept). An exchange is declared ``topic`` and durable when missing, and the queue is
-# bound to it by each of its topics (or its name).
-#
-# Delivery: at-least-once. Finished messages are acknowledged in batches (``multiple=True``
-# up to the highest contiguous finished delivery tag, the rest one by one), unfinished ones
-# go back with ``basic_nack(requeue=True)`` on a graceful stop, and RabbitMQ delivers again
-# whatever a dead consumer (or a lost connection) left unacknowledged. Messages handed to a
-# consumer pool just before a connection was lost may be handled twice.
+# At-least-once: finished messages are acked in batches (``multiple=True`` up to the
+# highest contiguous tag), unfinished ones nacked back at a graceful stop; RabbitMQ
+# redelivers what a dead consumer or a lost connection left unacknowledged.
 
 MAX_PREFETCH = 65535  # prefetch_count is a 16-bit field
 CONTENT_TYPE = 'application/json'
@@ -1608,50 +1562,23 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
 # =====================================================================================
 # Kafka broker
 # =====================================================================================
-# Kafka backend: :class:`KafkaBroker`, a queue broker on aiokafka.
+# Kafka backend: :class:`KafkaBroker`, on aiokafka (extra ``kafka``). Wire format of 1.x:
+# queue = topic, message = one record whose value is the JSON object.
 #
-# ``pip install '.[kafka]'`` (a checkout). Wire format of microagent 1.x: a queue is the topic
-# named like the queue, a message is one record whose value is the JSON object's bytes
-# (no key, no headers), so 1.x producers and this broker interoperate both ways.
+# One long-lived producer per broker (``acks='all'``). All consumers of a queue form one
+# consumer group, so replicas split its partitions; records are fetched in batches with
+# backpressure, auto-commit is off, and each partition's committed offset is the one below
+# which every record is finished: an unfinished record (released at a stop, or its
+# consumer killed) is never committed past, so the group delivers it again. Topics,
+# ``{queue}.dead`` included, are created when missing; ``queue_length`` is the group's lag.
 #
-# Producing: one long-lived ``AIOKafkaProducer`` per broker, started on the first send
-# and flushed by :meth:`KafkaBroker.close`. ``send`` returns once the broker acknowledged
-# the record (``acks='all'``); when Kafka cannot be reached it raises
-# :class:`ConnectionError` after at most ``SEND_TIMEOUT`` seconds, never a false success.
-#
-# Consuming, at-least-once: all consumers of a queue form one consumer group
-# (``microagent.{queue}``, or the consumer option ``group_id``), so replicas split the
-# topic's partitions. Records are fetched in batches (``getmany``) sized by the consumer
-# pool and fed to it with backpressure; auto-commit is off. For each partition the broker
-# commits the offset below which every record is finished (handled or dead-lettered):
-# on the first acknowledgement after a quiet period at once, under load at most every
-# ``COMMIT_INTERVAL`` seconds; also when partitions are revoked by a rebalance and when a
-# consumer stops. A record not finished (released at a stop, or its consumer killed) is
-# never committed past, so the group delivers it again: after a rebalance to another
-# member, or to the next consumer of the group. Records of partitions revoked while their
-# handlers run are delivered again to the partitions' new owner (at-least-once allows the
-# duplicate; their late acknowledgements are ignored).
-#
-# Topics are created when missing (``PARTITIONS`` partitions, ``REPLICATION_FACTOR``
-# replicas) before the first send to them and before consuming them, dead-letter topics
-# ``{queue}.dead`` included. ``queue_length`` is the consumer group's lag.
-#
-# Tested against Tansu 0.6 (a Kafka-protocol broker) as well as written for Kafka. What
-# differs there, and how this module copes:
-#
-# - A group is formed only after half the session timeout (a JoinGroup is answered then),
-#   so :meth:`KafkaBroker.bind` takes ``SESSION_TIMEOUT / 2``; Kafka has its own initial
-#   rebalance delay (``group.initial.rebalance.delay.ms``, 3 s by default).
-# - The first generation of a group is numbered 0, and aiokafka sends LeaveGroup only for
-#   generations above 0: a consumer of that generation that stops is dropped from the
-#   group after ``SESSION_TIMEOUT`` only, and its partitions wait until then (nothing is
-#   lost; the next consumer just starts later).
-# - ListOffsets reports as a partition's end the base offset of its last record *batch*
-#   plus one; ``queue_length`` therefore takes the end from a fetch's high watermark.
-# - An OffsetFetch for all partitions of a group breaks the connection: partitions are
-#   always named.
-# - Topics are created on a first produce; with its in-memory storage a restarted Tansu
-#   has forgotten topics, offsets and groups (the clients reconnect and carry on).
+# Tested against Tansu 0.6 (a Kafka-protocol broker) too, which differs: a group forms
+# only after half the session timeout (so ``bind`` takes ``SESSION_TIMEOUT / 2``); the
+# first generation is 0, for which aiokafka sends no LeaveGroup (a stopped consumer leaves
+# after ``SESSION_TIMEOUT``); ListOffsets reports the end as the last *batch*'s base + 1
+# (``queue_length`` takes the end from a fetch's high watermark); an OffsetFetch for all
+# partitions breaks the connection (partitions are always named); a restarted in-memory
+# Tansu has forgotten topics, offsets and groups (clients reconnect and carry on).
 
 _TOPIC_NAME = re.compile(r'^[A-Za-z0-9._-]{1,249}$')
 _TOPIC_ALREADY_EXISTS = 36

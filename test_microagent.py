@@ -120,6 +120,35 @@ def test_signal_name_is_checked(bad: Any) -> None:
         Signal(bad, [])
 
 
+@pytest.mark.parametrize('taken', ['close', 'send', 'call', 'waiter', 'links', 'connected'])
+def test_a_signal_name_taken_by_the_bus_is_refused(taken: str) -> None:
+    """``bus.close`` is the method: a signal called ``close`` could never be sent."""
+    with pytest.raises(SignalException, match=f"'{taken}' is taken by an attribute of the bus"):
+        Signal(taken, [])
+    assert taken not in Signal.get_all()
+
+
+@pytest.mark.parametrize('taken', ['ack', 'release', 'send_many', 'length', 'pools', 'close'])
+def test_a_queue_name_taken_by_the_broker_is_refused(taken: str) -> None:
+    with pytest.raises(QueueException, match=f"'{taken}' is taken by an attribute of the broker"):
+        Queue(taken)
+    assert taken not in Queue.get_all()
+
+
+def test_a_backend_refuses_a_declared_name_its_own_attributes_take(names: Any) -> None:
+    """What only a backend class has (a method of its own) is checked when it is made."""
+    class Broker(MemoryBroker):
+        def drain_everything(self) -> None: ...
+
+    Queue('drain_everything')
+    try:
+        with pytest.raises(QueueException, match="'drain_everything' is taken"):
+            Broker(f'memory://{names.q}')
+    finally:
+        Queue._registry.pop('drain_everything', None)
+        Queue._registry.pop('drain_everything.dead', None)
+
+
 def test_signal_providing_args_is_not_a_string(names: Any) -> None:
     with pytest.raises(SignalException, match='list of names'):
         Signal(names.s, 'user_id')

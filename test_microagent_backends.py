@@ -2703,3 +2703,32 @@ def test_missing_client_library_says_what_to_install(
     with pytest.raises(ImportError) as caught:
         make()
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize('behind_proxy', ['redis', 'amqp'], indirect=True)
+async def test_links_report_a_lost_connection_and_its_return(behind_proxy: BehindProxy,
+                                                             unique: str) -> None:
+    """``broker.links`` / ``broker.connected``: while the consumer's connections are silent
+    its link is down with the error that said so, and it is up again once replaced."""
+    ledger = Ledger(Queue(unique))
+    broker, direct = behind_proxy.broker(), behind_proxy.direct_broker()
+    agent = ledger.agent_class()(broker=broker)
+    await agent.start()
+    try:
+        await ledger.send(direct, range(5))
+        await ledger.all_done(timeout=WAIT)
+        link = broker.links[f'consume {unique}']
+        assert link.connected and broker.connected, broker.links
+        before = link.state()
+        behind_proxy.proxy.freeze()
+        await eventually(lambda: _true(not link.connected), timeout=HALF_OPEN_DETECTED + 5)
+        lost = link.state()
+        assert not lost.connected and lost.last_error and lost.since > before.since
+        await ledger.send(direct, range(5, 10))
+        await ledger.all_done(timeout=HALF_OPEN_DETECTED + 10)
+        await eventually(lambda: _true(broker.connected))
+    finally:
+        await asyncio.wait_for(agent.stop(), 30)
+        await broker.close()
+        await direct.close()
+    assert broker.links == {}  # close() forgets them: a closed broker has no connection
