@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
     from redis.commands.core import AsyncScript
 
-__all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus', 'Unreachable']
+__all__ = ['AMQPBroker', 'KafkaBroker', 'RedisBroker', 'RedisSignalBus']
 
 
 # =====================================================================================
@@ -119,7 +119,7 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         task.exception()  # retrieved: the tasks log their own failures
 
 
-class Unreachable(ConnectionError):
+class _Unreachable(ConnectionError):
     """The server could not be reached, or did not answer in time. The message says
     what failed, where (the DSN without its password) and why."""
 
@@ -142,14 +142,14 @@ class _Transport:
         """What else a failure means for the backend's connections."""
 
     def _failure(self, what: str, error: BaseException) -> Exception:
-        """The error to raise: :class:`Unreachable` (``{what}: {SERVER} at {where} is
+        """The error to raise: :class:`ConnectionError` (``{what}: {SERVER} at {where} is
         unreachable: {why}``) or, when the server refused, :class:`QueueException`."""
-        if isinstance(error, (Unreachable, QueueException)):
+        if isinstance(error, (_Unreachable, QueueException)):
             return error
         where, why = redact_dsn(self.dsn), str(error) or type(error).__name__
         if self._refused(error):
             return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
-        return Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
+        return _Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
 
     @contextlib.asynccontextmanager
     async def _failing(self, what: str, link: Link | None = None) -> AsyncIterator[None]:
@@ -316,7 +316,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         return self._publisher, self._subscriber
 
     async def send(self, channel: str, message: bytes) -> None:
-        """PUBLISH ``message``; raise :class:`Unreachable` when Redis is unreachable.
+        """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable.
 
         A PUBLISH whose connection broke before the reply is sent once more (a pooled
         connection that a server restart closed is often noticed only then), so a signal
@@ -344,7 +344,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
             await asyncio.wait_for(confirmed, self.SUBSCRIBE_TIMEOUT)
         except asyncio.TimeoutError:
             self._patterns.discard(channel)
-            raise Unreachable(
+            raise _Unreachable(
                 f'subscribing to {channel}: Redis at {redact_dsn(self.dsn)} did not confirm '
                 f'within {self.SUBSCRIBE_TIMEOUT}s') from None
         except BaseException:
@@ -372,7 +372,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         reader, self._reader = self._reader, None
         await cancel_and_wait(reader)
         self._patterns.clear()
-        self._reject_confirmations(Unreachable(f'{self!r} was closed'))
+        self._reject_confirmations(_Unreachable(f'{self!r} was closed'))
         await self._close_clients()
         self._publisher = self._subscriber = None
 
@@ -649,7 +649,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
 
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
         """RPUSH ``message`` to the list ``name``; return once Redis stored it, or raise
-        :class:`Unreachable`."""
+        :class:`ConnectionError`."""
         async with self._failing(f'sending to {name}', self.link('commands')):
             await self._command_client().rpush(name, message)
 
@@ -688,7 +688,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         await consumption.stop_feeding()
         try:
             await self._release_unanswered(consumption)
-        except Unreachable as exc:
+        except _Unreachable as exc:
             self.log.warning('%s; what its last fetch took is delivered again after %ss',
                              exc, self.VISIBILITY_TIMEOUT)
 
@@ -710,7 +710,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
                 if len(batch) < size and self.LINGER > 0:
                     await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
-                if not isinstance(exc, Unreachable):
+                if not isinstance(exc, _Unreachable):
                     self.log.exception('Consuming %s failed', consumption.name)
                     link.lost(exc)
                 await link.pause()
@@ -828,7 +828,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
                 try:
                     async with self._failing('heartbeat', link):
                         await self._keep(consumption)
-                except Unreachable:
+                except _Unreachable:
                     pass  # the link logged it; the next beat tries again
                 except Exception:
                     self.log.exception('Heartbeat of %s failed', consumption.name)
@@ -976,7 +976,7 @@ class _Connection(_AMQPTransport):
                 return connection
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
+                raise _Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
                                   f'{self.link.last_error or "no connection yet"}')
             if connection is not None:  # lost; wait until the supervisor lets it go
                 await asyncio.wait([connection.closing], timeout=remaining)
@@ -1170,7 +1170,7 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
     exchange with ``name`` as routing key (1.x style); ``properties`` adds AMQP message
     properties (``headers``, ``priority``...). It returns once RabbitMQ confirmed the
     message; during an outage it waits up to ``CONNECT_TIMEOUT`` for the reconnection,
-    then raises :class:`Unreachable`.
+    then raises :class:`ConnectionError`.
 
     Consumers get the aiormq ``DeliveredMessage`` as ``amqp=``. Consumer options, besides
     the common ones (:class:`AMQPBroker.Options`):
@@ -1951,7 +1951,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     async def send(self, name: str, message: bytes, **kwargs: Any) -> None:
         """Produce ``message`` to topic ``name``; return once Kafka acknowledged it.
 
-        Raises :class:`Unreachable` when Kafka is unreachable (within ``SEND_TIMEOUT``);
+        Raises :class:`ConnectionError` when Kafka is unreachable (within ``SEND_TIMEOUT``);
         the message may then not be stored.
         """
         options = self._send_options(kwargs)
@@ -1976,7 +1976,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
 
     async def bind(self, name: str) -> None:
         """Join the queue's consumer group; return once partitions are assigned and
-        fetching runs. Raises :class:`Unreachable` when Kafka is unreachable."""
+        fetching runs. Raises :class:`ConnectionError` when Kafka is unreachable."""
         pool = self.pools[name]
         options = pool.options
         assert isinstance(options, _KafkaOptions)
@@ -2016,7 +2016,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                     batches = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS,
                                                      max_records=size)
             except Exception as exc:
-                if not isinstance(exc, (Unreachable, QueueException)):
+                if not isinstance(exc, (_Unreachable, QueueException)):
                     link.lost(exc)
                 await link.pause()
                 continue
