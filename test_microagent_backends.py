@@ -1025,14 +1025,12 @@ async def test_redis_stop_is_prompt_and_close_releases_every_connection(
         async def hear(self, **payload: Any) -> None:
             heard.set()
 
-    raw = aioredis.Redis.from_url(private_redis.dsn)
-
     async def clients(kind: str) -> int:
         return int((await raw.info('clients'))[kind])
 
     bus = RedisSignalBus(private_redis.dsn, prefix=unique)
     redis_broker = RedisBroker(private_redis.dsn, WAIT_TIME=30)
-    try:
+    async with aioredis.Redis.from_url(private_redis.dsn) as raw:
         async with running(Idle(bus=bus, broker=redis_broker)):
             await getattr(bus, event.name).send('me', n=1)
             await asyncio.wait_for(heard.wait(), WAIT)
@@ -1044,14 +1042,13 @@ async def test_redis_stop_is_prompt_and_close_releases_every_connection(
         await redis_broker.close()
         await eventually(lambda: clients('connected_clients'), 1)  # only the test's own
         assert await clients('blocked_clients') == 0
-    finally:
-        await raw.aclose()
 
 
 # -- a server restart -------------------------------------------------------------------
 
-async def test_redis_bus_and_broker_survive_a_server_restart(private_redis: RedisServer,
-                                                       unique: str) -> None:
+async def test_redis_bus_and_broker_survive_a_server_restart(
+        private_redis: RedisServer, redis_kind: BrokerKind,
+        buses: Callable[[str], AbstractSignalBus], unique: str) -> None:
     dsn = private_redis.dsn
     queue, event = Queue(unique), Signal(f'{unique}_tick', ['n'])
     handled: set[int] = set()
@@ -1069,11 +1066,8 @@ async def test_redis_bus_and_broker_survive_a_server_restart(private_redis: Redi
             heard.add(n)
             progress.set()
 
-    bus, redis_broker = RedisSignalBus(dsn, prefix=unique), RedisBroker(dsn, VISIBILITY_TIMEOUT=1)
-    sender_bus, producer = RedisSignalBus(dsn, prefix=unique), RedisBroker(dsn)
-    raw = aioredis.Redis.from_url(dsn)
-    agent = Both(bus=bus, broker=redis_broker)
-    await agent.start()
+    bus, sender_bus = buses(dsn), buses(dsn)
+    redis_broker, producer = redis_kind.broker(dsn, VISIBILITY_TIMEOUT=1), redis_kind.broker(dsn)
     stored: list[int] = []  # acknowledged by send
     refused: list[str] = []  # send raised: the server was down
 
@@ -1088,37 +1082,34 @@ async def test_redis_bus_and_broker_survive_a_server_restart(private_redis: Redi
             progress.set()
             await asyncio.sleep(0.002)
 
-    sending = asyncio.get_running_loop().create_task(traffic())
-    try:
-        for n in range(10):
-            await getattr(sender_bus, event.name).send('me', n=n)
-        await eventually(lambda: heard >= set(range(10)) and len(stored) >= 100,
-                         changed=progress)
-        # Like a production Redis, this one keeps its data over a restart (an RDB snapshot
-        # written at shutdown), so that every message acknowledged by send must come back.
-        await raw.config_set('save', '3600 1')
-        await asyncio.to_thread(private_redis.restart)
-        stored_before_restart = len(stored)
-        await eventually(lambda: len(stored) >= stored_before_restart + 50, changed=progress)
-        sending.cancel()
-        await eventually(lambda: handled >= set(stored), changed=progress)
+    async with aioredis.Redis.from_url(dsn) as raw, running(Both(bus=bus, broker=redis_broker)):
+        sending = asyncio.get_running_loop().create_task(traffic())
+        try:
+            for n in range(10):
+                await getattr(sender_bus, event.name).send('me', n=n)
+            await eventually(lambda: heard >= set(range(10)) and len(stored) >= 100,
+                             changed=progress)
+            # Like a production Redis, this one keeps its data over a restart (an RDB snapshot
+            # written at shutdown), so that every message acknowledged by send must come back.
+            await raw.config_set('save', '3600 1')
+            await asyncio.to_thread(private_redis.restart)
+            stored_before_restart = len(stored)
+            await eventually(lambda: len(stored) >= stored_before_restart + 50, changed=progress)
+            sending.cancel()
+            await eventually(lambda: handled >= set(stored), changed=progress)
 
-        probe = 10**6
-        async def probe_until_heard() -> None:  # pub/sub loses what is sent while resubscribing
-            while probe not in heard:
-                await getattr(sender_bus, event.name).send('me', n=probe)
-                await asyncio.sleep(0.05)
-        await asyncio.wait_for(probe_until_heard(), WAIT)
-        for n in range(100, 120):
-            await getattr(sender_bus, event.name).send('me', n=n)
-        await eventually(lambda: heard >= set(range(100, 120)), changed=progress)
-    finally:
-        sending.cancel()
-        await asyncio.gather(sending, return_exceptions=True)
-        await agent.stop()
-        for closing in (bus, sender_bus, redis_broker, producer):
-            await closing.close()
-        await raw.aclose()
+            probe = 10**6
+            async def probe_until_heard() -> None:  # pub/sub loses what is sent while resubscribing
+                while probe not in heard:
+                    await getattr(sender_bus, event.name).send('me', n=probe)
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(probe_until_heard(), WAIT)
+            for n in range(100, 120):
+                await getattr(sender_bus, event.name).send('me', n=n)
+            await eventually(lambda: heard >= set(range(100, 120)), changed=progress)
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
     assert refused, 'no send was attempted while the server was down'
     assert all('is unreachable' in message and dsn in message for message in refused)
 
