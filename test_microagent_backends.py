@@ -658,7 +658,7 @@ async def test_failing_and_malformed_messages_go_to_dead_letters(broker_kind: Br
     assert calls == [1, 1, 1, 2]  # the malformed body never reached the handler
     dead = await broker_kind.dead_letters(queue.name, 2)
     malformed, failed = sorted(dead, key=lambda envelope: envelope['attempts'])
-    assert failed['queue'] == queue.name and json.loads(failed['body']) == {'n': 1}
+    assert failed['queue'] == queue.name and failed['body'] == '{"n":1}'
     assert failed['error'] == 'ValueError: always broken' and failed['attempts'] == 3
     assert failed['consumer'] == 'Flaky.work'
     assert malformed['body'] == 'this is {not JSON' and malformed['attempts'] == 0
@@ -1292,9 +1292,12 @@ async def test_amqp_consumer_options_prefetch_and_declare_queue(
         await Wrong(broker=amqp_broker).start()
 
 
-async def test_amqp_declare_queue_and_queue_length(amqp_broker: AMQPBroker, rabbit: Rabbit,
-                                              unique: str) -> None:
+async def test_amqp_declare_queue_queue_length_and_send_options(
+        amqp_kind: BrokerKind, amqp_broker: AMQPBroker, rabbit: Rabbit, unique: str) -> None:
     queue, missing = Queue(unique), Queue(f'{unique}_missing')
+    dsn, settings = amqp_kind.unreachable()
+    with pytest.raises(TypeError, match='unknown options'):  # refused before connecting
+        await amqp_kind.broker(dsn, **settings).send(queue.name, b'{}', routing='x')
     info = await amqp_broker.declare_queue(queue.name, durable=False)
     assert (info.message_count, info.consumer_count) == (0, 0)
     assert await amqp_broker.queue_length(missing.name) == 0  # not created by asking
