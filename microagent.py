@@ -1856,24 +1856,20 @@ class _Waiter:
     wake-up per idle worker.
     """
 
-    __slots__ = ('_future',)
+    __slots__ = ('future',)
 
     def __init__(self) -> None:
-        self._future: asyncio.Future[None] | None = None
+        self.future: asyncio.Future[None] | None = None  # set while someone waits
 
     async def wait(self) -> None:
-        self._future = asyncio.get_running_loop().create_future()
+        self.future = asyncio.get_running_loop().create_future()
         try:
-            await self._future
+            await self.future
         finally:
-            self._future = None
-
-    @property
-    def waiting(self) -> bool:
-        return self._future is not None
+            self.future = None
 
     def wake(self) -> None:
-        future = self._future
+        future = self.future
         if future is not None and not future.done():
             future.set_result(None)
 
@@ -1912,6 +1908,10 @@ class ConsumerPool:
         self._workers: list[asyncio.Task[None]] = []
         self._acker: asyncio.Task[None] | None = None
         self._watchdog = Watchdog()
+        self._handled = Outcome.ACK if options.autoack else Outcome.HANDLER_ACKS
+        self._dto_class = consumer.dto_class  # hoisted from the per-message path:
+        self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
+        self._raw_arg = broker.RAW_MESSAGE_ARG
 
     def __repr__(self) -> str:
         return f'<ConsumerPool {self.name} x{self.concurrency} for {self.consumer.key}>'
@@ -1948,7 +1948,9 @@ class ConsumerPool:
     # -- the workers ----------------------------------------------------------------
 
     async def _work(self) -> None:
-        pending, waiter = self._pending, _Waiter()
+        pending, running, room, acks = self._pending, self._running, self._room, self._acks_waiting
+        waiter, ack, release = _Waiter(), Outcome.ACK, Outcome.RELEASE
+        half_full = self.capacity // 2 + 1
         worker = asyncio.current_task()
         assert worker is not None
         while True:
@@ -1959,33 +1961,32 @@ class ConsumerPool:
                 await waiter.wait()
                 continue
             delivery = pending.popleft()
-            if self._room.waiting and len(pending) < self.capacity // 2 + 1:
-                self._room.wake()
-            self._running.add(delivery)
+            if room.future is not None and len(pending) < half_full:
+                room.wake()
+            running.add(delivery)
             try:
                 outcome = await self._handle(delivery, worker)
             except asyncio.CancelledError:
-                self._running.discard(delivery)
+                running.discard(delivery)
                 self._to_release.append(delivery)
                 raise
-            self._running.discard(delivery)
-            if outcome is Outcome.ACK:
+            running.discard(delivery)
+            if outcome is ack:
                 self._to_ack.append(delivery)
-                self._acks_waiting.wake()
-            elif outcome is Outcome.RELEASE:
+                if acks.future is not None:
+                    acks.wake()
+            elif outcome is release:
                 self._to_release.append(delivery)
 
     def _arguments(self, delivery: Delivery) -> dict[str, Any]:
         payload = decode_object(delivery.body)
-        consumer = self.consumer
-        if consumer.dto_class is not None:
-            dto_class = consumer.dto_class
-            dto = (msgspec.convert(payload, dto_class) if issubclass(dto_class, msgspec.Struct)
+        dto_class = self._dto_class
+        if dto_class is not None:
+            dto = (msgspec.convert(payload, dto_class) if self._is_struct
                    else dto_class(**payload))
-            payload = {**payload, consumer.dto_name: dto}
-        raw_arg = self.broker.RAW_MESSAGE_ARG
-        if raw_arg is not None:
-            payload[raw_arg] = delivery.raw
+            payload = {**payload, self.consumer.dto_name: dto}
+        if self._raw_arg is not None:
+            payload[self._raw_arg] = delivery.raw
         return payload
 
     async def _run_handler(self, kwargs: dict[str, Any], worker: asyncio.Task[None]) -> None:
@@ -2014,7 +2015,7 @@ class ConsumerPool:
             attempts += 1
             try:
                 await self._run_handler(kwargs, worker)
-                return Outcome.ACK if self.options.autoack else Outcome.HANDLER_ACKS
+                return self._handled
             except asyncio.TimeoutError as exc:
                 error: Exception = exc
                 self.log.warning('Consumer %s timed out after %ss (attempt %d of %d)',
