@@ -3142,6 +3142,15 @@ def _default_prefix(bus_class: Any = None) -> str:
     return str(parameter.default)
 
 
+def _singleton_text(declaration: PeriodicArgs | CronArgs | HookArgs, alone: bool = False
+                    ) -> str:
+    """How a schedule line of the graph marks a singleton handler (and its own key)."""
+    if declaration.singleton is False:
+        return ''
+    key = '' if declaration.singleton is True else f' {declaration.singleton}'
+    return f' (singleton{key})' if alone else f', singleton{key}'
+
+
 class AgentNode(msgspec.Struct, frozen=True):
     """One agent of a :class:`Topology`: its name, its class and what it touches.
 
@@ -3149,7 +3158,9 @@ class AgentNode(msgspec.Struct, frozen=True):
     class's declarations (``MicroAgent.declarations``, the structure that binds the
     handlers at run time); ``sends``, ``calls`` and ``produces`` from :func:`sent_by`.
     ``schedule`` holds the lines the diagrams show on the node (periodic, cron and
-    server handlers); ``unreadable`` the classes whose source could not be analysed.
+    server handlers); ``singletons`` the methods among them that run on one agent at a
+    time (``singleton=True``); ``unreadable`` the classes whose source could not be
+    analysed.
     For the AsyncAPI document: ``bus`` and ``broker`` (from the settings module, None
     for a class), ``answers`` the ``(signal, "Class.method")`` keys of its RPC answers
     and ``dtos`` the ``(queue, DTO class)`` of its consumers that have one.
@@ -3166,6 +3177,7 @@ class AgentNode(msgspec.Struct, frozen=True):
     servers: tuple[str, ...] = ()
     schedule: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = ()
+    singletons: tuple[str, ...] = ()
     bus: Transport | None = None
     broker: Transport | None = None
     answers: tuple[tuple[str, str], ...] = ()
@@ -3177,6 +3189,7 @@ class AgentNode(msgspec.Struct, frozen=True):
         receives: set[str] = set()
         consumes: set[str] = set()
         timers: dict[str, dict[str, str]] = {'periodic': {}, 'cron': {}, 'servers': {}}
+        singletons: set[str] = set()
         for method, declarations in agent_class.declarations.items():
             for declaration in declarations:
                 if isinstance(declaration, ReceiverArgs):
@@ -3185,12 +3198,19 @@ class AgentNode(msgspec.Struct, frozen=True):
                     consumes.add(declaration.queue.name)
                 elif isinstance(declaration, PeriodicArgs):
                     timers['periodic'][method] = (
-                        f'periodic {method} (every {_seconds_text(declaration.period)})')
+                        f'periodic {method} (every {_seconds_text(declaration.period)}'
+                        f'{_singleton_text(declaration)})')
                 elif isinstance(declaration, CronArgs):
                     tz = f' {declaration.tz}' if declaration.tz else ''
-                    timers['cron'][method] = f'cron {method} ({declaration.spec}{tz})'
+                    timers['cron'][method] = (
+                        f'cron {method} ({declaration.spec}{tz}{_singleton_text(declaration)})')
                 elif isinstance(declaration, HookArgs) and declaration.label == 'server':
-                    timers['servers'][method] = f'server {method}'
+                    timers['servers'][method] = (
+                        f'server {method}{_singleton_text(declaration, alone=True)}')
+                else:
+                    continue
+                if getattr(declaration, 'singleton', False) is not False:
+                    singletons.add(method)
         sent = sent_by(agent_class)
         return cls(
             name=name, class_path=_class_path(agent_class),
@@ -3201,16 +3221,18 @@ class AgentNode(msgspec.Struct, frozen=True):
             servers=tuple(sorted(timers['servers'])),
             schedule=tuple(line for group in timers.values()
                            for _, line in sorted(group.items())),
-            unreadable=tuple(_unreadable_classes(agent_class)))
+            unreadable=tuple(_unreadable_classes(agent_class)),
+            singletons=tuple(sorted(singletons)))
 
     def as_dict(self) -> dict[str, Any]:
-        """The agent in the JSON form of the graph."""
+        """The agent in the JSON form of the graph (``singletons`` only when it has)."""
         return {
             'name': self.name, 'class': self.class_path,
             'receives': list(self.receives), 'consumes': list(self.consumes),
             'sends': list(self.sends), 'calls': list(self.calls),
             'produces': list(self.produces), 'periodic': list(self.periodic),
             'cron': list(self.cron), 'servers': list(self.servers),
+            **({'singletons': list(self.singletons)} if self.singletons else {}),
         }
 
     def edges(self) -> Iterator[Edge]:

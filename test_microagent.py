@@ -2888,6 +2888,39 @@ async def test_singleton_server_interrupt_still_stops_the_agent(unique: str) -> 
     assert microagent._BusHub.hubs[unique].leases == {}
 
 
+def test_singletons_show_in_info_and_graph(unique: str) -> None:
+    class Singletons(MicroAgent):
+        @periodic(5, singleton=True)
+        def tick(self) -> None: ...
+
+        @cron('0 4 * * *', singleton='nightly-report')
+        def report(self) -> None: ...
+
+        @on('server', singleton=True)
+        async def lead(self) -> None: ...
+
+        @on('server')
+        async def serve(self) -> None: ...
+
+    info = Singletons(bus=MemorySignalBus(f'memory://{unique}')).info()
+    prefix = f'{__name__}.{Singletons.__qualname__}'
+    assert info['singletons'] == [
+        {'name': 'lead', 'kind': 'server', 'key': f'{prefix}.lead'},
+        {'name': 'report', 'kind': 'cron', 'key': 'nightly-report'},
+        {'name': 'tick', 'kind': 'periodic', 'key': f'{prefix}.tick'}]
+    assert 'singletons' not in graph_agents.RpcAgent().info()
+    topology = build_graph(Singletons, graph_agents.InheritingAgent)
+    data = json.loads(topology.to_json())
+    by_name = {agent['name']: agent for agent in data['agents']}
+    assert by_name['Singletons']['singletons'] == ['lead', 'report', 'tick']
+    assert 'singletons' not in by_name['InheritingAgent']
+    node = next(a for a in topology.agents if a.name == 'Singletons')
+    assert node.schedule == ('periodic tick (every 5 s, singleton)',
+                             'cron report (0 4 * * *, singleton nightly-report)',
+                             'server lead (singleton)', 'server serve')
+    assert 'server lead (singleton)' in topology.to_mermaid()
+
+
 async def test_bus_without_singleton_support_skips_ticks_with_a_warning(
         unique: str, caplog: pytest.LogCaptureFixture) -> None:
     agent_class = singleton_agent_class(period=0.1)
