@@ -991,6 +991,8 @@ class MicroAgent:
             raise SignalException(
                 f'{name} has singleton handlers ({", ".join(singletons)}) but no bus: the '
                 'agents of a class agree through their bus on which one runs them; pass bus=')
+        if self.leased_servers and self.bus is not None:
+            _seconds(f'LEASE_TTL of {self.bus!r}', self.bus.LEASE_TTL)
 
     def _singletons(self) -> list[tuple[str, str, str]]:
         """``(method, kind, key)`` of the singleton handlers, sorted."""

@@ -2615,6 +2615,8 @@ def test_singleton_handlers_are_refused_without_a_bus(unique: str) -> None:
         with pytest.raises(SignalException, match=rf'singleton handlers \({method}\) but no bus'):
             agent_class()
         agent_class(bus=MemorySignalBus(f'memory://{unique}'))  # with a bus: accepted
+    with pytest.raises(ValueError, match='LEASE_TTL of <MemorySignalBus'):
+        Leader(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0))
 
     class Plain(MicroAgent):
         @periodic(1)
@@ -2670,7 +2672,7 @@ async def test_singleton_ticks_do_not_run_twice_with_skewed_clocks(unique: str) 
     runs = agent_class.runs  # type: ignore[attr-defined]
     ticks = [tick for tick, _ in runs]
     assert len(ticks) == len(set(ticks)) >= 5, sorted(ticks)
-    assert sum(who == id(agents[0]) for _, who in runs) >= len(runs) - 1
+    assert sum(who == id(agents[0]) for _, who in runs) >= 0.75 * len(runs)
 
 
 async def test_singleton_tick_noticed_late_is_skipped_not_run_twice(
@@ -2770,7 +2772,7 @@ async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
         await holder.stop()
         await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
         took_over = agent_class.events[-1]  # type: ignore[attr-defined]
-        assert took_over[0] == 'start' and took_over[2] - stopped <= 0.1 + 0.05
+        assert took_over[0] == 'start' and took_over[2] - stopped <= 0.1 + 0.1
         [successor] = [a for a in agents if id(a) in running]
         assert (successor.lease_token('lead') or 0) > first
     finally:
@@ -2803,7 +2805,7 @@ async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
         await holder.stop()
         await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
         took_over = agent_class.events[-1][2] - died  # type: ignore[attr-defined]
-        assert ttl - ttl / 3 <= took_over <= ttl + ttl / 3 + 0.05
+        assert ttl - ttl / 3 <= took_over <= ttl + ttl / 3 + 0.1
     finally:
         for agent in agents:
             await agent.stop()
@@ -2828,7 +2830,7 @@ async def test_singleton_server_cut_from_its_bus_stops_before_its_lease_ends(
         expiry = microagent._BusHub.hubs[unique].leases[first.leased_servers['lead'].key][1]
         first.bus.cut = True
         await wait_for(lambda: id(first) not in running, timeout=ttl)
-        assert time.monotonic() < expiry - ttl / 3 + 0.05  # cancelled well before it expired
+        assert time.monotonic() < expiry - ttl / 3 + 0.1  # cancelled well before it expired
         assert first.lease_token('lead') is None
         await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
         assert time.monotonic() >= expiry  # nobody took it before it expired

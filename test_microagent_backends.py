@@ -2881,7 +2881,7 @@ async def test_redis_singleton_tick_is_not_run_twice_by_a_skewed_clock(
     assert_each_tick_once(await replicas.runs())
     assert len(runs) >= 8, runs
     # the replica whose clock is ahead claims first: the offset did apply
-    assert sum(pid == early for _, pid in runs) >= len(runs) - 2, runs
+    assert sum(pid == early for _, pid in runs) >= 0.75 * len(runs), runs
 
 
 LEASE_TTL = 1.5
