@@ -26,6 +26,7 @@ import importlib
 import inspect
 import keyword
 import logging
+import math
 import os
 import random
 import re
@@ -580,6 +581,7 @@ class PeriodicArgs(msgspec.Struct, frozen=True):
     period: float
     timeout: float
     start_after: float
+    singleton: bool | str = False
 
 
 class CronArgs(msgspec.Struct, frozen=True):
@@ -587,11 +589,13 @@ class CronArgs(msgspec.Struct, frozen=True):
     spec: str
     timeout: float
     tz: str | None
+    singleton: bool | str = False
 
 
 class HookArgs(msgspec.Struct, frozen=True):
     """``@on``: the method runs at a lifecycle event, or as a server task."""
     label: str
+    singleton: bool | str = False
 
 
 Declaration = ReceiverArgs | ConsumerArgs | PeriodicArgs | CronArgs | HookArgs
@@ -612,6 +616,24 @@ def _seconds(what: str, value: Any, minimum: float = MIN_TIMEOUT) -> float:
         raise ValueError(f'{what} must be more than {minimum} s, not {value!r}'
                          if minimum > 0 else f'{what} must be >= 0, not {value!r}')
     return float(value)
+
+
+def _singleton(value: Any) -> bool | str:
+    """Check the ``singleton=`` argument: a bool, or a key (a non-empty string)."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip() == value != ''):
+        return value
+    raise TypeError(f'singleton must be True, False or a key (a non-empty string without '
+                    f'surrounding spaces), not {value!r}')
+
+
+def _singleton_key(agent_class: type, method: str, singleton: bool | str) -> str | None:
+    """The key that coordinates a singleton handler: ``module.Class.method`` for
+    ``singleton=True``, the string given otherwise; None for a handler that is not one."""
+    if singleton is False:
+        return None
+    if singleton is True:
+        return f'{agent_class.__module__}.{agent_class.__qualname__}.{method}'
+    return singleton
 
 
 def receiver(*signals: Signal | str, timeout: float = 60) -> Callable[[Func], Func]:
@@ -665,8 +687,8 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
     return lambda func: _declare(func, args)
 
 
-def periodic(period: float, timeout: float = 1, start_after: float = 0
-             ) -> Callable[[Func], Func]:
+def periodic(period: float, timeout: float = 1, start_after: float = 0,
+             singleton: bool | str = False) -> Callable[[Func], Func]:
     """Run the method every ``period`` seconds, first after ``start_after`` seconds.
 
     Each run is cancelled after ``timeout`` seconds; an exception is logged and the
@@ -675,9 +697,16 @@ def periodic(period: float, timeout: float = 1, start_after: float = 0
 
         @periodic(period=5, timeout=4, start_after=10)
         async def refresh_cache(self): ...
+
+    ``singleton=True``: each tick runs on one agent only, among all the running agents
+    of the class that share the bus (``singleton='KEY'`` coordinates under another key
+    than ``module.Class.method``). The ticks are then the multiples of ``period`` on
+    the Unix clock (the first one at least ``start_after`` seconds after the start),
+    and each is claimed on the bus; see "Singleton timers and servers" in the README.
     """
     args = PeriodicArgs(_seconds('period', period), _seconds('timeout', timeout),
-                        _seconds('start_after', start_after, minimum=0))
+                        _seconds('start_after', start_after, minimum=0),
+                        _singleton(singleton))
     return lambda func: _declare(func, args)
 
 
@@ -713,34 +742,41 @@ def _timezone(tz: str | None) -> Any:
         raise ValueError(f'unknown time zone {tz!r}') from exc
 
 
-def cron(spec: str, timeout: float = 1, tz: str | None = None) -> Callable[[Func], Func]:
+def cron(spec: str, timeout: float = 1, tz: str | None = None,
+         singleton: bool | str = False) -> Callable[[Func], Func]:
     """Run the method on a cron schedule, evaluated in UTC unless ``tz`` names a zone.
 
-    ``spec`` is a standard 5-field spec (minute hour day-of-month month day-of-week) or
-    an alias such as ``@hourly``; a wrong spec raises ``ValueError`` here, at
-    decoration time::
+    ``spec`` is a standard 5-field spec (minute hour day-of-month month day-of-week),
+    optionally with croniter's 6th field for the seconds (``'* * * * * */10'``: every
+    10 seconds), or an alias such as ``@hourly``; a wrong spec raises ``ValueError``
+    here, at decoration time::
 
         @cron('0 */4 * * *', timeout=60)
         async def send_report(self): ...
+
+    ``singleton=True`` (or ``singleton='KEY'``): each scheduled time runs on one agent
+    only, among all the running agents of the class that share the bus, as for
+    :func:`periodic`.
     """
     if not isinstance(spec, str):
         raise TypeError(f'cron spec must be a string, not {spec!r}')
     fields = spec.split()
-    if not (len(fields) == 5 or (len(fields) == 1 and fields[0].lower() in CRON_ALIASES)):
+    if not (len(fields) in (5, 6)
+            or (len(fields) == 1 and fields[0].lower() in CRON_ALIASES)):
         raise ValueError(
-            f'cron spec {spec!r} must have 5 fields (minute hour day month weekday) '
-            f'or be one of {", ".join(sorted(CRON_ALIASES))}')
+            f'cron spec {spec!r} must have 5 fields (minute hour day month weekday), '
+            f'6 with the seconds last, or be one of {", ".join(sorted(CRON_ALIASES))}')
     croniter = _import_croniter()
     try:
         croniter(spec.lower() if spec.startswith('@') else spec)
     except (ValueError, KeyError) as exc:
         raise ValueError(f'cron spec {spec!r} is not valid: {exc}') from None
     _timezone(tz)
-    args = CronArgs(spec, _seconds('timeout', timeout), tz)
+    args = CronArgs(spec, _seconds('timeout', timeout), tz, _singleton(singleton))
     return lambda func: _declare(func, args)
 
 
-def on(label: str) -> Callable[[Func], Func]:
+def on(label: str, singleton: bool | str = False) -> Callable[[Func], Func]:
     """Run the method at a lifecycle event, or as a server.
 
     ``pre_start`` (before anything is bound), ``post_start`` (everything is live),
@@ -752,10 +788,19 @@ def on(label: str) -> Callable[[Func], Func]:
         async def run_http(self):
             await serve()
             raise ServerInterrupt('done')
+
+    ``@on('server', singleton=True)`` (or ``singleton='KEY'``): the server runs on one
+    agent at a time, among all the running agents of the class that share the bus: the
+    holder of a lease on the bus, renewed every third of the bus's ``LEASE_TTL``. The
+    server is cancelled when the lease cannot be renewed, before it could expire, and
+    another agent takes over. :meth:`MicroAgent.lease_token` gives the fencing token of
+    the lease held. See "Singleton timers and servers" in the README.
     """
     if label not in HOOK_LABELS:
         raise ValueError(f'hook label {label!r} is not one of {", ".join(HOOK_LABELS)}')
-    args = HookArgs(label)
+    if singleton is not False and label != 'server':
+        raise ValueError(f"singleton is for @on('server'), not for @on({label!r})")
+    args = HookArgs(label, _singleton(singleton))
     return lambda func: _declare(func, args)
 
 
@@ -937,6 +982,7 @@ class MicroAgent:
         self.periodic_tasks: list[PeriodicTask] = []
         self.cron_tasks: list[CronTask] = []
         self.hooks: dict[str, list[Callable[..., Any]]] = {label: [] for label in HOOK_LABELS}
+        self.leased_servers: dict[str, LeasedServer] = {}
         self._bind_declarations()
         self._check_transport()
         self._state = 'new'
@@ -960,6 +1006,9 @@ class MicroAgent:
                     self.cron_tasks.append(CronTask(self, handler, d))
                 else:
                     self.hooks[d.label].append(handler)
+                    key = _singleton_key(type(self), handler.__name__, d.singleton)
+                    if key is not None:
+                        self.leased_servers[handler.__name__] = LeasedServer(self, handler, key)
 
     def _check_transport(self) -> None:
         name = type(self).__name__
@@ -976,6 +1025,38 @@ class MicroAgent:
             methods = sorted(c.handler.__name__ for c in self.consumers)
             raise QueueException(
                 f'{name} consumes queues ({", ".join(methods)}) but has no broker: pass broker=')
+        singletons = sorted({method for method, _, _ in self._singletons()})
+        if singletons and self.bus is None:
+            raise SignalException(
+                f'{name} has singleton handlers ({", ".join(singletons)}) but no bus: the '
+                'agents of a class agree through their bus on which one runs them; pass bus=')
+        if self.leased_servers and self.bus is not None:
+            _seconds(f'LEASE_TTL of {self.bus!r}', self.bus.LEASE_TTL)
+
+    def _singletons(self) -> list[tuple[str, str, str]]:
+        """``(method, kind, key)`` of the singleton handlers, sorted."""
+        timers: list[tuple[str, _Timer]] = [
+            *(('periodic', t) for t in self.periodic_tasks),
+            *(('cron', t) for t in self.cron_tasks)]
+        found = [(t.handler.__name__, kind, t.singleton) for kind, t in timers
+                 if t.singleton is not None]
+        found += [(name, 'server', server.key) for name, server in self.leased_servers.items()]
+        return sorted(found)
+
+    def lease_token(self, method: str) -> int | None:
+        """The fencing token of the lease under which the singleton server ``method``
+        runs now, or None when this agent does not hold it.
+
+        Tokens only grow: each new holder of the lease gets a larger one (while the bus
+        server keeps its data). A server that writes to another system should send the
+        token with each write and have that system refuse a token smaller than the
+        largest it has seen, so that a holder that was paused past its lease (GC, a
+        stopped VM) cannot overwrite the work of the next one.
+        """
+        server = self.leased_servers.get(method)
+        if server is None:
+            raise ValueError(f'{type(self).__name__}.{method} is not a singleton server')
+        return server.fence
 
     def __repr__(self) -> str:
         return f'<MicroAgent {type(self).__name__}>'
@@ -1030,7 +1111,9 @@ class MicroAgent:
             await _call(hook, None)
 
     def _start_server(self, server: Callable[..., Any]) -> None:
-        task = asyncio.get_running_loop().create_task(_call(server, None))
+        leased = self.leased_servers.get(server.__name__)
+        task = asyncio.get_running_loop().create_task(
+            leased.run() if leased is not None else _call(server, None))
         self._servers.add(task)
         task.add_done_callback(lambda done: self._server_done(server, done))
 
@@ -1134,7 +1217,16 @@ class MicroAgent:
             'hooks': {label: [h.__name__ for h in handlers]
                       for label, handlers in self.hooks.items() if handlers},
             **sent_by(type(self)),
+            **self._singletons_info(),
         }
+
+    def _singletons_info(self) -> dict[str, Any]:
+        """``{'singletons': [...]}`` for :meth:`info`, or nothing without singletons."""
+        singletons = self._singletons()
+        if not singletons:
+            return {}
+        return {'singletons': [{'name': name, 'kind': kind, 'key': key}
+                               for name, kind, key in singletons]}
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -1326,9 +1418,16 @@ class AbstractSignalBus(_Connections, abc.ABC):
 
     Upper-case class attributes (a backend's ``CONNECT_TIMEOUT``...) can be set per bus
     as keyword arguments; any other unknown keyword raises a TypeError at once.
+
+    The bus also coordinates the singleton handlers of the agents that share it (same
+    server and prefix): :meth:`claim_tick` for timers, :meth:`acquire_lease`,
+    :meth:`renew_lease` and :meth:`release_lease` for servers. A backend that offers
+    them implements all four; here they raise NotImplementedError.
     """
 
     RESPONSE_TIMEOUT: ClassVar[float] = 60
+    LEASE_TTL: ClassVar[float] = 10
+    """Seconds a singleton server's lease lasts unless renewed; renewed every third."""
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  *, logger: logging.Logger | None = None, **settings: Any) -> None:
@@ -1375,6 +1474,36 @@ class AbstractSignalBus(_Connections, abc.ABC):
 
     async def disconnect(self) -> None:
         """Close the backend's connections."""
+
+    # -- singletons: tick claims and leases -----------------------------------------------
+
+    def _no_singletons(self) -> NotImplementedError:
+        return NotImplementedError(
+            f'{type(self).__name__} cannot coordinate singleton handlers: use a bus that '
+            'implements claim_tick and the leases (RedisSignalBus, MemorySignalBus)')
+
+    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
+        """Claim the tick of singleton ``key`` scheduled at ``tick_ms`` (Unix time in
+        milliseconds) for ``holder``: True for the first claim of that tick and for a
+        repeated claim by the same holder, False for any other. A claim is remembered
+        for ``ttl`` seconds. Raise when the server cannot be reached."""
+        raise self._no_singletons()
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
+        """Take the lease of singleton ``key`` for ``holder`` for ``ttl`` seconds if
+        nobody holds it (or ``holder`` does already: its lease is extended); return its
+        token ``'<fencing number>:<holder>'``, or None when another holder has it. The
+        fencing number grows with each new holder."""
+        raise self._no_singletons()
+
+    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
+        """Extend the lease of ``key`` to ``ttl`` seconds from now if ``token`` still
+        holds it (compare-and-set); False when it does not."""
+        raise self._no_singletons()
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        """Give up the lease of ``key`` if ``token`` holds it (compare-and-delete)."""
+        raise self._no_singletons()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -2133,15 +2262,25 @@ def _log_failure(log: logging.Logger, error: BaseException, message: str, *args:
 
 class _Timer:
     """Runs a handler at the times :meth:`next_delay` gives, each run within its
-    timeout; an exception is logged and the schedule goes on."""
+    timeout; an exception is logged and the schedule goes on.
 
-    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], timeout: float) -> None:
+    A singleton timer (``singleton`` is its key) runs at the ticks :meth:`tick_after`
+    gives on the wall clock (:meth:`clock`), each one only once it was claimed on the
+    agent's bus (see :meth:`_singleton_tick`).
+    """
+
+    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], timeout: float,
+                 singleton: bool | str = False) -> None:
         self.agent = agent
         self.handler = handler
         self.timeout = timeout
+        self.singleton = _singleton_key(type(agent), handler.__name__, singleton)
         self._timer: asyncio.TimerHandle | None = None
         self._run: asyncio.Task[None] | None = None
         self._at = 0.0
+        self._holder = os.urandom(8).hex()  # this timer's name in its claims
+        self._tick_at = 0.0  # singleton: the Unix time of the next tick
+        self._skipped = 0  # singleton: ticks skipped in a row because the bus failed
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {type(self.agent).__name__}.{self.handler.__name__}>'
@@ -2153,6 +2292,10 @@ class _Timer:
         raise NotImplementedError
 
     def start(self) -> None:
+        if self.singleton is not None:
+            self._tick_at = self.tick_after(self.clock() + self.start_after())
+            self._schedule_singleton()
+            return
         loop = asyncio.get_running_loop()
         self._at = loop.time() + self.first_delay()
         self._timer = loop.call_at(self._at, self._tick)
@@ -2192,13 +2335,74 @@ class _Timer:
             self._run.cancel()
             await asyncio.gather(self._run, return_exceptions=True)
 
+    # -- singleton ticks: on the wall clock, each claimed on the bus ------------------------
+
+    def clock(self) -> float:
+        """The wall clock of the singleton ticks, in Unix seconds (tests shift it)."""
+        return time.time()
+
+    def start_after(self) -> float:
+        """Seconds after the start before the first singleton tick may come."""
+        return 0.0
+
+    def tick_after(self, moment: float) -> float:
+        """The Unix time of the first tick strictly after ``moment``."""
+        raise NotImplementedError
+
+    def _schedule_singleton(self) -> None:
+        delay = max(0.0, self._tick_at - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._singleton_tick)
+
+    def _singleton_tick(self) -> None:
+        """Run the tick that is due if this agent claims it first.
+
+        A tick is named by its scheduled time, so agents whose clocks differ claim the
+        same tick, and the bus grants it once. A tick noticed later than half the gap to
+        the next one (the event loop was blocked, the process paused) is skipped: the
+        other agents ran it, and its claim might have been forgotten already.
+        """
+        tick, now = self._tick_at, self.clock()
+        if now < tick:  # the loop's monotonic clock ran ahead of the wall clock
+            self._schedule_singleton()
+            return
+        gap = self.tick_after(tick) - tick
+        self._tick_at = self.tick_after(now)
+        self._schedule_singleton()
+        if now - tick > gap / 2:
+            self.agent.log.warning('%r skipped the tick of %s: it came %.3fs late',
+                                   self, _utc(tick), now - tick)
+            return
+        if self._run is not None and not self._run.done():
+            self.agent.log.warning('%r leaves the tick of %s to the other agents: its '
+                                   'previous run is still going', self, _utc(tick))
+            return
+        self._run = asyncio.get_running_loop().create_task(self._claim_and_run(tick, gap))
+
+    async def _claim_and_run(self, tick: float, gap: float) -> None:
+        bus, key = self.agent.bus, self.singleton
+        assert bus is not None and key is not None
+        try:
+            claimed = await bus.claim_tick(key, round(tick * 1000), self._holder,
+                                           2 * gap + CLAIM_MARGIN)
+        except Exception as exc:
+            self._skipped += 1
+            log = self.agent.log.warning if self._skipped == 1 else self.agent.log.debug
+            log('%r skipped the tick of %s: claiming it on the bus failed (%s)',
+                self, _utc(tick), exc)
+            return
+        if self._skipped:
+            self.agent.log.info('%r claims ticks again, after %d skipped', self, self._skipped)
+            self._skipped = 0
+        if claimed:
+            await self._execute()
+
 
 class PeriodicTask(_Timer):
     """``@periodic``: every ``period`` seconds, after ``start_after``; missed ticks are
     skipped, so the schedule does not drift or burst."""
 
     def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: PeriodicArgs) -> None:
-        super().__init__(agent, handler, args.timeout)
+        super().__init__(agent, handler, args.timeout, args.singleton)
         self.args = args
 
     def first_delay(self) -> float:
@@ -2211,12 +2415,26 @@ class PeriodicTask(_Timer):
             at += (int((now - at) / period) + 1) * period
         return at
 
+    def start_after(self) -> float:
+        return self.args.start_after
+
+    def tick_after(self, moment: float) -> float:
+        """The next multiple of ``period`` on the Unix clock: the same ticks for every
+        agent, whenever it started."""
+        period = self.args.period
+        number = math.floor(moment / period)  # the division may round: checked below
+        while number * period > moment:
+            number -= 1
+        while number * period <= moment:
+            number += 1
+        return number * period
+
 
 class CronTask(_Timer):
     """``@cron``: at the next time the spec gives, in UTC or the given zone."""
 
     def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: CronArgs) -> None:
-        super().__init__(agent, handler, args.timeout)
+        super().__init__(agent, handler, args.timeout, args.singleton)
         self.args = args
         self._croniter = _import_croniter()
         self._zone = _timezone(args.tz)
@@ -2227,6 +2445,150 @@ class CronTask(_Timer):
         spec = self.args.spec.lower() if self.args.spec.startswith('@') else self.args.spec
         following = self._croniter(spec, now).get_next(datetime.datetime)
         return max(0.0, float((following - now).total_seconds()))
+
+    def tick_after(self, moment: float) -> float:
+        import datetime
+        start = datetime.datetime.fromtimestamp(moment, self._zone)
+        spec = self.args.spec.lower() if self.args.spec.startswith('@') else self.args.spec
+        return float(self._croniter(spec, start).get_next(float))
+
+
+CLAIM_MARGIN = 30.0
+"""Seconds a tick claim outlives two gaps between ticks: room for a slow round trip."""
+
+
+def _utc(moment: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the millisecond, for logs."""
+    import datetime
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).isoformat(
+        timespec='milliseconds')
+
+
+class LeasedServer:
+    """A singleton server (``@on('server', singleton=True)``): it runs while its agent
+    holds the lease of ``key`` on the bus.
+
+    :meth:`run` takes the lease when it is free (trying every third of the bus's
+    ``LEASE_TTL``), starts the server, and renews the lease every third of
+    ``LEASE_TTL`` with a compare-and-set on its token. When renewing fails (the bus is
+    unreachable, or someone else holds the lease) it retries until two thirds of the
+    lease have passed since the last renewal that succeeded, then cancels the server and
+    waits until it ended: at least a third of ``LEASE_TTL`` before the lease could
+    expire. Then it tries to take the lease again. A graceful stop cancels the server
+    and releases the lease at once.
+    """
+
+    def __init__(self, agent: MicroAgent, handler: Callable[..., Any], key: str) -> None:
+        self.agent = agent
+        self.handler = handler
+        self.key = key
+        self.holder = os.urandom(8).hex()  # this agent's name in the lease
+        self.token: str | None = None  # '<fencing number>:<holder>' while running
+
+    def __repr__(self) -> str:
+        return f'<LeasedServer {type(self.agent).__name__}.{self.handler.__name__}>'
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing number of the lease held now, or None."""
+        return int(self.token.partition(':')[0]) if self.token is not None else None
+
+    async def run(self) -> Any:
+        """Run the server whenever this agent holds the lease, until the server returns
+        or raises by itself (the lease is then released, and the outcome is this
+        coroutine's), or until cancelled (the agent stops)."""
+        bus = self.agent.bus
+        assert bus is not None
+        ttl = float(bus.LEASE_TTL)
+        server: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                expires = await self._acquire(bus, ttl)
+                server = asyncio.get_running_loop().create_task(_call(self.handler, None))
+                if await self._hold(bus, server, expires, ttl):
+                    ended, server = server, None
+                    await self._release(bus, ttl)
+                    return ended.result()
+                server = None
+        finally:
+            if server is not None:
+                await self._cancel(server, None)
+            await self._release(bus, ttl)
+
+    async def _acquire(self, bus: AbstractSignalBus, ttl: float) -> float:
+        """Take the lease, trying every third of ``ttl``; return when it expires (on the
+        event loop's clock: ``ttl`` after the successful request was sent)."""
+        loop = asyncio.get_running_loop()
+        failing = False
+        while True:
+            sent = loop.time()
+            try:
+                self.token = await _with_timeout(
+                    bus.acquire_lease(self.key, self.holder, ttl), ttl / 3)
+            except Exception as exc:
+                if not failing:
+                    self.agent.log.warning('%r cannot take its lease: %s; trying again',
+                                           self, str(exc) or type(exc).__name__)
+                failing = True
+            else:
+                failing = False
+                if self.token is not None:
+                    self.agent.log.info('%r holds the lease of %s (fencing token %s)',
+                                        self, self.key, self.fence)
+                    return sent + ttl
+            await asyncio.sleep(max(0.0, sent + ttl / 3 - loop.time()))
+
+    async def _hold(self, bus: AbstractSignalBus, server: asyncio.Task[Any], expires: float,
+                    ttl: float) -> bool:
+        """Renew the lease while ``server`` runs: True when the server ended by itself;
+        False when the lease was lost, after the server was cancelled and ended."""
+        loop = asyncio.get_running_loop()
+        assert self.token is not None
+        renew_at = expires - ttl + ttl / 3
+        failure: str | None = None
+        while True:
+            done, _ = await asyncio.wait({server}, timeout=max(0.0, renew_at - loop.time()))
+            if done:
+                return True
+            sent, give_up_at = loop.time(), expires - ttl / 3
+            if sent >= give_up_at:
+                await self._cancel(server, 'its lease could not be renewed in time '
+                                           f'({failure or "the event loop was blocked"})')
+                return False
+            try:
+                kept = await _with_timeout(bus.renew_lease(self.key, self.token, ttl),
+                                           give_up_at - sent)
+            except Exception as exc:
+                failure = str(exc) or type(exc).__name__
+                self.agent.log.debug('%r could not renew its lease: %s', self, failure)
+                renew_at = min(loop.time() + ttl / 12, give_up_at)
+                continue
+            if not kept:
+                await self._cancel(server, 'its lease was lost to another agent')
+                return False
+            expires, renew_at, failure = sent + ttl, sent + ttl / 3, None
+
+    async def _cancel(self, server: asyncio.Task[Any], why: str | None) -> None:
+        """Cancel the server and wait until it ended."""
+        if why is not None:
+            self.agent.log.warning('%r cancels its server: %s', self, why)
+            self.token = None
+        server.cancel()
+        await asyncio.wait({server})
+        if not server.cancelled() and server.exception() is not None:
+            self.agent.log.error('Server %s failed as it was cancelled', self.handler.__name__,
+                                 exc_info=server.exception())
+
+    async def _release(self, bus: AbstractSignalBus, ttl: float) -> None:
+        """Give the lease up at once (if it cannot be, it expires by itself)."""
+        token, self.token = self.token, None
+        if token is None:
+            return
+        try:
+            await _with_timeout(bus.release_lease(self.key, token), ttl / 3)
+        except Exception as exc:
+            self.agent.log.warning('%r could not release its lease (%s): another agent '
+                                   'takes over once it expired', self, exc)
 
 
 # =====================================================================================
@@ -2241,12 +2603,16 @@ def _memory_name(dsn: str) -> str:
 
 
 class _BusHub:
-    """The channels of one ``memory://NAME`` bus, shared by the buses of a process."""
+    """The channels of one ``memory://NAME`` bus, shared by the buses of a process, and
+    the tick claims and leases of its singletons (expiring on the monotonic clock)."""
 
     hubs: ClassVar[dict[str, _BusHub]] = {}
 
     def __init__(self) -> None:
         self.subscriptions: dict[str, set[MemorySignalBus]] = {}
+        self.claims: dict[tuple[str, int], tuple[str, float]] = {}  # -> holder, expiry
+        self.leases: dict[str, tuple[str, float]] = {}  # key -> token, expiry
+        self.fences: dict[str, int] = {}  # key -> last fencing number given
 
     @classmethod
     def named(cls, name: str) -> _BusHub:
@@ -2289,6 +2655,45 @@ class MemorySignalBus(AbstractSignalBus):
     async def disconnect(self) -> None:
         for channel in list(self._patterns):
             await self.unbind(channel)
+
+    # -- singletons: the hub's claims and leases, as the Redis bus keeps them -------------
+
+    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
+        claims, now = self._hub.claims, time.monotonic()
+        for name in [name for name, (_, expiry) in claims.items() if expiry <= now]:
+            del claims[name]
+        first, _ = claims.setdefault((key, tick_ms), (holder, now + ttl))
+        return first == holder
+
+    def _lease(self, key: str) -> str | None:
+        """The token holding the lease of ``key`` now (an expired lease is dropped)."""
+        held = self._hub.leases.get(key)
+        if held is not None and held[1] <= time.monotonic():
+            del self._hub.leases[key]
+            held = None
+        return held[0] if held is not None else None
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
+        token = self._lease(key)
+        if token is None:
+            self._hub.fences[key] = fence = self._hub.fences.get(key, 0) + 1
+            token = f'{fence}:{holder}'
+        elif token.partition(':')[2] != holder:
+            return None
+        self._hub.leases[key] = (token, time.monotonic() + ttl)
+        return token
+
+    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
+        if self._lease(key) != token:
+            return False
+        self._hub.leases[key] = (token, time.monotonic() + ttl)
+        return True
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        if self._lease(key) != token:
+            return False
+        del self._hub.leases[key]
+        return True
 
 
 class _MemoryQueue:
@@ -2778,6 +3183,15 @@ def _default_prefix(bus_class: Any = None) -> str:
     return str(parameter.default)
 
 
+def _singleton_text(declaration: PeriodicArgs | CronArgs | HookArgs, alone: bool = False
+                    ) -> str:
+    """How a schedule line of the graph marks a singleton handler (and its own key)."""
+    if declaration.singleton is False:
+        return ''
+    key = '' if declaration.singleton is True else f' {declaration.singleton}'
+    return f' (singleton{key})' if alone else f', singleton{key}'
+
+
 class AgentNode(msgspec.Struct, frozen=True):
     """One agent of a :class:`Topology`: its name, its class and what it touches.
 
@@ -2785,7 +3199,9 @@ class AgentNode(msgspec.Struct, frozen=True):
     class's declarations (``MicroAgent.declarations``, the structure that binds the
     handlers at run time); ``sends``, ``calls`` and ``produces`` from :func:`sent_by`.
     ``schedule`` holds the lines the diagrams show on the node (periodic, cron and
-    server handlers); ``unreadable`` the classes whose source could not be analysed.
+    server handlers); ``singletons`` the methods among them that run on one agent at a
+    time (``singleton=True``); ``unreadable`` the classes whose source could not be
+    analysed.
     For the AsyncAPI document: ``bus`` and ``broker`` (from the settings module, None
     for a class), ``answers`` the ``(signal, "Class.method")`` keys of its RPC answers
     and ``dtos`` the ``(queue, DTO class)`` of its consumers that have one.
@@ -2802,6 +3218,7 @@ class AgentNode(msgspec.Struct, frozen=True):
     servers: tuple[str, ...] = ()
     schedule: tuple[str, ...] = ()
     unreadable: tuple[str, ...] = ()
+    singletons: tuple[str, ...] = ()
     bus: Transport | None = None
     broker: Transport | None = None
     answers: tuple[tuple[str, str], ...] = ()
@@ -2813,6 +3230,7 @@ class AgentNode(msgspec.Struct, frozen=True):
         receives: set[str] = set()
         consumes: set[str] = set()
         timers: dict[str, dict[str, str]] = {'periodic': {}, 'cron': {}, 'servers': {}}
+        singletons: set[str] = set()
         for method, declarations in agent_class.declarations.items():
             for declaration in declarations:
                 if isinstance(declaration, ReceiverArgs):
@@ -2821,12 +3239,19 @@ class AgentNode(msgspec.Struct, frozen=True):
                     consumes.add(declaration.queue.name)
                 elif isinstance(declaration, PeriodicArgs):
                     timers['periodic'][method] = (
-                        f'periodic {method} (every {_seconds_text(declaration.period)})')
+                        f'periodic {method} (every {_seconds_text(declaration.period)}'
+                        f'{_singleton_text(declaration)})')
                 elif isinstance(declaration, CronArgs):
                     tz = f' {declaration.tz}' if declaration.tz else ''
-                    timers['cron'][method] = f'cron {method} ({declaration.spec}{tz})'
+                    timers['cron'][method] = (
+                        f'cron {method} ({declaration.spec}{tz}{_singleton_text(declaration)})')
                 elif isinstance(declaration, HookArgs) and declaration.label == 'server':
-                    timers['servers'][method] = f'server {method}'
+                    timers['servers'][method] = (
+                        f'server {method}{_singleton_text(declaration, alone=True)}')
+                else:
+                    continue
+                if getattr(declaration, 'singleton', False) is not False:
+                    singletons.add(method)
         sent = sent_by(agent_class)
         return cls(
             name=name, class_path=_class_path(agent_class),
@@ -2837,16 +3262,18 @@ class AgentNode(msgspec.Struct, frozen=True):
             servers=tuple(sorted(timers['servers'])),
             schedule=tuple(line for group in timers.values()
                            for _, line in sorted(group.items())),
-            unreadable=tuple(_unreadable_classes(agent_class)))
+            unreadable=tuple(_unreadable_classes(agent_class)),
+            singletons=tuple(sorted(singletons)))
 
     def as_dict(self) -> dict[str, Any]:
-        """The agent in the JSON form of the graph."""
+        """The agent in the JSON form of the graph (``singletons`` only when it has)."""
         return {
             'name': self.name, 'class': self.class_path,
             'receives': list(self.receives), 'consumes': list(self.consumes),
             'sends': list(self.sends), 'calls': list(self.calls),
             'produces': list(self.produces), 'periodic': list(self.periodic),
             'cron': list(self.cron), 'servers': list(self.servers),
+            **({'singletons': list(self.singletons)} if self.singletons else {}),
         }
 
     def edges(self) -> Iterator[Edge]:

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import math
 import os
 import re
 import socket
@@ -278,6 +279,58 @@ class _RedisTransport(_Transport):
 
 _PING = 'microagent'  # the message of the bus's PINGs (redis-py swallows its own ones)
 
+# Singleton handlers (see RedisSignalBus): keys under {prefix}:singleton:{KEY}:, where the
+# braces make KEY a Redis Cluster hash tag, so the keys of one singleton share a slot.
+# Every script is safe to replay (redis-py sends a command once more after a broken
+# connection): a repeated claim or acquisition by the same holder answers as the first.
+
+# KEYS: the claim of one tick. ARGV: holder, ttl ms. 1 when the tick is the holder's.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+# KEYS: lease, fencing counter. ARGV: holder, ttl ms. The token '<fence>:<holder>' of the
+# lease when the holder has it now (taken, or already its own: extended), else false.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    if string.sub(current, -string.len(ARGV[1]) - 1) ~= ':' .. ARGV[1] then return false end
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return current
+end
+local token = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
+redis.call('SET', KEYS[1], token, 'NX', 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: lease. ARGV: token, ttl ms. Compare-and-set: extends the lease if the token holds it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease. ARGV: token. Compare-and-delete: ends the lease if the token holds it.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class _SingletonScripts:
+    """The bus's scripts for singleton handlers, on the client that runs them."""
+
+    def __init__(self, client: Redis) -> None:
+        self.claim: AsyncScript = client.register_script(_CLAIM)
+        self.acquire: AsyncScript = client.register_script(_ACQUIRE)
+        self.renew: AsyncScript = client.register_script(_RENEW)
+        self.release: AsyncScript = client.register_script(_RELEASE_LEASE)
+
 
 class RedisSignalBus(_RedisTransport, AbstractSignalBus):
     """Signal bus on Redis pub/sub: ``RedisSignalBus('redis://localhost:6379/0', prefix='APP')``.
@@ -287,6 +340,13 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
     One pub/sub connection per bus (link ``pubsub``) carries all its subscriptions; after
     a lost connection it reconnects with backoff, forever, and subscribes again. Sends go
     through a pooled connection (link ``publish``).
+
+    Singleton handlers are coordinated with keys under ``{prefix}:singleton:{KEY}:``,
+    through another pooled connection (link ``singletons``, opened on first use):
+    ``tick:{ms}``, the claim of one tick (``SET NX PX``, kept two gaps between ticks plus
+    30 s); ``lease``, the lease of a server (``SET NX PX``, renewed and released by Lua
+    compare-and-set scripts on its token ``'<fence>:<holder>'``); ``fence``, the counter
+    of the fencing numbers (``INCR``).
     """
 
     CONNECT_TIMEOUT: ClassVar[float] = 5
@@ -311,9 +371,11 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         self._subscribed_once = False  # this connection: patterns are subscribed again
         self._patterns: set[str] = set()
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
+        self._coordinator: Redis | None = None
+        self._singleton_scripts: _SingletonScripts | None = None
 
     def _clients(self) -> Iterable[Redis | None]:
-        return self._publisher, self._subscriber
+        return self._publisher, self._subscriber, self._coordinator
 
     async def send(self, channel: str, message: bytes) -> None:
         """PUBLISH ``message``; raise :class:`ConnectionError` when Redis is unreachable.
@@ -374,7 +436,49 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         self._patterns.clear()
         self._reject_confirmations(_Unreachable(f'{self!r} was closed'))
         await self._close_clients()
-        self._publisher = self._subscriber = None
+        self._publisher = self._subscriber = self._coordinator = None
+        self._singleton_scripts = None
+
+    # -- singletons ---------------------------------------------------------------------
+
+    def _singleton_key(self, key: str, *parts: str) -> str:
+        return ':'.join((f'{self.prefix}:singleton:{{{key}}}', *parts))
+
+    async def _coordinate(self, what: str, script: Callable[[_SingletonScripts], AsyncScript],
+                          keys: list[str], args: list[str | int]) -> Any:
+        """Run one of the singleton scripts; raise :class:`ConnectionError` when it fails."""
+        if self._singleton_scripts is None:
+            self._coordinator = _redis_client(
+                self.dsn, self.CONNECT_TIMEOUT, self.COMMAND_TIMEOUT, retries=1)
+            self._singleton_scripts = _SingletonScripts(self._coordinator)
+        async with self._failing(what, self.link('singletons')):
+            return await script(self._singleton_scripts)(keys=keys, args=args)
+
+    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
+        """``SET {prefix}:singleton:{KEY}:tick:{tick_ms} holder NX PX ttl``."""
+        claimed = await self._coordinate(
+            f'claiming a tick of {key}', lambda scripts: scripts.claim,
+            [self._singleton_key(key, 'tick', str(tick_ms))], [holder, _milliseconds(ttl)])
+        return bool(claimed)
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
+        token = await self._coordinate(
+            f'taking the lease of {key}', lambda scripts: scripts.acquire,
+            [self._singleton_key(key, 'lease'), self._singleton_key(key, 'fence')],
+            [holder, _milliseconds(ttl)])
+        return token.decode() if isinstance(token, bytes) else token
+
+    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
+        renewed = await self._coordinate(
+            f'renewing the lease of {key}', lambda scripts: scripts.renew,
+            [self._singleton_key(key, 'lease')], [token, _milliseconds(ttl)])
+        return bool(renewed)
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        released = await self._coordinate(
+            f'releasing the lease of {key}', lambda scripts: scripts.release,
+            [self._singleton_key(key, 'lease')], [token])
+        return bool(released)
 
     # -- the reader task ----------------------------------------------------------------
 

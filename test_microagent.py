@@ -2328,7 +2328,7 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
 @pytest.mark.parametrize(('section', 'entry', 'error'), [
     ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
      "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
-     "it takes dsn, prefix, log and the settings RESPONSE_TIMEOUT"),
+     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
                 'ROLLBACK_ATTEMPT': 5},
      "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
@@ -2468,3 +2468,420 @@ def test_readme_install_commands_work_from_a_checkout() -> None:
     assert by_name == {'graphviz', 'microagent'}  # microagent: only where it says not to
     assert ('`pip install microagent` would fetch the unrelated 1.x package'
             in ' '.join(README.split()))
+
+
+# =====================================================================================
+# Singleton timers and servers (issue 12), on memory:// — agents in one process
+# =====================================================================================
+# Each agent has its own MemorySignalBus on one hub, as replicas have their own
+# connection to one Redis. The same semantics on Redis, with real processes, are tested
+# in test_microagent_backends.py.
+
+import itertools  # noqa: E402
+
+from microagent import PeriodicTask  # noqa: E402
+
+
+class CutBus(MemorySignalBus):
+    """A memory bus whose singleton calls fail while ``cut`` is set (server unreachable)."""
+
+    cut = False
+
+    def _check(self) -> None:
+        if self.cut:
+            raise ConnectionError('the bus is cut')
+
+    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
+        self._check()
+        return await super().claim_tick(key, tick_ms, holder, ttl)
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
+        self._check()
+        return await super().acquire_lease(key, holder, ttl)
+
+    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
+        self._check()
+        return await super().renew_lease(key, token, ttl)
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        self._check()
+        return await super().release_lease(key, token)
+
+
+def singleton_agent_class(period: float = 0.2, spec: str | None = None) -> type[MicroAgent]:
+    """An agent class with a singleton timer (periodic, or cron when ``spec``) that
+    records ``(tick, id(agent))``: the tick as its number on the agent's own clock."""
+
+    class Ticking(MicroAgent):
+        runs: list[tuple[int, int]] = []
+
+        def record(self, task: Any, gap: float) -> None:
+            self.runs.append((round(task.clock() / gap), id(self)))
+
+    if spec is None:
+        class Periodic(Ticking):
+            @periodic(period, singleton=True)
+            def tick(self) -> None:
+                self.record(self.periodic_tasks[0], period)
+        return Periodic
+
+    class Cron(Ticking):
+        @cron(spec, singleton=True)
+        def tick(self) -> None:
+            self.record(self.cron_tasks[0], 1.0)
+    return Cron
+
+
+async def run_agents(agents: list[MicroAgent], seconds: float) -> None:
+    for agent in agents:
+        await agent.start()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for agent in agents:
+            await agent.stop()
+
+
+def test_singleton_arguments_are_checked() -> None:
+    for bad in ('', ' key', 1, None):
+        with pytest.raises(TypeError, match='singleton must be'):
+            periodic(1, singleton=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"singleton is for @on\('server'\)"):
+        on('pre_start', singleton=True)
+    cron('* * * * * */10', singleton='reports')  # croniter's 6th field: seconds
+    with pytest.raises(ValueError, match='6 with the seconds last'):
+        cron('* * * * * * *')
+
+
+def test_singleton_handlers_are_refused_without_a_bus(unique: str) -> None:
+    class Timer(MicroAgent):
+        @periodic(1, singleton=True)
+        def tick(self) -> None: ...
+
+    class Reports(MicroAgent):
+        @cron('@daily', singleton='reports')
+        def report(self) -> None: ...
+
+    class Leader(MicroAgent):
+        @on('server', singleton=True)
+        async def lead(self) -> None: ...
+
+    for agent_class, method in ((Timer, 'tick'), (Reports, 'report'), (Leader, 'lead')):
+        with pytest.raises(SignalException, match=rf'singleton handlers \({method}\) but no bus'):
+            agent_class()
+        agent_class(bus=MemorySignalBus(f'memory://{unique}'))  # with a bus: accepted
+    with pytest.raises(ValueError, match='LEASE_TTL of <MemorySignalBus'):
+        Leader(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0))
+
+    class Plain(MicroAgent):
+        @periodic(1)
+        def tick(self) -> None: ...
+
+        @on('server')
+        async def serve(self) -> None: ...
+    Plain()  # no singleton, no bus needed
+
+
+def test_singleton_periodic_ticks_are_the_multiples_of_the_period(unique: str) -> None:
+    agent = singleton_agent_class(period=0.3)(bus=MemorySignalBus(f'memory://{unique}'))
+    task = agent.periodic_tasks[0]
+    assert isinstance(task, PeriodicTask)
+    assert task.singleton == f'{__name__}.singleton_agent_class.<locals>.Periodic.tick'
+    for moment, expected in ((0.0, 0.3), (0.3, 0.6), (0.9, 1.2), (1.0, 1.2),
+                             (1_700_000_000.1, 1_700_000_000.4)):
+        tick = task.tick_after(moment)
+        assert tick > moment and abs(tick - expected) < 1e-6, (moment, tick)
+        assert abs(tick / 0.3 - round(tick / 0.3)) < 1e-6
+    cron_task = singleton_agent_class(spec='* * * * * */15')(
+        bus=MemorySignalBus(f'memory://{unique}')).cron_tasks[0]
+    assert cron_task.tick_after(1_700_000_000.0) == 1_700_000_010.0  # :20 -> :30
+    assert cron_task.tick_after(1_700_000_010.0) == 1_700_000_025.0
+
+
+async def test_singleton_periodic_runs_each_tick_once_across_agents(unique: str) -> None:
+    agent_class = singleton_agent_class(period=0.2)
+    agents = [agent_class(bus=MemorySignalBus(f'memory://{unique}')) for _ in range(3)]
+    await run_agents(agents, 2.1)
+    ticks = [tick for tick, _ in agent_class.runs]  # type: ignore[attr-defined]
+    assert len(ticks) == len(set(ticks)), f'a tick ran twice: {sorted(ticks)}'
+    assert len(ticks) >= 8
+    assert max(ticks) - min(ticks) + 1 - len(ticks) <= 1  # at most one tick missed
+
+
+async def test_singleton_cron_runs_each_tick_once_across_agents(unique: str) -> None:
+    agent_class = singleton_agent_class(spec='* * * * * *')  # every second
+    agents = [agent_class(bus=MemorySignalBus(f'memory://{unique}')) for _ in range(3)]
+    await run_agents(agents, 3.2)
+    ticks = [tick for tick, _ in agent_class.runs]  # type: ignore[attr-defined]
+    assert len(ticks) == len(set(ticks)) >= 3, sorted(ticks)
+
+
+async def test_singleton_ticks_do_not_run_twice_with_skewed_clocks(unique: str) -> None:
+    agent_class = singleton_agent_class(period=0.4)
+    agents = [agent_class(bus=MemorySignalBus(f'memory://{unique}')) for _ in range(3)]
+    # clocks 0.18 s apart at most (< 0.2, half the period): the early one claims first
+    for agent, offset in zip(agents, (0.09, 0.0, -0.09), strict=True):
+        agent.periodic_tasks[0].clock = (  # type: ignore[method-assign]
+            lambda offset=offset: time.time() + offset)
+    await run_agents(agents, 2.5)
+    runs = agent_class.runs  # type: ignore[attr-defined]
+    ticks = [tick for tick, _ in runs]
+    assert len(ticks) == len(set(ticks)) >= 5, sorted(ticks)
+    assert sum(who == id(agents[0]) for _, who in runs) >= 0.75 * len(runs)
+
+
+async def test_singleton_tick_noticed_late_is_skipped_not_run_twice(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent_class = singleton_agent_class(period=0.2)
+    agent = agent_class(bus=MemorySignalBus(f'memory://{unique}'))
+    offset = [0.0]
+    agent.periodic_tasks[0].clock = lambda: time.time() + offset[0]  # type: ignore[method-assign]
+    await agent.start()
+    try:
+        await wait_for(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
+        offset[0] = 0.15  # the next tick is noticed 0.15 s late: more than half of 0.2
+        await asyncio.sleep(0.5)
+    finally:
+        await agent.stop()
+    assert re.search(r'skipped the tick of \S+: it came 0\.1[45]\ds late', caplog.text)
+    ticks = [tick for tick, _ in agent_class.runs]  # type: ignore[attr-defined]
+    assert len(ticks) == len(set(ticks)) >= 2
+
+
+async def test_singleton_tick_is_skipped_with_one_warning_while_the_bus_fails(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger='microagent')
+    agent_class = singleton_agent_class(period=0.1)
+    agent = agent_class(bus=CutBus(f'memory://{unique}'))
+    assert isinstance(agent.bus, CutBus)
+    agent.bus.cut = True
+    await agent.start()
+    try:
+        await asyncio.sleep(0.55)
+        assert agent_class.runs == []  # type: ignore[attr-defined]
+        assert caplog.text.count('claiming it on the bus failed (the bus is cut)') == 1
+        agent.bus.cut = False
+        await wait_for(lambda: len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
+    finally:
+        await agent.stop()
+    assert re.search(r'claims ticks again, after [4-6] skipped', caplog.text)
+
+
+def leader_agent_class() -> type[MicroAgent]:
+    """An agent class with a singleton server that records when it runs."""
+
+    class Leader(MicroAgent):
+        events: list[tuple[str, int, float]] = []  # ('start' | 'end', id(agent), monotonic)
+        running: set[int] = set()
+
+        @on('server', singleton=True)
+        async def lead(self) -> None:
+            self.events.append(('start', id(self), time.monotonic()))
+            self.running.add(id(self))
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                self.running.discard(id(self))
+                self.events.append(('end', id(self), time.monotonic()))
+    return Leader
+
+
+def intervals(events: list[tuple[str, int, float]]) -> list[tuple[float, float, int]]:
+    """The (start, end, who) of each run of a server, by start; open ones end at +inf."""
+    starts: dict[int, float] = {}
+    found = []
+    for kind, who, at in events:
+        if kind == 'start':
+            assert who not in starts, 'started twice'
+            starts[who] = at
+        else:
+            found.append((starts.pop(who), at, who))
+    found += [(at, float('inf'), who) for who, at in starts.items()]
+    return sorted(found)
+
+
+def assert_no_overlap(events: list[tuple[str, int, float]]) -> None:
+    runs = intervals(events)
+    for (_, end, who), (start, _, other) in itertools.pairwise(runs):
+        assert end <= start, f'{who} ran until {end}, {other} started at {start}'
+
+
+async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
+        unique: str) -> None:
+    agent_class = leader_agent_class()
+    running: set[int] = agent_class.running  # type: ignore[attr-defined]
+    agents = [agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3))
+              for _ in range(3)]
+    for agent in agents:
+        await agent.start()
+    try:
+        await wait_for(lambda: len(running) == 1)
+        for _ in range(30):  # 0.6 s, several renewals
+            assert len(running) == 1
+            await asyncio.sleep(0.02)
+        [holder] = [a for a in agents if id(a) in running]
+        first = holder.lease_token('lead')
+        assert isinstance(first, int)
+        assert [a.lease_token('lead') for a in agents if a is not holder] == [None, None]
+        stopped = time.monotonic()
+        await holder.stop()
+        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
+        took_over = agent_class.events[-1]  # type: ignore[attr-defined]
+        assert took_over[0] == 'start' and took_over[2] - stopped <= 0.1 + 0.1
+        [successor] = [a for a in agents if id(a) in running]
+        assert (successor.lease_token('lead') or 0) > first
+    finally:
+        for agent in agents:
+            await agent.stop()
+    assert running == set()
+    assert_no_overlap(agent_class.events)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match='not a singleton server'):
+        agents[0].lease_token('start')
+
+
+async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
+        unique: str) -> None:
+    agent_class = leader_agent_class()
+    running: set[int] = agent_class.running  # type: ignore[attr-defined]
+    ttl = 0.3
+    agents = [agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=ttl))
+              for _ in range(3)]
+    for agent in agents:
+        await agent.start()
+    try:
+        await wait_for(lambda: len(running) == 1)
+        [holder] = [a for a in agents if id(a) in running]
+        assert holder.bus is not None
+
+        async def vanish(key: str, token: str) -> bool:  # a dead process releases nothing
+            return False
+        holder.bus.release_lease = vanish  # type: ignore[method-assign]
+        died = time.monotonic()
+        await holder.stop()
+        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
+        took_over = agent_class.events[-1][2] - died  # type: ignore[attr-defined]
+        assert ttl - ttl / 3 <= took_over <= ttl + ttl / 3 + 0.1
+    finally:
+        for agent in agents:
+            await agent.stop()
+    assert_no_overlap(agent_class.events)  # type: ignore[attr-defined]
+
+
+async def test_singleton_server_cut_from_its_bus_stops_before_its_lease_ends(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent_class = leader_agent_class()
+    running: set[int] = agent_class.running  # type: ignore[attr-defined]
+    ttl = 0.6
+    first = agent_class(bus=CutBus(f'memory://{unique}', LEASE_TTL=ttl))
+    await first.start()
+    others = [agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=ttl))
+              for _ in range(2)]
+    try:
+        await wait_for(lambda: id(first) in running)
+        for agent in others:
+            await agent.start()
+        await asyncio.sleep(0.25)
+        assert isinstance(first.bus, CutBus)
+        expiry = microagent._BusHub.hubs[unique].leases[first.leased_servers['lead'].key][1]
+        first.bus.cut = True
+        await wait_for(lambda: id(first) not in running, timeout=ttl)
+        assert time.monotonic() < expiry - ttl / 3 + 0.1  # cancelled well before it expired
+        assert first.lease_token('lead') is None
+        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
+        assert time.monotonic() >= expiry  # nobody took it before it expired
+        first.bus.cut = False  # back: it waits as a candidate, it does not run twice
+        await asyncio.sleep(0.5)
+        assert len(running) == 1 and id(first) not in running
+    finally:
+        for agent in (first, *others):
+            await agent.stop()
+    assert 'cancels its server: its lease could not be renewed in time' in caplog.text
+    assert_no_overlap(agent_class.events)  # type: ignore[attr-defined]
+
+
+async def test_singleton_server_that_lost_its_lease_is_cancelled(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent_class = leader_agent_class()
+    running: set[int] = agent_class.running  # type: ignore[attr-defined]
+    agent = agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3))
+    await agent.start()
+    try:
+        await wait_for(lambda: len(running) == 1)
+        key = agent.leased_servers['lead'].key
+        microagent._BusHub.hubs[unique].leases[key] = ('99:someone', time.monotonic() + 9)
+        await wait_for(lambda: not running, timeout=0.1 + 0.05)
+        assert 'its lease was lost to another agent' in caplog.text
+        del microagent._BusHub.hubs[unique].leases[key]
+        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.05)
+        assert agent.lease_token('lead') == 2  # a new lease: the next fencing token
+    finally:
+        await agent.stop()
+
+
+async def test_singleton_server_that_returns_releases_its_lease(unique: str) -> None:
+    runs: list[int] = []
+
+    class Once(MicroAgent):
+        @on('server', singleton='once-' + unique)
+        async def work(self) -> None:
+            runs.append(id(self))
+            await asyncio.sleep(0.05)
+
+    agents = [Once(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3)) for _ in range(2)]
+    await run_agents(agents, 0.4)
+    assert sorted(runs) == sorted(id(a) for a in agents)  # one after the other
+    assert microagent._BusHub.hubs[unique].leases == {}
+
+
+async def test_singleton_server_interrupt_still_stops_the_agent(unique: str) -> None:
+    class Leader(MicroAgent):
+        @on('server', singleton=True)
+        async def lead(self) -> None:
+            raise ServerInterrupt('done')
+
+    agent = Leader(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3))
+    await agent.start()
+    await asyncio.wait_for(agent.wait(), WAIT)
+    assert microagent._BusHub.hubs[unique].leases == {}
+
+
+def test_singletons_show_in_info_and_graph(unique: str) -> None:
+    class Singletons(MicroAgent):
+        @periodic(5, singleton=True)
+        def tick(self) -> None: ...
+
+        @cron('0 4 * * *', singleton='nightly-report')
+        def report(self) -> None: ...
+
+        @on('server', singleton=True)
+        async def lead(self) -> None: ...
+
+        @on('server')
+        async def serve(self) -> None: ...
+
+    info = Singletons(bus=MemorySignalBus(f'memory://{unique}')).info()
+    prefix = f'{__name__}.{Singletons.__qualname__}'
+    assert info['singletons'] == [
+        {'name': 'lead', 'kind': 'server', 'key': f'{prefix}.lead'},
+        {'name': 'report', 'kind': 'cron', 'key': 'nightly-report'},
+        {'name': 'tick', 'kind': 'periodic', 'key': f'{prefix}.tick'}]
+    assert 'singletons' not in graph_agents.RpcAgent().info()
+    topology = build_graph(Singletons, graph_agents.InheritingAgent)
+    data = json.loads(topology.to_json())
+    by_name = {agent['name']: agent for agent in data['agents']}
+    assert by_name['Singletons']['singletons'] == ['lead', 'report', 'tick']
+    assert 'singletons' not in by_name['InheritingAgent']
+    node = next(a for a in topology.agents if a.name == 'Singletons')
+    assert node.schedule == ('periodic tick (every 5 s, singleton)',
+                             'cron report (0 4 * * *, singleton nightly-report)',
+                             'server lead (singleton)', 'server serve')
+    assert 'server lead (singleton)' in topology.to_mermaid()
+
+
+async def test_bus_without_singleton_support_skips_ticks_with_a_warning(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent_class = singleton_agent_class(period=0.1)
+    agent = agent_class(bus=BusMock())
+    await run_agents([agent], 0.25)
+    assert agent_class.runs == []  # type: ignore[attr-defined]
+    assert 'BusMock cannot coordinate singleton handlers' in caplog.text

@@ -2307,3 +2307,285 @@ async def test_links_report_a_lost_connection_and_its_return(behind_proxy: Behin
         await broker.close()
         await direct.close()
     assert broker.links == {}  # close() forgets them: a closed broker has no connection
+
+
+# =====================================================================================
+# Singleton timers and servers (issue 12) on Redis, with real processes
+# =====================================================================================
+# Three replicas are three processes of tests_support/singleton_replica.py, started and
+# stopped (by their own handles) here: the launcher's `replicas:` is another issue's.
+# They record what they run straight into Redis, on a connection of their own.
+
+from conftest import stop_process  # noqa: E402
+from microagent import periodic  # noqa: E402
+
+SINGLETON_REPLICA = Path(__file__).parent / 'tests_support' / 'singleton_replica.py'
+REPLICA_START = 30.0  # seconds a replica process may take to start
+
+
+class Replicas:
+    """Replica processes of one test, recording under ``prefix``; each is stopped (by
+    its handle) when the test ends, whatever happened."""
+
+    def __init__(self, raw: aioredis.Redis, redis_dsn: str, prefix: str, logs: Path) -> None:
+        self.raw = raw
+        self.redis_dsn = redis_dsn
+        self.prefix = prefix
+        self.logs = logs
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    async def start(self, mode: str, count: int = 1, bus_dsn: str | None = None,
+                    **settings: float) -> list[int]:
+        """Start ``count`` replicas and wait until their agents started; their pids."""
+        before = await self.raw.llen(f'{self.prefix}:ready')
+        started = []
+        for _ in range(count):
+            log = (self.logs / f'replica-{len(self.processes)}.log').open('wb')
+            process = subprocess.Popen(
+                [sys.executable, str(SINGLETON_REPLICA), mode, bus_dsn or self.redis_dsn,
+                 self.redis_dsn, self.prefix, *(f'{k}={v}' for k, v in settings.items())],
+                stdout=subprocess.DEVNULL, stderr=log)
+            log.close()
+            self.processes[process.pid] = process
+            started.append(process.pid)
+
+        async def ready() -> bool:
+            for pid in started:
+                if self.processes[pid].poll() is not None:
+                    raise AssertionError(f'replica {pid} exited:\n{self.output()}')
+            return await self.raw.llen(f'{self.prefix}:ready') >= before + count
+        await eventually(ready, timeout=REPLICA_START)
+        return started
+
+    async def kill(self, pid: int) -> float:
+        """SIGKILL replica ``pid``; the Unix time it was killed at."""
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        await asyncio.to_thread(self.processes.pop(pid).wait, WAIT)
+        return killed
+
+    async def terminate(self, pid: int) -> None:
+        """SIGTERM replica ``pid`` (a graceful stop) and wait until it exited 0."""
+        process = self.processes.pop(pid)
+        process.terminate()
+        assert await asyncio.to_thread(process.wait, WAIT) == 0, self.output()
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            stop_process(process)
+        self.processes.clear()
+
+    def output(self) -> str:
+        return '\n'.join(path.read_text(errors='replace') for path in sorted(self.logs.iterdir()))
+
+    async def runs(self) -> list[tuple[int, int]]:
+        """The ``(tick, pid)`` of every timer run so far."""
+        items = await self.raw.lrange(f'{self.prefix}:runs', 0, -1)
+        return [(int(tick), int(pid)) for tick, pid in (item.split() for item in items)]
+
+    async def events(self) -> list[tuple[str, int, float]]:
+        """The ``(start|end, pid, unix time)`` of the server runs so far."""
+        items = await self.raw.lrange(f'{self.prefix}:events', 0, -1)
+        return [(kind.decode(), int(pid), float(at))
+                for kind, pid, at in (item.split() for item in items)]
+
+    async def beating(self) -> list[int]:
+        """The pids whose server wrote its heartbeat within the last 200 ms."""
+        keys = [key async for key in self.raw.scan_iter(match=f'{self.prefix}:beat:*')]
+        return sorted(int(key.rsplit(b':', 1)[1]) for key in keys)
+
+    async def holder_after(self, moment: float, timeout: float = WAIT) -> tuple[int, float]:
+        """The pid and start time of the first server run that started after ``moment``."""
+        async def started() -> tuple[int, float] | None:
+            return next(((pid, at) for kind, pid, at in await self.events()
+                         if kind == 'start' and at > moment), None)
+        return await eventually(started, timeout=timeout)
+
+
+@pytest.fixture
+async def replicas(raw: aioredis.Redis, redis_dsn: str, unique: str,
+                   tmp_path: Path) -> AsyncIterator[Replicas]:
+    group = Replicas(raw, redis_dsn, unique, tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def assert_each_tick_once(runs: list[tuple[int, int]]) -> None:
+    ticks = [tick for tick, _ in runs]
+    twice = sorted(tick for tick, count in collections.Counter(ticks).items() if count > 1)
+    assert not twice, f'ticks run twice: {twice} in {runs}'
+
+
+def assert_servers_never_overlap(events: list[tuple[str, int, float]],
+                                 deaths: dict[int, float]) -> None:
+    """Each run of the server ends (or its process was killed) before the next starts."""
+    starts: dict[int, float] = {}
+    runs: list[tuple[float, float, int]] = []
+    for kind, pid, at in events:
+        if kind == 'start':
+            starts[pid] = at
+        else:
+            runs.append((starts.pop(pid), at, pid))
+    runs += [(at, deaths.get(pid, float('inf')), pid) for pid, at in starts.items()]
+    runs.sort()
+    for (_, end, pid), (start, _, other) in itertools.pairwise(runs):
+        assert end <= start, f'{pid} ran until {end}, {other} started at {start}'
+
+
+PERIOD = 0.5
+
+
+async def test_redis_singleton_periodic_runs_each_tick_once_on_three_processes(
+        replicas: Replicas) -> None:
+    await replicas.start('periodic', 3, PERIOD=PERIOD)
+    first = len(await replicas.runs())
+    await asyncio.sleep(6)
+    runs = await replicas.runs()
+    assert_each_tick_once(runs)
+    assert len(runs) - first >= 9, runs  # 12 ticks in 6 s: at least 9
+    _, runner = runs[-1]
+    killed = await replicas.kill(runner)
+
+    async def ticked_after_the_kill() -> tuple[int, int] | None:
+        return next(((tick, pid) for tick, pid in await replicas.runs()
+                     if tick * PERIOD > killed), None)
+    tick, pid = await eventually(ticked_after_the_kill, timeout=2 * PERIOD + 1)
+    assert pid != runner
+    assert tick * PERIOD <= killed + 2 * PERIOD, (tick * PERIOD, killed)  # within two periods
+    await asyncio.sleep(2)
+    runs = await replicas.runs()
+    assert_each_tick_once(runs)
+    assert len({pid for _, pid in runs}) >= 2
+    ticks = sorted(tick for tick, _ in runs)
+    missed = set(range(ticks[0], ticks[-1] + 1)) - set(ticks)
+    assert len(missed) <= 1, f'ticks missed: {sorted(missed)}'  # at most the killed run's
+
+
+async def test_redis_singleton_cron_runs_each_second_once_on_three_processes(
+        replicas: Replicas) -> None:
+    await replicas.start('cron', 3)
+    first = len(await replicas.runs())
+    await asyncio.sleep(4.2)
+    runs = await replicas.runs()
+    assert_each_tick_once(runs)
+    assert len(runs) - first >= 3, runs
+
+
+async def test_redis_singleton_tick_is_not_run_twice_by_a_skewed_clock(
+        replicas: Replicas) -> None:
+    # clocks 0.24 s apart at most: less than half the period (0.25 s)
+    [early] = await replicas.start('periodic', PERIOD=PERIOD, OFFSET=0.12)
+    await replicas.start('periodic', PERIOD=PERIOD, OFFSET=0)
+    await replicas.start('periodic', PERIOD=PERIOD, OFFSET=-0.12)
+    first = len(await replicas.runs())
+    await asyncio.sleep(5)
+    runs = (await replicas.runs())[first:]
+    assert_each_tick_once(await replicas.runs())
+    assert len(runs) >= 8, runs
+    # the replica whose clock is ahead claims first: the offset did apply
+    assert sum(pid == early for _, pid in runs) >= 0.75 * len(runs), runs
+
+
+LEASE_TTL = 1.5
+RENEW = LEASE_TTL / 3
+LATENCY = 0.3  # seconds allowed for a process to notice, and for the records to land
+
+
+async def test_redis_singleton_server_runs_once_and_moves_on_a_kill_or_a_stop(
+        replicas: Replicas) -> None:
+    await replicas.start('server', 3, LEASE_TTL=LEASE_TTL)
+    holder, _ = await replicas.holder_after(0)
+    for _ in range(20):  # 2 s: several renewals, exactly one server at any moment
+        assert await replicas.beating() == [holder]
+        await asyncio.sleep(0.1)
+    killed = await replicas.kill(holder)
+    successor, started = await replicas.holder_after(killed, LEASE_TTL + RENEW + LATENCY)
+    assert successor != holder
+    assert started - killed <= LEASE_TTL + RENEW + LATENCY
+    await asyncio.sleep(1)
+    assert await replicas.beating() == [successor]
+    await replicas.terminate(successor)  # graceful: the lease is released at once
+    ended = next(at for kind, pid, at in await replicas.events()
+                 if kind == 'end' and pid == successor)
+    last, started = await replicas.holder_after(ended, RENEW + LATENCY)
+    assert last not in (holder, successor)
+    assert started - ended <= RENEW + LATENCY
+    await asyncio.sleep(0.5)
+    assert await replicas.beating() == [last]
+    assert_servers_never_overlap(await replicas.events(), {holder: killed})
+
+
+async def test_redis_singleton_server_cut_from_redis_stops_before_its_lease_ends(
+        replicas: Replicas, redis_dsn: str) -> None:
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        [cut] = await replicas.start('server', bus_dsn=proxied(redis_dsn, proxy),
+                                     LEASE_TTL=LEASE_TTL)
+        assert (await replicas.holder_after(0))[0] == cut
+        await replicas.start('server', 2, LEASE_TTL=LEASE_TTL)
+        await asyncio.sleep(1)
+        assert await replicas.beating() == [cut]
+        async with proxy.blackholed():
+            cut_at = time.time()  # its lease was renewed before: it expires by cut_at + TTL
+
+            async def ended() -> float | None:
+                return next((at for kind, pid, at in await replicas.events()
+                             if kind == 'end' and pid == cut), None)
+            end = await eventually(ended, timeout=LEASE_TTL + LATENCY)
+            assert end < cut_at + LEASE_TTL - RENEW / 2, 'not stopped before its lease ended'
+            successor, started = await replicas.holder_after(
+                cut_at, LEASE_TTL + RENEW + LATENCY)
+            assert successor != cut and started >= end
+            assert started - cut_at <= LEASE_TTL + RENEW + LATENCY
+            await asyncio.sleep(1)
+            assert await replicas.beating() == [successor]
+        await asyncio.sleep(2 * RENEW)  # the cut replica is back: a candidate, not a holder
+        assert await replicas.beating() == [successor]
+        assert_servers_never_overlap(await replicas.events(), {})
+        assert [pid for kind, pid, _ in await replicas.events() if kind == 'start'].count(cut) == 1
+
+
+async def test_redis_singleton_tick_skipped_while_redis_is_unreachable(
+        redis_dsn: str, raw: aioredis.Redis, unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    period = 0.2
+    runs: list[tuple[int, str]] = []
+
+    class Ticker(MicroAgent):
+        @periodic(period, singleton=True)
+        def tick(self) -> None:
+            runs.append((round(self.periodic_tasks[0].clock() / period), self.name))
+
+        def __init__(self, name: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.name = name
+
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        cut = Ticker('cut', bus=RedisSignalBus(proxied(redis_dsn, proxy), prefix=unique,
+                                               COMMAND_TIMEOUT=0.3, CONNECT_TIMEOUT=0.3))
+        other = Ticker('other', bus=RedisSignalBus(redis_dsn, prefix=unique))
+        agents = (cut, other)
+        for agent in agents:
+            await agent.start()
+        try:
+            await asyncio.sleep(1)
+            async with proxy.blackholed():
+                blackholed = len(runs)
+                await asyncio.sleep(1.5)
+                during = runs[blackholed + 1:]
+            await asyncio.sleep(1.5)  # the claims held by the proxy arrive late: refused
+        finally:
+            for agent in agents:
+                await agent.stop()
+                assert agent.bus is not None
+                await agent.bus.close()
+    assert_each_tick_once([(tick, 0) for tick, _ in runs])
+    assert during and {name for _, name in during} == {'other'}
+    assert 'skipped the tick' in caplog.text and 'claiming it on the bus failed' in caplog.text
+    ticks = sorted(tick for tick, _ in runs)
+    assert len(set(range(ticks[0], ticks[-1] + 1)) - set(ticks)) <= 2
+    keys = [key async for key in raw.scan_iter(match=f'{unique}:singleton:*')]
+    assert keys and all(key.startswith(f'{unique}:singleton:{{'.encode()) and b'}:tick:' in key
+                        for key in keys)
+    assert 0 < await raw.pttl(keys[0]) <= (2 * period + 30) * 1000  # claims expire
