@@ -2378,7 +2378,7 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
                 'ROLLBACK_ATTEMPT': 5},
      "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
      "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
-     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS"),
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
      "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
     ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
@@ -2805,3 +2805,27 @@ async def test_fleet_monitor_never_calls_a_lost_connection_a_stall(names: Any) -
     finally:
         await monitor.close(task)
         await agent.stop()
+
+
+def test_fleet_view_never_shows_a_password() -> None:
+    import types
+
+    managed = microagent.ManagedProcess('mailer[1]', ['mailer'], 1, 2, 'on-failure')
+    managed.process = types.SimpleNamespace(pid=4242, exitcode=None)
+    managed.state = 'running'
+    managed.reported = time.monotonic()
+    link = microagent.LinkReport('AMQPBroker amqp://shop:***@rabbit/', 'consume mails',
+                                 False, 'cannot reach amqp://shop:s3cret@rabbit/: refused')
+    timer = microagent.TimerReport('periodic', 'Mailer.flush', time.time(),
+                                   'ConnectionError: redis://:s3cret@cache:6379/0 is down')
+    managed.report = microagent.ProcessReport('running', [microagent.AgentReport(
+        'mailer', [link], [], [timer], [], {}, {})])
+    view = microagent.FleetView([managed], lambda: False)
+    (reason,) = view.reasons()
+    assert reason == ("mailer[1]: AMQPBroker amqp://shop:***@rabbit/: connection 'consume "
+                      "mails' is down (cannot reach amqp://shop:***@rabbit/: refused)")
+    status = json.dumps(view.status())
+    assert 's3cret' not in status and 'redis://:***@cache:6379/0' in status
+    (agent,) = view.status()['agents']
+    assert agent['name'] == 'mailer' and agent['replica'] == 1 and agent['pid'] == 4242
+    assert agent['connected'] is False
