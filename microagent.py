@@ -1663,7 +1663,7 @@ class AbstractQueueBroker(abc.ABC):
     ROLLBACK_ATTEMPTS: ClassVar[int] = 3
     RETRY_BACKOFF: ClassVar[float] = 0.5
     PREFETCH: ClassVar[int] = 64
-    STALL_TIMEOUT: ClassVar[float] = 60.0  # marun: a consumer taking nothing that long
+    STALL_TIMEOUT: ClassVar[float] = 60.0  # marun: a consumer taking nothing that long (0: off)
     RAW_MESSAGE_ARG: ClassVar[str | None] = None
     Options: ClassVar[type[ConsumerOptions]]  # set below: the consumer options it takes
 
@@ -4518,16 +4518,21 @@ class ProcessMonitor:
                 await self._check(broker, pool)
 
     async def _check(self, broker: AbstractQueueBroker, pool: ConsumerPool) -> None:
+        timeout = float(broker.STALL_TIMEOUT)
+        if timeout <= 0:  # the check is off
+            return
         watch = self._watches.setdefault(pool, _StallWatch())
         now = time.monotonic()
-        timeout = float(broker.STALL_TIMEOUT)
-        took = watch.since is not None and (pool.last_fetch or 0.0) >= watch.since
+        interval = min(max(timeout / 10, REPORT_INTERVAL), 5.0)
+        last_fetch = pool.last_fetch or 0.0
+        took = last_fetch >= watch.since if watch.since is not None else \
+            now - last_fetch < interval
         if pool.closing or not _links_up(broker) or not pool.has_room or took:
             self._clear(pool, watch)
             return
         if now < watch.next_check:
             return
-        watch.next_check = now + min(max(timeout / 10, REPORT_INTERVAL), 5.0)
+        watch.next_check = now + interval
         try:
             watch.waiting = await asyncio.wait_for(broker.waiting(pool.name),
                                                    max(timeout / 2, 1.0))
@@ -5226,7 +5231,8 @@ class AgentsManager:
             for managed in self.fleet:
                 if managed.alive:
                     managed.state = 'stopping'
-                    os.kill(managed.process.pid, signals.SIGTERM)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(managed.process.pid, signals.SIGTERM)
         deadline = time.monotonic() + self.grace + 5
         while any(m.alive for m in self.fleet) and time.monotonic() < deadline:
             waitables = [w for managed in self.fleet for w in managed.waitables()]
