@@ -7,7 +7,7 @@ import os
 BROKER = {
     'redis': {'backend': os.environ.get('FLEET_BROKER', 'microagent_backends.RedisBroker'),
               'dsn': os.environ['FLEET_REDIS_DSN'], 'VISIBILITY_TIMEOUT': 2,
-              'COMMAND_TIMEOUT': 1, 'WAIT_TIME': 0.5,
+              'COMMAND_TIMEOUT': 1, 'WAIT_TIME': 0.5, 'FETCH_LIMIT': 100,
               'STALL_TIMEOUT': float(os.environ.get('FLEET_STALL_TIMEOUT', '60'))},
 }
 AGENT = {
