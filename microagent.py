@@ -2034,7 +2034,8 @@ class ConsumerPool:
             finally:
                 if timing is not None:  # timing.observe(), inlined on this hot path
                     elapsed = _clock() - started
-                    timing.counts[_bucket_of(HANDLER_BUCKETS, elapsed)] += 1
+                    timing.counts[0 if elapsed <= _FIRST_BOUND else
+                                  _bucket_of(HANDLER_BUCKETS, elapsed)] += 1
                     timing.total += elapsed
             if attempts >= limit:
                 self.log.error('Consumer %s gave up on a message of %s after %d attempts',
@@ -4275,6 +4276,7 @@ STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
 _timing = False
 _clock = time.perf_counter  # what handler durations are measured with
 _bucket_of = bisect.bisect_left
+_FIRST_BOUND = HANDLER_BUCKETS[0]  # most calls take less: no search for their bucket
 
 
 class HandlerTimes:
@@ -4290,7 +4292,7 @@ class HandlerTimes:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[_bucket_of(HANDLER_BUCKETS, seconds)] += 1
+        self.counts[0 if seconds <= _FIRST_BOUND else _bucket_of(HANDLER_BUCKETS, seconds)] += 1
         self.total += seconds
 
     def add(self, counts: Iterable[int], total: float) -> None:
