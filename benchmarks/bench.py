@@ -42,8 +42,8 @@ names every time, every wait bounded: a timeout makes a failed cell, never a han
 
 ``--metrics off,on`` (issue 11) adds to Q-consume a framework cell with metrics on, as
 ``marun --http`` runs an agent process: handler timing on and a ``ProcessMonitor``
-reporting the agent twice a second on a pipe (drained by a thread, as the supervisor
-would read it); the table gives its rate against the framework's with metrics off in the
+reporting the agent twice a second on a pipe to another process (as to the supervisor);
+the table gives its rate against the framework's with metrics off in the
 same run (target: at least 0.9 of it). ``--metrics on`` alone runs only that cell.
 
 The same work is done by the raw client library alone in the same run (see
@@ -892,26 +892,22 @@ async def stop_all(agents: Sequence[MicroAgent], transports: Sequence[Any]) -> N
 @contextlib.asynccontextmanager
 async def reported(agent: MicroAgent, enabled: bool) -> AsyncIterator[None]:
     """With ``enabled``, the agent reports as in an agent process of ``marun --http``:
-    a ProcessMonitor writes its report on a pipe every ``REPORT_INTERVAL`` seconds (read
-    by a thread here, by the supervisor's process under marun)."""
+    a ProcessMonitor writes its report on a pipe every ``REPORT_INTERVAL`` seconds, read
+    by another process (the supervisor, under marun; here one that reads and drops)."""
     if not enabled:
         yield
         return
-    import multiprocessing
-    import threading
+    import multiprocessing.connection
 
-    reader, writer = multiprocessing.Pipe(duplex=False)
-
-    def read() -> None:
-        with contextlib.suppress(OSError):
-            while os.read(reader.fileno(), 1 << 16):
-                pass
-
-    thread = threading.Thread(target=read, name='bench-supervisor', daemon=True)
-    thread.start()
+    read_end, write_end = os.pipe()
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, '-c', 'import sys; sys.stdin.buffer.read()', stdin=read_end,
+        stdout=subprocess.DEVNULL)
+    os.close(read_end)
     loop = asyncio.get_running_loop()
-    monitor = microagent.ProcessMonitor('bench', loop.create_future(),
-                                        await microagent.ReportPipe.open(writer))
+    pipe = await microagent.ReportPipe.open(
+        multiprocessing.connection.Connection(write_end, readable=False))
+    monitor = microagent.ProcessMonitor('bench', loop.create_future(), pipe)
     monitor.agents.append(('bench', agent))
     monitor.running()
     task = loop.create_task(monitor.run())
@@ -919,8 +915,11 @@ async def reported(agent: MicroAgent, enabled: bool) -> AsyncIterator[None]:
         yield
     finally:
         await monitor.close(task)
-        thread.join(5)
-        reader.close()
+        try:
+            await asyncio.wait_for(supervisor.wait(), 10)  # it ends when the pipe closes
+        except asyncio.TimeoutError:
+            supervisor.kill()
+            await supervisor.wait()
 
 
 async def fw_consume(backend: Backend, cfg: Config, metrics: bool = False) -> Metrics:
