@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import ast
 import asyncio
+import bisect
 import collections
 import contextlib
 import enum
@@ -902,6 +903,7 @@ class Receiver(msgspec.Struct, eq=False):
     handler: Callable[..., Any]
     signal: Signal
     timeout: float
+    timing: Any = None  # the durations of its calls, when marun reports them (HandlerTimes)
 
     @property
     def key(self) -> str:
@@ -1446,6 +1448,10 @@ class AbstractSignalBus(_Connections, abc.ABC):
         self._responses_bound: asyncio.Future[None] | None = None
         self.links: dict[str, Link] = {}
         _refuse_taken_names('signal', Signal.get_all(), type(self), SignalException)
+        # What marun reports: signals published and received, by name; RPC call times.
+        self.signals_sent: dict[str, int] = {}
+        self.signals_received: dict[str, int] = {}
+        self.call_timings: dict[str, HandlerTimes] = {}
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)} {self.prefix}#{self.uid[:8]}>'
@@ -1511,6 +1517,7 @@ class AbstractSignalBus(_Connections, abc.ABC):
         """Bind receivers and return once their subscriptions are live."""
         new = []
         for receiver in receivers:
+            receiver.timing = receiver.timing or handler_timing()
             name = receiver.signal.name
             if name not in self.receivers:
                 new.append(receiver.signal.make_channel_name(self.prefix))
@@ -1564,6 +1571,7 @@ class AbstractSignalBus(_Connections, abc.ABC):
                 return
             self.log.warning('Signal %s from %s does not match its declaration: %s',
                              name, sender, problem)
+        self.signals_received[name] = self.signals_received.get(name, 0) + 1
         loop = asyncio.get_running_loop()
         if request_id:
             self._track(loop.create_task(
@@ -1611,17 +1619,22 @@ class AbstractSignalBus(_Connections, abc.ABC):
                         payload: JSONObject) -> Any:
         """Call a receiver: a sync one runs to its end here (its answer is returned),
         an async one gives the awaitable that :meth:`_finish_receiver` runs."""
+        started = _clock() if receiver.timing is not None else 0.0
         try:
-            return receiver.handler(signal=signal, sender=sender, **payload)
+            result = receiver.handler(signal=signal, sender=sender, **payload)
         except Exception:
             self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
-        return None
+            result = None
+        if receiver.timing is not None and not inspect.isawaitable(result):
+            receiver.timing.observe(_clock() - started)
+        return result
 
     async def _finish_receiver(self, receiver: Receiver, signal: Signal,
                                awaitable: Awaitable[Any]) -> Any:
         task = asyncio.current_task()
         assert task is not None
         self._watchdog.watch(task, receiver.timeout)
+        started = _clock() if receiver.timing is not None else 0.0
         try:
             return await awaitable
         except asyncio.CancelledError:
@@ -1633,6 +1646,8 @@ class AbstractSignalBus(_Connections, abc.ABC):
             self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
         finally:
             self._watchdog.forget(task)
+            if receiver.timing is not None:
+                receiver.timing.observe(_clock() - started)
         return None
 
     async def drain(self, grace: float | None = None) -> None:
@@ -1723,7 +1738,10 @@ class BoundSignal:
             self.bus.log.warning('Sending signal %s that does not match its declaration: %s',
                                  self.signal.name, problem)
         channel = self.signal.make_channel_name(self.bus.prefix, _check_sender(sender))
-        return channel, encode_json(payload)
+        body = encode_json(payload)
+        sent, name = self.bus.signals_sent, self.signal.name
+        sent[name] = sent.get(name, 0) + 1
+        return channel, body
 
     async def send(self, sender: str, **kwargs: Any) -> None:
         """Publish the signal with ``kwargs`` as its payload."""
@@ -1732,10 +1750,14 @@ class BoundSignal:
     async def call(self, sender: str, timeout: float = 60, **kwargs: Any) -> JSONObject:
         """RPC: publish the signal and return the first answer, ``{"Class.method": value}``,
         or ``{}`` when none comes within ``timeout`` seconds."""
-        async with self.waiter(sender, timeout, **kwargs) as answers:
-            async for answer in answers:
-                return answer
-        return {}
+        started = time.perf_counter()
+        try:
+            async with self.waiter(sender, timeout, **kwargs) as answers:
+                async for answer in answers:
+                    return answer
+            return {}
+        finally:
+            _observe_call(self.bus, self.signal.name, time.perf_counter() - started)
 
     def waiter(self, sender: str, timeout: float = 60, **kwargs: Any
                ) -> contextlib.AbstractAsyncContextManager[ResponseStream]:
@@ -1820,6 +1842,7 @@ class AbstractQueueBroker(_Connections, abc.ABC):
     ROLLBACK_ATTEMPTS: ClassVar[int] = 3
     RETRY_BACKOFF: ClassVar[float] = 0.5
     PREFETCH: ClassVar[int] = 64
+    STALL_TIMEOUT: ClassVar[float] = 60.0  # marun: a consumer taking nothing that long (0: off)
     RAW_MESSAGE_ARG: ClassVar[str | None] = None
     Options: ClassVar[type[ConsumerOptions]]  # set below: the consumer options it takes
 
@@ -1853,6 +1876,12 @@ class AbstractQueueBroker(_Connections, abc.ABC):
     @abc.abstractmethod
     async def queue_length(self, name: str) -> int:
         """How many messages wait in queue ``name``."""
+
+    async def waiting(self, name: str) -> int:
+        """How many messages of queue ``name`` this broker's consumer could take now,
+        for the stalled-consumer check of ``marun``: :meth:`queue_length`, unless the
+        backend's length also counts what other consumers alone can take (Kafka)."""
+        return await self.queue_length(name)
 
     # -- consuming ------------------------------------------------------------------
 
@@ -2041,9 +2070,23 @@ class ConsumerPool:
         self._dto_class = consumer.dto_class  # hoisted from the per-message path:
         self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
         self._raw_arg = broker.RAW_MESSAGE_ARG
+        # What marun reports (status, metrics, stall check): plain counters, no locks.
+        self.handled = self.retried = self.dead_lettered = self.released = 0
+        self.last_fetch: float | None = None  # time.monotonic() of the last batch taken
+        self.timing = handler_timing()  # durations of the handler's calls, when reported
 
     def __repr__(self) -> str:
         return f'<ConsumerPool {self.name} x{self.concurrency} for {self.consumer.key}>'
+
+    @property
+    def in_flight(self) -> int:
+        """Handlers running now."""
+        return len(self._running)
+
+    @property
+    def has_room(self) -> bool:
+        """True when a worker is idle and no message taken waits for one."""
+        return not self._pending and len(self._running) < self.concurrency
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -2069,6 +2112,7 @@ class ConsumerPool:
         """
         pending, idle = self._pending, self._idle
         pending.extend(batch)
+        self.last_fetch = time.monotonic()
         for _ in range(min(len(idle), len(pending))):
             idle.popleft().wake()
         while len(pending) >= self.capacity and not self.closing:
@@ -2139,11 +2183,13 @@ class ConsumerPool:
         except Exception as exc:
             self.log.error('Message in %s is malformed, dead-lettered: %s', self.name, exc)
             return await self._dead_letter(delivery, exc, 0)
-        attempts, limit = 0, self.retries + 1
+        attempts, limit, timing = 0, self.retries + 1, self.timing
         while True:
             attempts += 1
+            started = _clock() if timing is not None else 0.0
             try:
                 await self._run_handler(kwargs, worker)
+                self.handled += 1
                 return self._handled
             except asyncio.TimeoutError as exc:
                 error: Exception = exc
@@ -2153,10 +2199,17 @@ class ConsumerPool:
                 error = exc
                 self.log.warning('Consumer %s failed (attempt %d of %d): %r',
                                  consumer.key, attempts, limit, exc)
+            finally:
+                if timing is not None:  # timing.observe(), inlined on this hot path
+                    elapsed = _clock() - started
+                    timing.counts[0 if elapsed <= _FIRST_BOUND else
+                                  _bucket_of(HANDLER_BUCKETS, elapsed)] += 1
+                    timing.total += elapsed
             if attempts >= limit:
                 self.log.error('Consumer %s gave up on a message of %s after %d attempts',
                                consumer.key, self.name, attempts, exc_info=error)
                 return await self._dead_letter(delivery, error, attempts)
+            self.retried += 1
             delay = self.backoff * 2 ** (attempts - 1)
             if delay > 0 and not self.closing:  # a stop cuts the backoff short
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -2180,6 +2233,7 @@ class ConsumerPool:
             _log_failure(self.log, exc, 'Dead-lettering a message of %s failed; it goes back '
                          'to the queue', self.name)
             return Outcome.RELEASE
+        self.dead_lettered += 1
         return Outcome.ACK
 
     # -- acknowledging and closing --------------------------------------------------
@@ -2226,6 +2280,7 @@ class ConsumerPool:
                 await asyncio.gather(self._acker, return_exceptions=True)
         self._watchdog.close()
         released.extend(self._to_release)
+        self.released += len(released)
         if released:
             try:
                 await self.broker.release(self.name, released)
@@ -2281,6 +2336,9 @@ class _Timer:
         self._holder = os.urandom(8).hex()  # this timer's name in its claims
         self._tick_at = 0.0  # singleton: the Unix time of the next tick
         self._skipped = 0  # singleton: ticks skipped in a row because the bus failed
+        self.last_run: float | None = None  # Unix time of the last run's start (marun's status)
+        self.last_error: str | None = None  # how the last run failed; None if it did not
+        self.timing = handler_timing()
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {type(self.agent).__name__}.{self.handler.__name__}>'
@@ -2318,12 +2376,19 @@ class _Timer:
         return now + self.next_delay()
 
     async def _execute(self) -> None:
+        self.last_run, started = time.time(), time.perf_counter()
         try:
             await _call(self.handler, self.timeout)
+            self.last_error = None
         except asyncio.TimeoutError:
             self.agent.log.error('%r timed out after %ss', self, self.timeout)
-        except Exception:
+            self.last_error = f'timed out after {self.timeout}s'
+        except Exception as exc:
             self.agent.log.exception('%r failed', self)
+            self.last_error = f'{type(exc).__name__}: {exc}'
+        finally:
+            if self.timing is not None:
+                self.timing.observe(time.perf_counter() - started)
 
     async def drain(self, grace: float | None = None) -> None:
         """Wait for a running call (within its timeout, or ``grace``)."""
@@ -4406,6 +4471,10 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
         AGENT = {'user': {'backend': 'app.agents.UserAgent', 'bus': 'main',
                           'broker': 'main', 'settings': {'key': 'value'}}}
 
+    An AGENT entry may also have ``replicas`` (processes of the agent, default 1) and
+    ``restart`` (``'no'``, ``'on-failure'`` or ``'always'``): ``marun`` reads them,
+    :func:`init_agent` does not pass them to the class (see :data:`RUN_KEYS`).
+
     A module that cannot be imported, an unknown backend or a missing key raises
     :class:`SettingsError` naming the module and the key.
     """
@@ -4441,6 +4510,7 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
                 does = 'receives signals' if key == 'bus' else 'consumes queues'
                 raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
                                     f'({backend} {does})')
+        _check_run_keys(f'{module_path}: AGENT[{name!r}]', entry)
         configs.append((name, (backend, entry)))
     yield from configs
 
@@ -4470,6 +4540,27 @@ def check_transports(module_path: str) -> None:
                                     f'({kind.__name__} subclass)')
 
 
+# Keys of an AGENT entry that ``marun`` reads and the agent class does not get.
+RUN_KEYS = ('replicas', 'restart')
+RESTART_POLICIES = ('no', 'on-failure', 'always')
+
+
+def _check_run_keys(where: str, entry: dict[str, Any]) -> None:
+    """``replicas`` and ``restart`` of an AGENT entry, or a :class:`SettingsError`."""
+    replicas = entry.get('replicas', 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise SettingsError(f"{where}['replicas']: must be an int >= 1, not {replicas!r}")
+    restart = entry.get('restart', 'no')
+    if restart not in RESTART_POLICIES:
+        raise SettingsError(f"{where}['restart']: must be 'no', 'on-failure' or 'always', "
+                            f'not {restart!r}')
+    memory = _memory_dsns(entry)
+    if replicas > 1 and memory:
+        raise SettingsError(
+            f"{where}['replicas']: {replicas} replicas of an agent on a memory:// backend "
+            f"({', '.join(memory)}) cannot work: memory reaches its own process only")
+
+
 def _needs(cls: type[MicroAgent]) -> list[str]:
     kinds = {type(d) for ds in cls.declarations.values() for d in ds}
     return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
@@ -4478,7 +4569,7 @@ def _needs(cls: type[MicroAgent]) -> list[str]:
 
 def init_agent(backend: str, cfg: dict[str, Any]) -> MicroAgent:
     """Build the bus, the broker and the agent of one configuration (not started)."""
-    cfg = dict(cfg)
+    cfg = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
     bus_cfg: BackendConfig | None = cfg.pop('bus', None)
     broker_cfg: BackendConfig | None = cfg.pop('broker', None)
     bus = import_backend(bus_cfg[0])(**bus_cfg[1]) if bus_cfg else None
@@ -4535,20 +4626,30 @@ def _configure_logging() -> None:
             library.setLevel(logging.WARNING)
 
 
-def run_group(modules: list[str], names: list[str], grace: float) -> None:
+def run_group(modules: list[str], names: list[str], grace: float, label: str | None = None,
+              report: Any = None) -> None:
     """A process of the group: run the named agents of the settings modules until
-    SIGTERM/SIGINT or until one of them stops; exit 1 if one failed."""
+    SIGTERM/SIGINT or until one of them stops; exit 1 if one failed, 3 if a consumer
+    stalled (see :class:`ProcessMonitor`). ``label`` names the process in the log
+    (``worker[2]``); ``report`` is the write end of a pipe to the supervisor (a
+    ``multiprocessing`` connection), given when ``marun --http`` serves its reports."""
     _configure_logging()
+    if report is not None:
+        enable_handler_timing()
     configs = dict(cfg for module in modules for cfg in load_configuration(module))
-    sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace)))
+    sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace, label,
+                                report)))
 
 
-async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
+async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
+                 label: str | None = None, report: Any = None) -> int:
     import signal as signals
 
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
-    label = ', '.join(name for name, _ in configs)
+    label = label or ', '.join(name for name, _ in configs)
+    monitor = ProcessMonitor(label, stop, await ReportPipe.open(report) if report else None)
+    monitoring = loop.create_task(monitor.run())
 
     def request_stop(signum: int) -> None:
         run_log.info('AgentProc[%s]: caught %s, stopping', label, signals.Signals(signum).name)
@@ -4564,8 +4665,11 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
         for name, (backend, cfg) in configs:
             agent = init_agent(backend, cfg)
             agents.append(agent)
+            monitor.agents.append((name, agent))
             await agent.start()
-            run_log.info('AgentProc[%s]: started on pid#%d', name, os.getpid())
+            run_log.info('AgentProc[%s]: started on pid#%d', label if len(configs) == 1 else name,
+                         os.getpid())
+        monitor.running()
         waits = [loop.create_task(agent.wait()) for agent in agents]
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
     except ConnectionError as exc:  # a server is unreachable: the message says which
@@ -4577,7 +4681,16 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
         run_log.exception('AgentProc[%s]: failed to start', label)
         failed = True
         waits = []
-    await asyncio.gather(*(agent.stop(grace) for agent in agents), return_exceptions=True)
+    monitor.stopping()
+    stopping = asyncio.gather(*(agent.stop(grace) for agent in agents), return_exceptions=True)
+    if monitor.stalled:  # a stalled fetch may never end: then the process goes anyway
+        done, _ = await asyncio.wait([stopping], timeout=grace + 5)
+        if not done:
+            run_log.error('AgentProc[%s]: the stalled agent did not stop within %gs; exit '
+                          '%d now', label, grace + 5, STALLED_EXIT)
+            logging.shutdown()
+            os._exit(STALLED_EXIT)
+    await stopping
     for task in waits:
         try:
             await task
@@ -4589,6 +4702,11 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float) -> int:
         except Exception:
             run_log.exception('AgentProc[%s]: closing %r failed', label, transport)
     watcher.cancel()
+    await monitor.close(monitoring)
+    if monitor.stalled:
+        run_log.error('AgentProc[%s]: stopped: a consumer stalled (exit %d)', label,
+                      STALLED_EXIT)
+        return STALLED_EXIT
     run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
     return 1 if failed else 0
 
@@ -4600,22 +4718,875 @@ async def _watch_parent(parent: int, stop: asyncio.Future[None]) -> None:
     _resolve(stop)
 
 
-class AgentsManager:
-    """The ``marun`` supervisor: starts the agents of the settings modules, each in its
-    own process (agents sharing a memory backend in one), and keeps the group together.
+# =====================================================================================
+# Launcher, fleet supervision: replicas, restarts, health, status and metrics
+# =====================================================================================
+#
+# Under ``marun`` every agent process runs a ProcessMonitor: it checks the consumers for
+# a stall (exit STALLED_EXIT) and, when the supervisor serves ``--http``, writes a report
+# of the process to a pipe every REPORT_INTERVAL (a length-prefixed msgpack ProcessReport:
+# the state, each connection, each consumer's counters and last fetch, timers, signal
+# counts and handler durations). The counters are plain integers that ConsumerPool,
+# the timers and the buses keep anyway; the monitor reads them off the hot path. The
+# supervisor (AgentsManager) keeps the last report of each process and what its ended
+# processes had counted (so a counter never goes down across a restart), restarts
+# processes by their policy, and serves /livez, /readyz, /status and /metrics from a
+# thread (``http.server``; ``prometheus_client`` writes the Prometheus text).
 
-    When one process ends the others are stopped; SIGTERM/SIGINT stop every agent
-    gracefully (in-flight work finishes within ``grace`` seconds, then a process is
-    killed). :meth:`start` returns the exit status: 0, or 1 if an agent failed.
+HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the buckets of ``microagent_handler_seconds``."""
+REPORT_INTERVAL = 0.5  # seconds between two reports of an agent process
+STALE_REPORT = 5.0  # a running process silent that long is not ready
+STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
+_timing = False
+_clock = time.perf_counter  # what handler durations are measured with
+_bucket_of = bisect.bisect_left
+_FIRST_BOUND = HANDLER_BUCKETS[0]  # most calls take less: no search for their bucket
+
+
+class HandlerTimes:
+    """How long the calls of one handler took: ``counts[i]`` calls took at most
+    ``HANDLER_BUCKETS[i]`` seconds (and more than the bound before; the last, longer than
+    every bound), ``total`` their sum. The histogram ``microagent_handler_seconds`` before
+    it is made cumulative: plain numbers, cheap enough for the hot path."""
+
+    __slots__ = ('counts', 'total')
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(HANDLER_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[0 if seconds <= _FIRST_BOUND else _bucket_of(HANDLER_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def add(self, counts: Iterable[int], total: float) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += total
+
+
+def enable_handler_timing(enabled: bool = True) -> None:
+    """Time the handler calls (consumers, receivers, timers, RPC calls) of the pools,
+    buses and timers made from now on in this process. ``marun --http`` turns it on in
+    its agent processes; off (the default), a handler call reads no clock."""
+    global _timing
+    _timing = enabled
+
+
+def handler_timing() -> HandlerTimes | None:
+    """A :class:`HandlerTimes` for a new handler, or None when timing is off."""
+    return HandlerTimes() if _timing else None
+
+
+def _observe_call(bus: AbstractSignalBus, name: str, seconds: float) -> None:
+    if _timing:
+        timing = bus.call_timings.get(name)
+        if timing is None:
+            timing = bus.call_timings[name] = HandlerTimes()
+        timing.observe(seconds)
+
+
+# -- what an agent process reports ------------------------------------------------------
+
+class LinkReport(msgspec.Struct, frozen=True):
+    """One connection of a bus or broker: ``transport`` is its class and DSN (no
+    password), ``name`` the link's (``pubsub``, ``consume orders``)."""
+    transport: str
+    name: str
+    connected: bool
+    last_error: str | None
+
+
+class ConsumerReport(msgspec.Struct, frozen=True):
+    """One consumer's counters since its process started."""
+    queue: str
+    handler: str
+    handled: int
+    retried: int
+    dead_lettered: int
+    released: int
+    in_flight: int
+    last_fetch_age: float | None  # seconds since it last took a message; None before
+    waiting: int  # messages it could take, as last measured by the stall check
+    stalled_for: float | None  # seconds it has been stalled (None: it is not)
+
+
+class TimerReport(msgspec.Struct, frozen=True):
+    kind: str  # periodic, cron
+    name: str
+    last_run: float | None  # Unix time
+    last_error: str | None
+
+
+class TimingReport(msgspec.Struct, frozen=True):
+    kind: str  # receiver, consumer, periodic, cron, rpc_call
+    name: str
+    counts: list[int]
+    total: float
+
+
+class AgentReport(msgspec.Struct, frozen=True):
+    name: str  # the AGENT entry
+    links: list[LinkReport]
+    consumers: list[ConsumerReport]
+    timers: list[TimerReport]
+    timings: list[TimingReport]
+    signals_sent: dict[str, int]
+    signals_received: dict[str, int]
+
+
+class ProcessReport(msgspec.Struct, frozen=True):
+    state: str  # starting, running, stopping
+    agents: list[AgentReport]
+
+
+_report_encoder = msgspec.msgpack.Encoder()
+_report_decoder = msgspec.msgpack.Decoder(ProcessReport)
+
+
+class ReportPipe:
+    """An agent process's end of its report pipe to the supervisor, written through
+    asyncio so that reporting never blocks the agents' event loop: a report that finds
+    a megabyte still unwritten (a supervisor that does not read) is dropped."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, transport: asyncio.WriteTransport, closed: asyncio.Future[None]
+                 ) -> None:
+        self._transport = transport
+        self._closed = closed
+
+    @classmethod
+    async def open(cls, connection: Any) -> ReportPipe:
+        """From the write end of a ``multiprocessing`` pipe (which it closes)."""
+        pipe = os.fdopen(os.dup(connection.fileno()), 'wb', buffering=0)
+        connection.close()
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                _resolve(closed)
+
+        transport, _ = await loop.connect_write_pipe(Protocol, pipe)
+        return cls(transport, closed)
+
+    def send(self, report: ProcessReport) -> None:
+        transport = self._transport
+        if transport.is_closing() or transport.get_write_buffer_size() > self.LIMIT:
+            return
+        body = _report_encoder.encode(report)
+        transport.write(len(body).to_bytes(4, 'big') + body)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close, once what is buffered is written (within ``timeout``)."""
+        self._transport.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+        if not self._closed.done():
+            self._transport.abort()
+
+
+def _read_frames(buffer: bytearray) -> bytes | None:
+    """Take the complete frames out of ``buffer``; return the body of the last one."""
+    last = None
+    while len(buffer) >= 4:
+        size = int.from_bytes(buffer[:4], 'big')
+        if len(buffer) < 4 + size:
+            break
+        last = bytes(buffer[4:4 + size])
+        del buffer[:4 + size]
+    return last
+
+
+class _StallWatch:
+    """The stall check of one consumer: since when messages it could take have been
+    waiting while it was connected, had an idle worker and took none."""
+
+    __slots__ = ('logged', 'next_check', 'since', 'waiting')
+
+    def __init__(self) -> None:
+        self.next_check = 0.0
+        self.since: float | None = None
+        self.waiting = 0
+        self.logged = False
+
+
+class ProcessMonitor:
+    """Watches the agents of one process under ``marun``.
+
+    A consumer is **stalled** when its broker is connected, it has room (a worker idle
+    and nothing taken waiting for one), messages it could take wait in the queue
+    (:meth:`AbstractQueueBroker.waiting`), and it took none for ``STALL_TIMEOUT``
+    seconds (a broker setting): that is logged as an error and reported. Still stalled
+    after twice as long, the process stops and exits with :data:`STALLED_EXIT`, for its
+    restart policy (or the orchestrator) to replace it. A broker that is not connected
+    is never stalled: it reconnects by itself.
+
+    With a :class:`ReportPipe`, it also reports the process to the supervisor every
+    :data:`REPORT_INTERVAL` seconds, and at once when its state changes.
     """
 
+    def __init__(self, label: str, stop: asyncio.Future[None], pipe: ReportPipe | None
+                 ) -> None:
+        self.label = label
+        self.stop = stop
+        self.pipe = pipe
+        self.agents: list[tuple[str, MicroAgent]] = []
+        self.state = 'starting'
+        self.stalled = False
+        self._pools: dict[tuple[str, str], ConsumerPool] = {}  # kept after they close
+        self._watches: dict[ConsumerPool, _StallWatch] = {}
+
+    def running(self) -> None:
+        """Every agent of the process has started."""
+        self.state = 'running'
+        self.report()
+
+    def stopping(self) -> None:
+        self.state = 'stopping'
+        self.report()
+
+    async def run(self) -> None:
+        """Check for stalls and report, until cancelled."""
+        await asyncio.gather(self._check_forever(), self._report_forever())
+
+    async def close(self, task: asyncio.Task[None]) -> None:
+        """Stop ``task`` (:meth:`run`), send the last report and close the pipe."""
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.report()
+        if self.pipe is not None:
+            await self.pipe.close()
+
+    async def _report_forever(self) -> None:
+        while True:
+            self.report()
+            await asyncio.sleep(REPORT_INTERVAL)
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            if self.state != 'running':
+                continue
+            try:
+                await self._check_stalls()
+            except Exception:
+                run_log.exception('AgentProc[%s]: the stall check failed', self.label)
+
+    # -- stalls ---------------------------------------------------------------------
+
+    async def _check_stalls(self) -> None:
+        for _, agent in self.agents:
+            broker = agent.broker
+            if broker is None:
+                continue
+            for pool in list(broker.pools.values()):
+                await self._check(broker, pool)
+
+    async def _check(self, broker: AbstractQueueBroker, pool: ConsumerPool) -> None:
+        timeout = float(broker.STALL_TIMEOUT)
+        if timeout <= 0:  # the check is off
+            return
+        watch = self._watches.setdefault(pool, _StallWatch())
+        now = time.monotonic()
+        interval = min(max(timeout / 10, REPORT_INTERVAL), 5.0)
+        last_fetch = pool.last_fetch or 0.0
+        took = last_fetch >= watch.since if watch.since is not None else \
+            now - last_fetch < interval
+        if pool.closing or not _links_up(broker) or not pool.has_room or took:
+            self._clear(pool, watch)
+            return
+        if now < watch.next_check:
+            return
+        watch.next_check = now + interval
+        try:
+            watch.waiting = await asyncio.wait_for(broker.waiting(pool.name),
+                                                   max(timeout / 2, 1.0))
+        except Exception:  # unreachable, or too slow to say: not a stall of its own
+            watch.waiting = 0
+        if not watch.waiting or not _links_up(broker):
+            self._clear(pool, watch)
+            return
+        if watch.since is None:
+            watch.since = now
+        stalled_for = now - watch.since
+        if stalled_for >= timeout and not watch.logged:
+            watch.logged = True
+            run_log.error('AgentProc[%s]: consumer %s of %s is stalled: connected, with '
+                          'room, %d messages waiting and none taken for %.0fs',
+                          self.label, pool.consumer.key, pool.name, watch.waiting,
+                          stalled_for)
+        if stalled_for >= 2 * timeout and not self.stalled:
+            run_log.error('AgentProc[%s]: consumer %s of %s still stalled after %.0fs: '
+                          'stopping the process (exit %d)', self.label, pool.consumer.key,
+                          pool.name, stalled_for, STALLED_EXIT)
+            self.stalled = True
+            _resolve(self.stop)
+
+    def _clear(self, pool: ConsumerPool, watch: _StallWatch) -> None:
+        if watch.logged:
+            run_log.info('AgentProc[%s]: consumer %s of %s takes messages again',
+                         self.label, pool.consumer.key, pool.name)
+        watch.since, watch.waiting, watch.logged = None, 0, False
+
+    def _stalled_for(self, pool: ConsumerPool, now: float) -> float | None:
+        watch = self._watches.get(pool)
+        if watch is None or watch.since is None:
+            return None
+        stalled_for = now - watch.since
+        return stalled_for if stalled_for >= pool.broker.STALL_TIMEOUT else None
+
+    # -- reports --------------------------------------------------------------------
+
+    def report(self) -> None:
+        """Send the process's report now (when there is a pipe)."""
+        if self.pipe is None:
+            return
+        try:
+            now = time.monotonic()
+            agents = [self._agent_report(name, agent, now) for name, agent in self.agents]
+            self.pipe.send(ProcessReport(self.state, agents))
+        except Exception:
+            run_log.exception('AgentProc[%s]: reporting to the supervisor failed', self.label)
+
+    def _agent_report(self, name: str, agent: MicroAgent, now: float) -> AgentReport:
+        links = [LinkReport(f'{type(t).__name__} {redact_dsn(t.dsn)}', link.name,
+                            link.connected, link.last_error)
+                 for t in (agent.bus, agent.broker) if t is not None
+                 for link in list(t.links.values())]
+        if agent.broker is not None:
+            for pool in list(agent.broker.pools.values()):
+                if pool.consumer.agent is agent:
+                    self._pools[(name, pool.name)] = pool
+        pools = [pool for (owner, _), pool in self._pools.items() if owner == name]
+        timings: dict[tuple[str, str], HandlerTimes] = {}
+
+        def add(kind: str, key: str, timing: HandlerTimes | None) -> None:
+            if timing is not None:
+                timings.setdefault((kind, key), HandlerTimes()).add(timing.counts,
+                                                                    timing.total)
+
+        for pool in pools:
+            add('consumer', pool.consumer.key, pool.timing)
+        for receiver in agent.receivers:
+            add('receiver', receiver.key, receiver.timing)
+        timers = [(kind, timer) for kind, group in (('periodic', agent.periodic_tasks),
+                                                    ('cron', agent.cron_tasks))
+                  for timer in group]
+        for kind, timer in timers:
+            add(kind, _handler_key(agent, timer.handler), timer.timing)
+        bus = agent.bus
+        for signal, timing in (bus.call_timings.items() if bus is not None else ()):
+            add('rpc_call', signal, timing)
+        return AgentReport(
+            name=name, links=links,
+            consumers=[self._consumer_report(pool, now) for pool in pools],
+            timers=[TimerReport(kind, _handler_key(agent, timer.handler), timer.last_run,
+                                timer.last_error) for kind, timer in timers],
+            timings=[TimingReport(kind, key, list(t.counts), t.total)
+                     for (kind, key), t in timings.items()],
+            signals_sent=dict(bus.signals_sent) if bus is not None else {},
+            signals_received=dict(bus.signals_received) if bus is not None else {})
+
+    def _consumer_report(self, pool: ConsumerPool, now: float) -> ConsumerReport:
+        watch = self._watches.get(pool)
+        return ConsumerReport(
+            queue=pool.name, handler=pool.consumer.key, handled=pool.handled,
+            retried=pool.retried, dead_lettered=pool.dead_lettered, released=pool.released,
+            in_flight=pool.in_flight,
+            last_fetch_age=None if pool.last_fetch is None else now - pool.last_fetch,
+            waiting=watch.waiting if watch is not None else 0,
+            stalled_for=self._stalled_for(pool, now))
+
+
+def _links_up(transport: AbstractSignalBus | AbstractQueueBroker) -> bool:
+    """True when no connection of ``transport`` is down (see :func:`_link_up`)."""
+    return all(link.connected or link.last_error is None
+               for link in list(transport.links.values()))
+
+
+def _handler_key(agent: MicroAgent, handler: Callable[..., Any]) -> str:
+    return f'{type(agent).__name__}.{handler.__name__}'
+
+
+# -- what the supervisor keeps ----------------------------------------------------------
+
+MESSAGE_OUTCOMES = ('acked', 'retried', 'dead_lettered', 'released')
+_PASSWORD = re.compile(r'(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@', re.IGNORECASE)
+
+
+def _link_up(link: LinkReport) -> bool:
+    """Whether a connection counts as up: a connection not tried yet (a Redis broker's
+    ``commands`` before its first heartbeat) is not down; one that failed is, until it
+    works again."""
+    return link.connected or link.last_error is None
+
+
+def _scrub(text: str) -> str:
+    """``text`` with any DSN password in it replaced by ``***``."""
+    return _PASSWORD.sub(r'\1***@', text)
+
+
+class _Counts:
+    """Counters of agent processes added up: those that the ended processes of one
+    replica had counted, or the group's totals for ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[str, str], list[int]] = {}  # (agent, queue): outcomes
+        self.timings: dict[tuple[str, str, str], HandlerTimes] = {}  # (agent, kind, name)
+        self.sent: dict[tuple[str, str], int] = {}  # (agent, signal)
+        self.received: dict[tuple[str, str], int] = {}
+
+    def add_report(self, report: ProcessReport) -> None:
+        for agent in report.agents:
+            for c in agent.consumers:
+                self._add_messages((agent.name, c.queue),
+                                   (c.handled, c.retried, c.dead_lettered, c.released))
+            for t in agent.timings:
+                self._timing((agent.name, t.kind, t.name)).add(t.counts, t.total)
+            for table, counts in ((self.sent, agent.signals_sent),
+                                  (self.received, agent.signals_received)):
+                for signal, count in counts.items():
+                    table[(agent.name, signal)] = table.get((agent.name, signal), 0) + count
+
+    def add(self, other: _Counts) -> None:
+        for key, values in other.messages.items():
+            self._add_messages(key, values)
+        for key3, timing in other.timings.items():
+            self._timing(key3).add(timing.counts, timing.total)
+        for table, counts in ((self.sent, other.sent), (self.received, other.received)):
+            for key, count in counts.items():
+                table[key] = table.get(key, 0) + count
+
+    def _add_messages(self, key: tuple[str, str], values: Iterable[int]) -> None:
+        totals = self.messages.setdefault(key, [0] * len(MESSAGE_OUTCOMES))
+        for index, value in enumerate(values):
+            totals[index] += value
+
+    def _timing(self, key: tuple[str, str, str]) -> HandlerTimes:
+        timing = self.timings.get(key)
+        if timing is None:
+            timing = self.timings[key] = HandlerTimes()
+        return timing
+
+
+def _exit_text(code: int | None) -> str:
+    """``exit 1``, ``exit 3, a consumer stalled``, ``killed by SIGKILL``."""
+    import signal as signals
+    if code is None:
+        return 'still running'
+    if code < 0:
+        try:
+            return f'killed by {signals.Signals(-code).name}'
+        except ValueError:
+            return f'killed by signal {-code}'
+    return f'exit {code}' + (', a consumer stalled' if code == STALLED_EXIT else '')
+
+
+class ManagedProcess:
+    """One agent process of the group as the supervisor keeps it across restarts: its
+    agents, replica number, restart policy and backoff, the last report of its current
+    process and what its ended processes had counted.
+
+    ``state``: ``starting`` (spawned; its agents are starting), ``running`` (every
+    agent's ``start()`` returned), ``stopping``, ``restarting`` (ended, to be started
+    again after ``delay``), ``stopped`` (ended cleanly, or stopped with the group),
+    ``failed`` (ended with a failure and not started again).
+    """
+
+    def __init__(self, label: str, names: list[str], replica: int, replicas: int,
+                 policy: str) -> None:
+        self.label = label
+        self.names = names
+        self.replica = replica
+        self.suffix = f'[{replica}]' if replicas > 1 else ''
+        self.policy = policy
+        self.process: Any = None  # the current (or last) multiprocessing.Process
+        self.state = 'starting'
+        self.restarts = 0
+        self.restart_times: deque[float] = deque()  # monotonic times of recent restarts
+        self.delay = 0.0  # before the next restart
+        self.started = 0.0
+        self.restart_at = 0.0
+        self.exitcode: int | None = None
+        self.report: ProcessReport | None = None  # the current process's last
+        self.reported = 0.0  # monotonic time it came
+        self.kept = _Counts()  # what the ended processes had counted
+        self._reader: Any = None
+        self._buffer = bytearray()
+
+    def __repr__(self) -> str:
+        return f'<ManagedProcess {self.label} {self.state}>'
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+    def attach(self, process: Any, reader: Any) -> None:
+        """A new process of this replica was started (``reader``: its report pipe)."""
+        self.process, self._reader = process, reader
+        self._buffer.clear()
+        self.report, self.exitcode, self.state = None, None, 'starting'
+        self.started = self.reported = time.monotonic()
+
+    def waitables(self) -> list[Any]:
+        """What :func:`multiprocessing.connection.wait` should watch for it."""
+        found = [self.process.sentinel] if self.alive else []
+        return found + ([self._reader] if self._reader is not None else [])
+
+    def read(self) -> None:
+        """Take what the process reported since the last call (never blocks)."""
+        if self._reader is None:
+            return
+        while True:
+            try:
+                chunk = os.read(self._reader.fileno(), 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b''
+            if not chunk:
+                self._reader.close()
+                self._reader = None
+                break
+            self._buffer += chunk
+        body = _read_frames(self._buffer)
+        if body is None:
+            return
+        try:
+            report = _report_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            run_log.warning('AgentsManager: unreadable report from %s: %s', self.label, exc)
+            return
+        self.report, self.reported = report, time.monotonic()
+        if self.state in ('starting', 'running') and report.state != 'starting':
+            self.state = report.state
+
+    def ended(self) -> int | None:
+        """The process ended: read its last report, keep what it counted."""
+        self.read()
+        if self.report is not None:
+            self.kept.add_report(self.report)
+        self.report = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.exitcode = self.process.exitcode
+        return self.exitcode
+
+    def totals(self) -> _Counts:
+        counts = _Counts()
+        counts.add(self.kept)
+        if self.report is not None:
+            counts.add_report(self.report)
+        return counts
+
+    def current(self, name: str) -> AgentReport | None:
+        """The last report of agent ``name`` by the current process, while it runs."""
+        if self.report is None or not self.alive:
+            return None
+        return next((agent for agent in self.report.agents if agent.name == name), None)
+
+
+class FleetView:
+    """What ``marun --http`` serves, read from the supervisor's processes under its lock:
+    ``/status``, the reasons of ``/readyz`` and the metric families of ``/metrics``."""
+
+    def __init__(self, fleet: list[ManagedProcess], stopping: Callable[[], bool]) -> None:
+        self.fleet = fleet
+        self.stopping = stopping
+
+    def status(self) -> JSONObject:
+        now = time.monotonic()
+        agents = [self._agent_status(managed, name, now)
+                  for managed in self.fleet for name in managed.names]
+        agents.sort(key=lambda agent: (agent['name'], agent['replica']))
+        return {'agents': agents}
+
+    def _agent_status(self, managed: ManagedProcess, name: str, now: float) -> JSONObject:
+        current = managed.current(name)
+        consumers: dict[str, JSONObject] = {}
+        for (agent, queue), values in managed.kept.messages.items():
+            if agent == name:
+                consumers[queue] = _consumer_status(queue, values, 0, None)
+        late = now - managed.reported
+        for c in current.consumers if current is not None else ():
+            kept = consumers.get(c.queue, {})
+            consumers[c.queue] = _consumer_status(
+                c.queue, [kept.get(key, 0) + value for key, value in zip(
+                    ('handled', 'retried', 'dead_lettered', 'released'),
+                    (c.handled, c.retried, c.dead_lettered, c.released), strict=True)],
+                c.in_flight, None if c.last_fetch_age is None else c.last_fetch_age + late)
+        return {
+            'name': name, 'replica': managed.replica,
+            'pid': managed.process.pid if managed.alive else None,
+            'state': managed.state, 'restarts': managed.restarts,
+            'connected': current is not None and all(_link_up(link) for link in current.links),
+            'consumers': [consumers[queue] for queue in sorted(consumers)],
+            'timers': [{'name': t.name, 'kind': t.kind, 'last_run': t.last_run,
+                        'last_error': _scrub(t.last_error) if t.last_error else None}
+                       for t in (current.timers if current is not None else ())],
+        }
+
+    def reasons(self) -> list[str]:
+        """Why the group is not ready (empty when it is)."""
+        now = time.monotonic()
+        reasons = ['the group is stopping'] if self.stopping() else []
+        for managed in self.fleet:
+            if managed.state != 'running':
+                reasons.append(f'{managed.label}: {managed.state}{_state_detail(managed, now)}')
+                continue
+            if now - managed.reported > STALE_REPORT:
+                reasons.append(f'{managed.label}: no report for {now - managed.reported:.0f}s '
+                               f'(is its event loop blocked?)')
+            for agent in managed.report.agents if managed.report is not None else ():
+                who = f'{agent.name}{managed.suffix}'
+                for link in agent.links:
+                    if not _link_up(link):
+                        why = f' ({link.last_error})' if link.last_error else ''
+                        reasons.append(_scrub(f'{who}: {link.transport}: connection '
+                                              f'{link.name!r} is down{why}'))
+                for c in agent.consumers:
+                    if c.stalled_for is not None:
+                        reasons.append(f'{who}: consumer {c.handler} of queue {c.queue!r} is '
+                                       f'stalled: {c.waiting} messages waiting, none taken '
+                                       f'for {c.stalled_for:.0f}s')
+        return reasons
+
+    def metric_families(self) -> list[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        totals = _Counts()
+        in_flight: dict[tuple[str, str], int] = {}
+        restarts: dict[str, int] = {}
+        up = GaugeMetricFamily('microagent_up', '1 while the process of this replica runs '
+                               '(its agents started), else 0', labels=['agent', 'replica'])
+        connected = GaugeMetricFamily(
+            'microagent_connected', '1 while every connection of this replica is up',
+            labels=['agent', 'replica'])
+        for managed in self.fleet:
+            totals.add(managed.totals())
+            for name in managed.names:
+                current = managed.current(name)
+                restarts[name] = restarts.get(name, 0) + managed.restarts
+                labels = [name, str(managed.replica)]
+                up.add_metric(labels, 1 if managed.state == 'running' else 0)
+                connected.add_metric(labels, 1 if current is not None and all(
+                    _link_up(link) for link in current.links) else 0)
+                for c in current.consumers if current is not None else ():
+                    key = (name, c.queue)
+                    in_flight[key] = in_flight.get(key, 0) + c.in_flight
+        messages = CounterMetricFamily(
+            'microagent_messages', 'Queue messages by outcome: acked (handled), retried (a '
+            'failed attempt, tried again), dead_lettered, released (given back at a stop)',
+            labels=['agent', 'queue', 'outcome'])
+        gauge = GaugeMetricFamily('microagent_in_flight', 'Consumer handlers running now',
+                                  labels=['agent', 'queue'])
+        for (name, queue), values in sorted(totals.messages.items()):
+            for outcome, value in zip(MESSAGE_OUTCOMES, values, strict=True):
+                messages.add_metric([name, queue, outcome], value)
+            gauge.add_metric([name, queue], in_flight.get((name, queue), 0))
+        handler = HistogramMetricFamily(
+            'microagent_handler_seconds', 'Duration of handler calls (kind: receiver, '
+            'consumer, periodic, cron, rpc_call)', labels=['agent', 'kind', 'name'])
+        for handler_labels, timing in sorted(totals.timings.items()):
+            buckets, seen = [], 0
+            for bound, count in zip((*HANDLER_BUCKETS, float('inf')), timing.counts,
+                                    strict=True):
+                seen += count
+                buckets.append(('+Inf' if bound == float('inf') else repr(bound), seen))
+            handler.add_metric(list(handler_labels), buckets, timing.total)
+        families = [messages, handler]
+        for metric, text, table in (
+                ('microagent_signals_sent', 'Signals published (sends and RPC requests)',
+                 totals.sent),
+                ('microagent_signals_received', 'Signals received (with receivers here)',
+                 totals.received)):
+            family = CounterMetricFamily(metric, text, labels=['agent', 'signal'])
+            for (name, signal), count in sorted(table.items()):
+                family.add_metric([name, signal], count)
+            families.append(family)
+        restarted = CounterMetricFamily('microagent_restarts', 'Processes of the agent '
+                                        'started again by the restart policy', labels=['agent'])
+        for name, count in sorted(restarts.items()):
+            restarted.add_metric([name], count)
+        return [*families, gauge, restarted, up, connected]
+
+
+def _consumer_status(queue: str, counts: list[int], in_flight: int,
+                     last_fetch_age: float | None) -> JSONObject:
+    handled, retried, dead_lettered, _ = counts
+    return {'queue': queue, 'handled': handled, 'retried': retried,
+            'dead_lettered': dead_lettered, 'in_flight': in_flight,
+            'last_fetch_age': None if last_fetch_age is None else round(last_fetch_age, 3)}
+
+
+def _state_detail(managed: ManagedProcess, now: float) -> str:
+    if managed.state == 'restarting':
+        return (f' ({_exit_text(managed.exitcode)}; starting again in '
+                f'{max(0.0, managed.restart_at - now):.0f}s)')
+    if managed.state in ('stopped', 'failed'):
+        return f' ({_exit_text(managed.exitcode)})'
+    return ''
+
+
+def _http_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9000`` for IPv6) of ``marun --http``."""
+    import argparse
+    host, _, port = text.rpartition(':')
+    host = host.strip('[]') if host.startswith('[') else host
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f'{text!r} is not HOST:PORT (e.g. 127.0.0.1:9000)')
+    return host, int(port)
+
+
+def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
+    """Serve ``view`` on ``host:port`` from a thread of its own; the server object (its
+    ``shutdown()`` stops it). Raises OSError when the address cannot be bound, and
+    ImportError without prometheus_client."""
+    import http.server
+    import socket
+    import socketserver
+    import threading
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    class FleetCollector(Collector):
+        def collect(self) -> Iterable[Any]:
+            with lock:
+                return view.metric_families()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector())
+    text, json_type = 'text/plain; charset=utf-8', 'application/json'
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f'marun/{__version__}'
+
+        def do_GET(self) -> None:
+            path = self.path.partition('?')[0]
+            if path == '/livez':
+                self._reply(200, b'ok\n', text)
+            elif path == '/readyz':
+                with lock:
+                    reasons = view.reasons()
+                body = {'ready': False, 'reasons': reasons} if reasons else {'ready': True}
+                self._reply(503 if reasons else 200, msgspec.json.encode(body), json_type)
+            elif path == '/status':
+                with lock:
+                    status = view.status()
+                self._reply(200, msgspec.json.encode(status), json_type)
+            elif path == '/metrics':
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            else:
+                self._reply(404, b'not found: /livez, /readyz, /status, /metrics\n', text)
+
+        def _reply(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header('Content-Type', content_type)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            run_log.debug('http: ' + format, *args)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
+
+        def server_bind(self) -> None:  # without HTTPServer's reverse DNS lookup
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name='marun-http', daemon=True).start()
+    return server
+
+
+class AgentsManager:
+    """The ``marun`` supervisor: starts the agents of the settings modules, each in its
+    own process (agents sharing a memory backend in one; ``replicas: N`` processes of an
+    agent), keeps the group together and restarts processes by their policy.
+
+    ``restart`` is the policy of the AGENT entries without a ``restart`` key: ``'no'``
+    (1.x: one process ending stops the group), ``'on-failure'`` (a process that failed
+    or was killed is started again; one that exits 0 stays stopped) or ``'always'``.
+    A restart waits :attr:`RESTART_DELAY` seconds, doubled after each restart up to
+    :attr:`RESTART_DELAY_MAX`, back to the first once a process ran
+    :attr:`RESTART_RESET` seconds; a process that would be restarted more than
+    :attr:`RESTART_LIMIT` times within :attr:`RESTART_WINDOW` seconds is given up: the
+    group stops and :meth:`start` returns 1.
+
+    SIGTERM/SIGINT stop every agent gracefully and restart nothing (in-flight work
+    finishes within ``grace`` seconds, then a process is killed). :meth:`start` returns
+    the exit status: 0, or 1 if an agent failed. After :meth:`listen`, the supervisor
+    serves ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` over HTTP.
+    """
+
+    RESTART_DELAY: ClassVar[float] = 1.0
+    RESTART_DELAY_MAX: ClassVar[float] = 30.0
+    RESTART_RESET: ClassVar[float] = 60.0
+    RESTART_LIMIT: ClassVar[int] = 5
+    RESTART_WINDOW: ClassVar[float] = 60.0
+
     def __init__(self, cfg: list[tuple[str, BackendConfig]], grace: float = DEFAULT_GRACE,
-                 modules: list[str] | None = None) -> None:
+                 modules: list[str] | None = None, restart: str = 'no') -> None:
+        import threading
+
+        if restart not in RESTART_POLICIES:
+            raise ValueError(f"restart must be 'no', 'on-failure' or 'always', not {restart!r}")
         self.cfg = cfg
         self.grace = grace
         self.modules = modules or []
-        self.processes: dict[str, Any] = {}
+        self.restart = restart
+        self.fleet = self._plan()
+        self.processes: dict[str, Any] = {}  # label -> its current multiprocessing.Process
+        self.view = FleetView(self.fleet, lambda: self._stop_requested)
+        self._lock = threading.RLock()
+        self._http: Any = None
         self._stop_requested = False
+        self._gave_up = False
+        self._context: Any = None
+
+    def _plan(self) -> list[ManagedProcess]:
+        """The processes of the group: one per agent (``replicas`` of it), agents on a
+        shared memory backend together (they must agree on their restart policy)."""
+        entries = dict(self.cfg)
+        fleet = []
+        for names in group_agents(self.cfg):
+            policies = {name: entries[name][1].get('restart', self.restart) for name in names}
+            if len(set(policies.values())) > 1:
+                given = ', '.join(f'{name}: {policy!r}' for name, policy in policies.items())
+                raise SettingsError(f'agents sharing a memory:// process need one restart '
+                                    f'policy, not {given}')
+            policy = policies[names[0]]
+            replicas = entries[names[0]][1].get('replicas', 1) if len(names) == 1 else 1
+            for replica in range(1, replicas + 1):
+                label = f'{names[0]}[{replica}]' if replicas > 1 else ', '.join(names)
+                fleet.append(ManagedProcess(label, names, replica, replicas, policy))
+        return fleet
+
+    def listen(self, host: str, port: int) -> None:
+        """Serve ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` on ``host:port``
+        from now on (agent processes started afterwards report to the supervisor).
+        Raises OSError when the address is in use, ImportError without prometheus_client.
+        """
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise ImportError('needs prometheus_client: pip install prometheus_client, or '
+                              "the checkout's extra: pip install '.[metrics]'") from None
+        self._http = _http_server(self.view, self._lock, host, port)
+        bound = self._http.server_address
+        run_log.info('AgentsManager: serving /livez /readyz /status /metrics on http://%s:%s',
+                     f'[{bound[0]}]' if ':' in bound[0] else bound[0], bound[1])
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         import signal as signals
@@ -4625,53 +5596,144 @@ class AgentsManager:
 
     def start(self) -> int:
         import multiprocessing
+        import signal as signals
+
+        self._context = multiprocessing.get_context('spawn')
+        for signum in (signals.SIGTERM, signals.SIGINT):
+            signals.signal(signum, self._request_stop)
+        for managed in self.fleet:
+            if len(managed.names) > 1:
+                run_log.info('AgentsManager: %s share a memory:// bus or broker and run in '
+                             'one process', managed.label)
+            managed.delay = self.RESTART_DELAY
+            self._spawn(managed)
+        self._supervise()
+        return self.close()
+
+    def _spawn(self, managed: ManagedProcess) -> None:
+        reader = writer = None
+        if self._http is not None:
+            reader, writer = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=run_group, name=managed.label, daemon=False,
+            args=(self.modules, managed.names, self.grace, managed.label, writer))
+        process.start()
+        if reader is not None and writer is not None:
+            writer.close()
+            os.set_blocking(reader.fileno(), False)
+        with self._lock:
+            managed.attach(process, reader)
+        self.processes[managed.label] = process
+        run_log.info('AgentsManager: %s %s on pid#%s',
+                     'restarted' if managed.restarts else 'started', managed.label, process.pid)
+
+    def _supervise(self) -> None:
+        """Watch the processes until the group stops: a stop was requested, a process
+        ended under policy ``no``, one was given up, or none is left."""
+        import multiprocessing.connection
+
+        while not self._stop_requested:
+            waitables = [w for managed in self.fleet for w in managed.waitables()]
+            multiprocessing.connection.wait(waitables, timeout=self._timeout())
+            with self._lock:
+                for managed in self.fleet:
+                    managed.read()
+                for managed in self.fleet:
+                    if managed.process is not None and managed.exitcode is None \
+                            and not managed.alive and self._ended(managed):
+                        return
+                if all(managed.state in ('stopped', 'failed') for managed in self.fleet):
+                    run_log.info('AgentsManager: no process left to run')
+                    return
+            for managed in self.fleet:
+                if managed.state == 'restarting' and time.monotonic() >= managed.restart_at \
+                        and not self._stop_requested:
+                    managed.restarts += 1
+                    managed.restart_times.append(time.monotonic())
+                    self._spawn(managed)
+
+    def _timeout(self) -> float:
+        due = [m.restart_at - time.monotonic() for m in self.fleet if m.state == 'restarting']
+        return max(0.0, min([0.2, *due]))
+
+    def _ended(self, managed: ManagedProcess) -> bool:
+        """A process ended by itself: apply its policy; True when the group must stop."""
+        code = managed.ended()
+        how = _exit_text(code)
+        if managed.policy == 'no':
+            managed.state = 'stopped' if code == 0 else 'failed'
+            run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
+                         managed.label, code)
+            return True
+        if code == 0 and managed.policy == 'on-failure':
+            managed.state = 'stopped'
+            run_log.info('AgentsManager: %s ended (exit 0); restart: on-failure leaves it '
+                         'stopped', managed.label)
+            return False
+        now = time.monotonic()
+        if now - managed.started >= self.RESTART_RESET:
+            managed.delay = self.RESTART_DELAY
+        while managed.restart_times and now - managed.restart_times[0] > self.RESTART_WINDOW:
+            managed.restart_times.popleft()
+        if len(managed.restart_times) >= self.RESTART_LIMIT:
+            managed.state = 'failed'
+            self._gave_up = True
+            run_log.error('AgentsManager: giving up on %s: it ended again (%s) after %d '
+                          'restarts within %gs (restart: %s); stopping the group',
+                          managed.label, how, len(managed.restart_times), self.RESTART_WINDOW,
+                          managed.policy)
+            return True
+        managed.state, managed.restart_at = 'restarting', now + managed.delay
+        run_log.warning('AgentsManager: %s ended (%s); restarting it in %gs (restart: %s)',
+                        managed.label, how, managed.delay, managed.policy)
+        managed.delay = min(managed.delay * 2, self.RESTART_DELAY_MAX)
+        return False
+
+    def close(self) -> int:
+        """Stop every process (SIGTERM, then SIGKILL after the grace period); the exit
+        status: 1 when a process failed or was given up, else 0."""
         import multiprocessing.connection
         import signal as signals
 
-        context = multiprocessing.get_context('spawn')
-        for signum in (signals.SIGTERM, signals.SIGINT):
-            signals.signal(signum, self._request_stop)
-        for names in group_agents(self.cfg):
-            label = ', '.join(names)
-            if len(names) > 1:
-                run_log.info('AgentsManager: %s share a memory:// bus or broker and run in '
-                             'one process', label)
-            process = context.Process(target=run_group, name=label,
-                                      args=(self.modules, names, self.grace), daemon=False)
-            process.start()
-            self.processes[label] = process
-            run_log.info('AgentsManager: started %s on pid#%s', label, process.pid)
-        ended_by_itself = None
-        while not self._stop_requested and ended_by_itself is None:
-            sentinels = [p.sentinel for p in self.processes.values()]
-            multiprocessing.connection.wait(sentinels, timeout=0.2)
-            ended_by_itself = next((label for label, p in self.processes.items()
-                                    if not p.is_alive()), None)
-        if ended_by_itself is not None:
-            run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
-                         ended_by_itself, self.processes[ended_by_itself].exitcode)
-        return self.close()
-
-    def close(self) -> int:
-        """Stop every process (SIGTERM, then SIGKILL after the grace period)."""
-        import signal as signals
-        for process in self.processes.values():
-            if process.is_alive():
-                os.kill(process.pid, signals.SIGTERM)
+        with self._lock:
+            for managed in self.fleet:
+                if managed.alive:
+                    managed.state = 'stopping'
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(managed.process.pid, signals.SIGTERM)
         deadline = time.monotonic() + self.grace + 5
-        for label, process in self.processes.items():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                run_log.error('AgentsManager: %s did not stop in time, killing it', label)
-                process.kill()
-                process.join()
+        while any(m.alive for m in self.fleet) and time.monotonic() < deadline:
+            waitables = [w for managed in self.fleet for w in managed.waitables()]
+            multiprocessing.connection.wait(
+                waitables, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            with self._lock:
+                for managed in self.fleet:
+                    managed.read()
+        for managed in self.fleet:
+            if managed.alive:
+                run_log.error('AgentsManager: %s did not stop in time, killing it',
+                              managed.label)
+                managed.process.kill()
+                managed.process.join()
         clean = (0, -signals.SIGTERM, -signals.SIGINT) if self._stop_requested else (0,)
-        failed = [label for label, p in self.processes.items() if p.exitcode not in clean]
-        for label in failed:
-            run_log.error('AgentsManager: %s failed (exit %s)', label,
-                          self.processes[label].exitcode)
+        failed = []
+        with self._lock:
+            for managed in self.fleet:
+                if managed.process is not None and managed.exitcode is None:
+                    managed.ended()
+                if managed.exitcode not in clean and managed.process is not None:
+                    failed.append(managed)
+                    managed.state = 'failed'
+                elif managed.state != 'failed':
+                    managed.state = 'stopped'
+        for managed in failed:
+            run_log.error('AgentsManager: %s failed (%s)', managed.label,
+                          _exit_text(managed.exitcode))
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         run_log.info('AgentsManager: stopped')
-        return 1 if failed else 0
+        return 1 if failed or self._gave_up else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -4685,6 +5747,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--grace', type=float, default=DEFAULT_GRACE,
                         help='seconds in-flight work may take to finish at stop '
                              f'(default {DEFAULT_GRACE:g})')
+    parser.add_argument('--restart', choices=RESTART_POLICIES, default='no',
+                        help="when an agent process ends by itself: 'no' stops the group "
+                             "(default), 'on-failure' starts it again after a failure, "
+                             "'always' after any end; an AGENT entry's 'restart' overrides it")
+    parser.add_argument('--http', metavar='HOST:PORT', type=_http_address,
+                        help='serve /livez, /readyz, /status and /metrics (Prometheus) on '
+                             'HOST:PORT; no authentication: bind 127.0.0.1 or a private '
+                             'interface')
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--graph', choices=GRAPH_FORMATS, metavar='FORMAT',
                       help='write the topology graph of the modules instead of running them '
@@ -4702,6 +5772,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('-o/--output goes with --graph')
     if args.against and not args.check:
         parser.error('--against goes with --check')
+    if (args.graph or args.check) and (args.http or args.restart != 'no'):
+        parser.error('--http and --restart go with running agents, not --graph or --check')
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.graph:
@@ -4720,7 +5792,21 @@ def main(argv: list[str] | None = None) -> int:
     if duplicates:
         print(f'marun: error: agent names used twice: {", ".join(duplicates)}', file=sys.stderr)
         return 2
-    return AgentsManager(configs, grace=args.grace, modules=args.modules).start()
+    try:
+        manager = AgentsManager(configs, grace=args.grace, modules=args.modules,
+                                restart=args.restart)
+    except SettingsError as exc:
+        print(f'marun: error: {exc}', file=sys.stderr)
+        return 2
+    if args.http:
+        host, port = args.http
+        try:
+            manager.listen(host, port)
+        except (ImportError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f'marun: error: --http {host}:{port}: {why}', file=sys.stderr)
+            return 2
+    return manager.start()
 
 
 def _importing_the_main_module_of_a_child() -> bool:

@@ -2208,6 +2208,23 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             return frozenset()
         return frozenset(tp.partition for tp in consumption.consumer.assignment())
 
+    async def waiting(self, name: str) -> int:
+        """The records of ``name`` that this broker's consumer could fetch now (for the
+        stalled-consumer check of marun): over the partitions it holds, the end offset
+        minus its position; 0 while it holds none. The group's lag would also count the
+        partitions of other consumers, and records finished but not committed yet."""
+        consumption = self._consumptions.get(name)
+        if consumption is None:
+            return await self.queue_length(name)
+        partitions = list(consumption.consumer.assignment())
+        if not partitions:
+            return 0
+        async with self._failing(f'reading the lag of {name}'):
+            _, ends = await asyncio.wait_for(self._offset_range(partitions), self.SEND_TIMEOUT)
+            positions = [await consumption.consumer.position(tp) for tp in partitions]
+        return sum(max(0, ends[tp] - position)
+                   for tp, position in zip(partitions, positions, strict=True))
+
 
     # --- lag -----------------------------------------------------------------------
 

@@ -2333,7 +2333,7 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
                 'ROLLBACK_ATTEMPT': 5},
      "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
      "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
-     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS"),
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
      "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
     ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
@@ -2885,3 +2885,318 @@ async def test_bus_without_singleton_support_skips_ticks_with_a_warning(
     await run_agents([agent], 0.25)
     assert agent_class.runs == []  # type: ignore[attr-defined]
     assert 'BusMock cannot coordinate singleton handlers' in caplog.text
+
+
+# Fleet supervision (issue 11): replicas, restart policy, /livez /readyz /status /metrics
+# (memory backends only; the tests on Redis are in test_microagent_backends.py)
+# =====================================================================================
+
+import contextlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tests_support.fleet_marun import Marun  # noqa: E402
+
+FLEET_MEMORY = 'tests_support.fleet_memory_settings'
+STATUS_KEYS = {'name', 'replica', 'pid', 'state', 'restarts', 'connected', 'consumers',
+               'timers'}
+CONSUMER_KEYS = {'queue', 'handled', 'retried', 'dead_lettered', 'in_flight', 'last_fetch_age'}
+
+
+def test_fleet_http_serves_livez_readyz_status_metrics_and_404() -> None:
+    with Marun([FLEET_MEMORY]) as fleet:
+        status = fleet.ready()
+        assert fleet.get('/livez') == (200, b'ok\n')
+        assert fleet.readyz() == (200, {'ready': True})
+        (ticker,) = status['agents']
+        assert set(ticker) == STATUS_KEYS
+        assert ticker['name'] == 'ticker' and ticker['replica'] == 1
+        assert ticker['state'] == 'running' and ticker['restarts'] == 0
+        assert ticker['connected'] is True and ticker['consumers'] == []
+        assert isinstance(ticker['pid'], int) and ticker['pid'] != fleet.process.pid
+        fleet.wait_for(lambda: fleet.total('microagent_handler_seconds_count', kind='periodic',
+                                           name='Ticker.tick') >= 3, 10, 'three ticks')
+        _, body = fleet.get('/metrics')
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert {'microagent_messages', 'microagent_handler_seconds',
+                'microagent_signals_sent', 'microagent_signals_received',
+                'microagent_in_flight', 'microagent_restarts', 'microagent_up'} <= set(families)
+        kinds = {s.labels['kind'] for s in families['microagent_handler_seconds'].samples}
+        assert kinds == {'periodic', 'receiver', 'rpc_call'}
+        assert fleet.total('microagent_signals_sent', agent='ticker', signal='fleet_tick') >= 2
+        assert fleet.total('microagent_signals_received', signal='fleet_tick') >= 2
+        assert fleet.total('microagent_up', agent='ticker', replica='1') == 1
+        (timer,) = fleet.status()['agents'][0]['timers']
+        assert timer['name'] == 'Ticker.tick' and timer['kind'] == 'periodic'
+        assert timer['last_run'] > time.time() - 5 and timer['last_error'] is None
+        for path in ('/', '/nope', '/status/x', '/metricsz'):
+            assert fleet.get(path)[0] == 404
+        assert fleet.stop() == 0
+    assert 'Traceback' not in fleet.output
+
+
+def test_fleet_http_on_a_port_in_use_is_a_one_line_error() -> None:
+    with socket_listening() as port, Marun([FLEET_MEMORY], http=False,
+                                           args=['--http', f'127.0.0.1:{port}']) as fleet:
+        assert fleet.wait(30) == 2
+        out = fleet.output
+    assert out == f'marun: error: --http 127.0.0.1:{port}: Address already in use\n'
+
+
+@contextlib.contextmanager
+def socket_listening() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize('spec', ['8080', 'localhost', 'localhost:http', ':8080',
+                                  '127.0.0.1:99999'])
+def test_fleet_http_address_must_be_host_and_port(spec: str) -> None:
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()',
+                           '--http', spec, FLEET_MEMORY], cwd=ROOT, capture_output=True,
+                          check=False, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"--http: {spec!r} is not HOST:PORT" in done.stderr
+
+
+def test_fleet_pre_start_failure_is_restarted_then_given_up() -> None:
+    with Marun([FLEET_MEMORY], env={'FLEET_BROKEN': '1', 'FLEET_RESTART': 'on-failure'},
+               http=False) as fleet:
+        started = time.monotonic()
+        assert fleet.wait(90) == 1
+        took = time.monotonic() - started
+        out = fleet.output
+    # delays 1, 2, 4, 8 and 16 s: the sixth failure comes after about 31 s
+    assert 30 < took < 60, (took, out)
+    assert out.count('AgentsManager: restarted broken on pid#') == 5, out
+    for delay in (1, 2, 4, 8, 16):
+        assert f'restarting it in {delay}s (restart: on-failure)' in out, out
+    (reason,) = [line for line in out.splitlines() if 'giving up' in line]
+    assert reason.endswith('AgentsManager: giving up on broken: it ended again (exit 1) '
+                           'after 5 restarts within 60s (restart: on-failure); stopping the '
+                           'group'), reason
+    assert 'AgentProc[ticker]: stopped' in out and 'AgentsManager: stopped' in out
+
+
+def test_fleet_restart_no_keeps_one_ending_process_stopping_the_group() -> None:
+    with Marun([FLEET_MEMORY], env={'FLEET_BROKEN': '1'}, http=False) as fleet:
+        assert fleet.wait(60) == 1
+        out = fleet.output
+    assert 'AgentsManager: broken ended (exit 1), stopping the group' in out
+    assert 'restarting it in' not in out and 'AgentProc[ticker]: stopped' in out
+
+
+def test_fleet_sigkilled_process_is_restarted_with_on_failure(tmp_path: Path) -> None:
+    with Marun([FLEET_MEMORY], args=['--restart', 'on-failure']) as fleet:
+        before = fleet.ready()['agents'][0]
+        fleet.wait_for(lambda: fleet.total('microagent_signals_sent') >= 4, 10, 'signals')
+        sent = fleet.total('microagent_signals_sent')
+        os.kill(before['pid'], signal.SIGKILL)
+        fleet.wait_for(lambda: fleet.readyz()[0] == 503, 5, 'not ready')
+        _, body = fleet.readyz()
+        assert body['reasons'][0].startswith('ticker: restarting (killed by SIGKILL')
+        after = fleet.ready(10)['agents'][0]
+        assert after['pid'] != before['pid'] and after['restarts'] == 1
+        assert fleet.total('microagent_restarts', agent='ticker') == 1
+        assert fleet.total('microagent_signals_sent') >= sent  # kept over the restart
+        assert fleet.stop() == 0
+
+
+@pytest.mark.parametrize(('policy', 'restarted'), [('on-failure', False), ('always', True)])
+def test_fleet_clean_exit_is_restarted_only_with_always(tmp_path: Path, unique: str,
+                                                        policy: str, restarted: bool) -> None:
+    module = write_settings(tmp_path, unique, {
+        'quitter': {'backend': f'pkg_{unique}.agents.Quitter', 'restart': policy},
+        'worker': {'backend': f'pkg_{unique}.agents.Worker', 'broker': 'own'},
+    })
+    with Marun([module], cwd=tmp_path) as fleet:
+        fleet.wait_for(lambda: 'quitter ended (exit 0)' in fleet.output, 20, 'the quitter')
+        if restarted:
+            fleet.wait_for(lambda: 'restarted quitter' in fleet.output, 10, 'a restart')
+        else:
+            time.sleep(1.5)
+            agents = {a['name']: a for a in fleet.status()['agents']}
+            assert agents['quitter']['state'] == 'stopped'
+            assert agents['quitter']['pid'] is None
+            assert agents['worker']['state'] == 'running'
+            assert fleet.readyz() == (503, {'ready': False,
+                                            'reasons': ['quitter: stopped (exit 0)']})
+        assert fleet.stop() == 0
+    assert ('restarted quitter' in fleet.output) is restarted
+
+
+@pytest.mark.parametrize(('entry', 'error'), [
+    ({'replicas': 2}, "AGENT['w']['replicas']: 2 replicas of an agent on a memory:// backend "
+                      "(broker:memory://UNIQUE) cannot work: memory reaches its own process only"),
+    ({'replicas': 0}, "AGENT['w']['replicas']: must be an int >= 1, not 0"),
+    ({'replicas': '3'}, "AGENT['w']['replicas']: must be an int >= 1, not '3'"),
+    ({'restart': 'sometimes'}, "AGENT['w']['restart']: must be 'no', 'on-failure' or "
+                               "'always', not 'sometimes'"),
+])
+def test_fleet_bad_replicas_and_restart_are_settings_errors(
+        tmp_path: Path, unique: str, entry: dict[str, Any], error: str) -> None:
+    module = write_settings(tmp_path, unique, {
+        'w': {'backend': f'pkg_{unique}.agents.Worker', 'broker': 'own', **entry}})
+    code, out = finish(marun([module], tmp_path))
+    assert code == 2, out
+    assert out.strip() == f'marun: error: {module}: {error.replace("UNIQUE", unique)}'
+
+
+def test_fleet_agents_sharing_a_memory_process_need_one_restart_policy(
+        tmp_path: Path, unique: str) -> None:
+    module = write_settings(tmp_path, unique, {
+        'a': {'backend': f'pkg_{unique}.agents.Worker', 'broker': 'shared',
+              'restart': 'always'},
+        'b': {'backend': f'pkg_{unique}.agents.Producer', 'broker': 'shared'},
+    })
+    code, out = finish(marun([module, '--restart', 'on-failure'], tmp_path))
+    assert code == 2, out
+    assert out.strip() == ("marun: error: agents sharing a memory:// process need one restart "
+                           "policy, not a: 'always', b: 'on-failure'")
+
+
+def test_fleet_run_keys_are_not_passed_to_the_agent(names: Any) -> None:
+    agent = microagent.init_agent('microagent.MicroAgent',
+                                  {'replicas': 3, 'restart': 'always', 'settings': {'x': 1}})
+    assert agent.settings == {'x': 1}
+
+
+# -- in one process: the counters, the handler times, the stall check -------------------
+
+async def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, 'timed out'
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def handler_timing() -> Iterator[None]:
+    microagent.enable_handler_timing()
+    try:
+        yield
+    finally:
+        microagent.enable_handler_timing(False)
+
+
+def test_fleet_handler_times_count_in_buckets() -> None:
+    times = microagent.HandlerTimes()
+    for seconds in (0.0001, 0.0005, 0.0006, 0.02, 100.0):
+        times.observe(seconds)
+    assert times.counts[:2] == [2, 1] and times.counts[5] == 1 and times.counts[-1] == 1
+    assert sum(times.counts) == 5 and times.total == pytest.approx(100.0212)
+    assert microagent.handler_timing() is None  # off by default
+
+
+async def test_fleet_pool_counts_outcomes_and_times_handlers(
+        names: Any, handler_timing: None) -> None:
+    broker = MemoryBroker(f'memory://{names.q}', RETRY_BACKOFF=0)
+    queue = Queue(names.q)
+
+    class Flaky(MicroAgent):
+        @consumer(queue, retries=1)
+        async def handle(self, n: int) -> None:
+            if n == 2:
+                raise ValueError('no')
+
+    agent = Flaky(broker=broker)
+    await agent.start()
+    pool = broker.pools[names.q]
+    assert pool.last_fetch is None and pool.timing is not None
+    await getattr(broker, names.q).send_many([{'n': 1}, {'n': 2}, {'n': 3}])
+    await eventually(lambda: pool.handled == 2 and pool.dead_lettered == 1)
+    assert pool.retried == 1 and pool.in_flight == 0 and pool.last_fetch is not None
+    assert sum(pool.timing.counts) == 4  # two successes, two failed attempts
+    await agent.stop()
+    assert pool.released == 0
+
+
+class NeverFetching(MemoryBroker):
+    """A memory broker whose consumer never takes anything (a stalled fetch)."""
+
+    async def _consume(self, name: str, pool: Any) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_fleet_monitor_finds_a_stalled_consumer_and_stops_the_process(
+        names: Any, caplog: pytest.LogCaptureFixture) -> None:
+    broker = NeverFetching(f'memory://{names.q}', STALL_TIMEOUT=0.5)
+    queue = Queue(names.q)
+
+    class Idle(MicroAgent):
+        @consumer(queue)
+        async def handle(self, **kwargs: Any) -> None:
+            pass
+
+    agent = Idle(broker=broker)
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    monitor = microagent.ProcessMonitor('idle', stop, None)
+    monitor.agents.append(('idle', agent))
+    task = asyncio.get_running_loop().create_task(monitor.run())
+    await agent.start()
+    monitor.running()
+    await getattr(broker, names.q).send({'n': 1})
+    try:
+        await asyncio.wait_for(asyncio.shield(stop), 5)
+        assert monitor.stalled
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any('is stalled: connected, with room, 1 messages waiting' in m
+                   for m in messages), messages
+    finally:
+        await monitor.close(task)
+        await agent.stop()
+
+
+async def test_fleet_monitor_never_calls_a_lost_connection_a_stall(names: Any) -> None:
+    broker = NeverFetching(f'memory://{names.q}', STALL_TIMEOUT=0.2)
+    broker.link('consume').lost('connection reset')
+    queue = Queue(names.q)
+
+    class Idle(MicroAgent):
+        @consumer(queue)
+        async def handle(self, **kwargs: Any) -> None:
+            pass
+
+    agent = Idle(broker=broker)
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    monitor = microagent.ProcessMonitor('idle', stop, None)
+    monitor.agents.append(('idle', agent))
+    task = asyncio.get_running_loop().create_task(monitor.run())
+    await agent.start()
+    monitor.running()
+    await getattr(broker, names.q).send({'n': 1})
+    try:
+        await asyncio.sleep(1.5)
+        assert not monitor.stalled and not stop.done()
+    finally:
+        await monitor.close(task)
+        await agent.stop()
+
+
+def test_fleet_view_never_shows_a_password() -> None:
+    import types
+
+    managed = microagent.ManagedProcess('mailer[1]', ['mailer'], 1, 2, 'on-failure')
+    managed.process = types.SimpleNamespace(pid=4242, exitcode=None)
+    managed.state = 'running'
+    managed.reported = time.monotonic()
+    link = microagent.LinkReport('AMQPBroker amqp://shop:***@rabbit/', 'consume mails',
+                                 False, 'cannot reach amqp://shop:s3cret@rabbit/: refused')
+    timer = microagent.TimerReport('periodic', 'Mailer.flush', time.time(),
+                                   'ConnectionError: redis://:s3cret@cache:6379/0 is down')
+    managed.report = microagent.ProcessReport('running', [microagent.AgentReport(
+        'mailer', [link], [], [timer], [], {}, {})])
+    view = microagent.FleetView([managed], lambda: False)
+    (reason,) = view.reasons()
+    assert reason == ("mailer[1]: AMQPBroker amqp://shop:***@rabbit/: connection 'consume "
+                      "mails' is down (cannot reach amqp://shop:***@rabbit/: refused)")
+    status = json.dumps(view.status())
+    assert 's3cret' not in status and 'redis://:***@cache:6379/0' in status
+    (agent,) = view.status()['agents']
+    assert agent['name'] == 'mailer' and agent['replica'] == 1 and agent['pid'] == 4242
+    assert agent['connected'] is False

@@ -2589,3 +2589,174 @@ async def test_redis_singleton_tick_skipped_while_redis_is_unreachable(
     assert keys and all(key.startswith(f'{unique}:singleton:{{'.encode()) and b'}:tick:' in key
                         for key in keys)
     assert 0 < await raw.pttl(keys[0]) <= (2 * period + 30) * 1000  # claims expire
+
+
+# =====================================================================================
+# Fleet supervision (issue 11) on Redis: replicas, restarts, lost connections, stalls
+# (marun --http in a process of its own; the memory-only tests are in test_microagent.py)
+# =====================================================================================
+
+from tests_support.fleet_marun import Marun  # noqa: E402
+
+FLEET_REDIS = 'tests_support.fleet_redis_settings'
+
+
+def fleet_env(redis_dsn: str, queue: str, **settings: str) -> dict[str, str]:
+    return {'FLEET_REDIS_DSN': redis_dsn, 'FLEET_QUEUE': queue,
+            **{f'FLEET_{key.upper()}': value for key, value in settings.items()}}
+
+
+async def handled_ids(raw: aioredis.Redis, queue: str) -> set[int]:
+    return {int(i) for i in await raw.lrange(f'{queue}:handled', 0, -1)}
+
+
+def consumer_of(agent: dict[str, Any]) -> dict[str, Any]:
+    (found,) = agent['consumers']
+    return found
+
+
+async def test_fleet_three_replicas_share_a_queue_and_their_counts_add_up(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    await raw.delete(f'{unique}:handled')
+    with Marun([FLEET_REDIS], env=fleet_env(redis_dsn, unique, replicas='3')) as fleet:
+        status = await asyncio.to_thread(fleet.ready)
+        agents = status['agents']
+        assert [(a['name'], a['replica'], a['state']) for a in agents] == [
+            ('worker', 1, 'running'), ('worker', 2, 'running'), ('worker', 3, 'running')]
+        assert len({a['pid'] for a in agents}) == 3
+        assert all(a['connected'] and consumer_of(a)['queue'] == unique for a in agents)
+        for start in range(0, 3000, 500):
+            await raw.rpush(unique, *(json.dumps({'id': i}) for i in range(start, start + 500)))
+        await fleet.wait_async(
+            lambda: fleet.total('microagent_messages', queue=unique, outcome='acked') == 3000,
+            WAIT, '3,000 acked messages')
+        assert await handled_ids(raw, unique) == set(range(3000))
+        handled = [consumer_of(a)['handled'] for a in fleet.status()['agents']]
+        assert sum(handled) == 3000 and all(handled), handled
+        assert fleet.total('microagent_handler_seconds_count', kind='consumer',
+                           name='Worker.handle') == 3000
+        assert fleet.total('microagent_up', agent='worker') == 3
+        assert await asyncio.to_thread(fleet.stop) == 0
+    assert 'Traceback' not in fleet.output
+
+
+async def test_fleet_sigkilled_replica_is_restarted_and_nothing_is_lost(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    await raw.delete(f'{unique}:handled')
+    env = fleet_env(redis_dsn, unique, replicas='2', restart='on-failure',
+                    handle_delay='0.005')
+    with Marun([FLEET_REDIS], env=env) as fleet:
+        await asyncio.to_thread(fleet.ready)
+        await raw.rpush(unique, *(json.dumps({'id': i}) for i in range(3000)))
+        await fleet.wait_async(lambda: fleet.total('microagent_messages', outcome='acked')
+                               >= 300, WAIT, 'some handled messages')
+        victim = fleet.status()['agents'][1]
+        acked = fleet.total('microagent_messages', outcome='acked')
+        os.kill(victim['pid'], signal.SIGKILL)
+        killed = time.monotonic()
+        await fleet.wait_async(lambda: fleet.readyz()[0] == 503, 5, '/readyz 503')
+        _, body = fleet.readyz()
+        assert any(r.startswith('worker[2]: ') for r in body['reasons']), body
+        await fleet.wait_async(lambda: fleet.status()['agents'][1]['state'] == 'running',
+                               5 - (time.monotonic() - killed), 'worker[2] running again')
+        await fleet.wait_async(lambda: fleet.readyz()[0] == 200, WAIT, '/readyz 200 again')
+        replica = fleet.status()['agents'][1]
+        assert replica['restarts'] == 1 and replica['pid'] != victim['pid']
+        assert fleet.total('microagent_restarts', agent='worker') == 1
+        assert fleet.total('microagent_messages', outcome='acked') >= acked  # never down
+        assert consumer_of(replica)['handled'] >= consumer_of(victim)['handled']
+        # at-least-once: what the killed replica held comes back after VISIBILITY_TIMEOUT
+        # (its counts of the last half second before the kill were never reported)
+        deadline = time.monotonic() + WAIT
+        while await handled_ids(raw, unique) != set(range(3000)):
+            assert time.monotonic() < deadline, 'messages lost'
+            await asyncio.sleep(0.2)
+        await fleet.wait_async(lambda: fleet.total('microagent_in_flight') == 0, WAIT, 'idle')
+        assert fleet.total('microagent_messages', outcome='acked') >= acked
+        assert await asyncio.to_thread(fleet.stop) == 0
+
+
+async def test_fleet_cut_connection_is_named_by_readyz_and_consumption_resumes(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    await raw.delete(f'{unique}:handled')
+    async with FaultProxy(int(urllib.parse.urlsplit(redis_dsn).port or 6379)) as proxy:
+        env = {**fleet_env(proxied(redis_dsn, proxy), unique), 'FLEET_RECORD_DSN': redis_dsn}
+        with Marun([FLEET_REDIS], env=env) as fleet:
+            before = (await asyncio.to_thread(fleet.ready))['agents'][0]
+            await raw.rpush(unique, *(json.dumps({'id': i}) for i in range(10)))
+            await fleet.wait_async(lambda: fleet.total('microagent_messages', outcome='acked')
+                                   == 10, WAIT, '10 handled')
+            async with proxy.blackholed():  # longer than COMMAND_TIMEOUT (1 s)
+                def consumer_down() -> dict[str, Any] | None:
+                    code, body = fleet.readyz()
+                    down = f"connection 'consume {unique}' is down"
+                    found = code == 503 and any(down in r for r in body['reasons'])
+                    return body if found else None
+
+                body = await fleet.wait_async(consumer_down, WAIT, '/readyz naming it')
+                where = f'worker: RedisBroker {proxied(redis_dsn, proxy)}: connection'
+                assert all(r.startswith(where) for r in body['reasons']), body
+                assert fleet.status()['agents'][0]['connected'] is False
+                assert fleet.total('microagent_connected', agent='worker') == 0
+                await raw.rpush(unique, *(json.dumps({'id': i}) for i in range(10, 20)))
+            await fleet.wait_async(lambda: fleet.readyz()[0] == 200, WAIT, '/readyz 200')
+            await fleet.wait_async(lambda: fleet.total('microagent_messages', outcome='acked')
+                                   >= 20, WAIT, '20 handled')
+            after = fleet.status()['agents'][0]
+            assert after['pid'] == before['pid'] and after['restarts'] == 0
+            assert await handled_ids(raw, unique) == set(range(20))
+            assert await asyncio.to_thread(fleet.stop) == 0
+    assert 'is stalled' not in fleet.output  # a cut connection is no stall
+
+
+async def test_fleet_stalled_consumer_is_named_then_its_process_exits_3_and_restarts(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    await raw.rpush(unique, *(json.dumps({'id': i}) for i in range(5)))
+    env = fleet_env(redis_dsn, unique, restart='on-failure', stall_timeout='2',
+                    broker='tests_support.fleet_agents.StallingRedisBroker')
+    with Marun([FLEET_REDIS], env=env, args=['--grace', '2']) as fleet:
+        first = (await asyncio.to_thread(fleet.ready))['agents'][0]
+        started = time.monotonic()
+
+        def stalled() -> list[str]:
+            code, body = fleet.readyz()
+            return [r for r in body.get('reasons', []) if 'stalled' in r] if code else []
+
+        (reason,) = await fleet.wait_async(stalled, WAIT, 'a stall in /readyz')
+        assert time.monotonic() - started >= 1.5  # not before STALL_TIMEOUT
+        assert reason.startswith(f"worker: consumer Worker.handle of queue '{unique}' is "
+                                 f"stalled: 5 messages waiting, none taken for "), reason
+        await fleet.wait_async(lambda: fleet.status()['agents'][0]['restarts'] == 1, WAIT,
+                               'a restart')
+        out = fleet.output
+        assert 'AgentsManager: worker ended (exit 3, a consumer stalled); restarting it in 1s' \
+            in out, out
+        assert fleet.status()['agents'][0]['pid'] != first['pid']
+        assert await asyncio.to_thread(fleet.stop) == 0
+    await raw.delete(unique)
+
+
+async def test_kafka_waiting_counts_what_this_consumer_could_fetch(
+        kafka_dsn: str, kafka_settings: dict[str, Any], unique: str) -> None:
+    queue = Queue(unique)
+    release = asyncio.Event()
+
+    class Slow(MicroAgent):
+        @consumer(queue, concurrency=1)
+        async def handle(self, **kwargs: Any) -> None:
+            await release.wait()
+
+    broker = KafkaBroker(kafka_dsn, PREFETCH=4, **kafka_settings)
+    agent = Slow(broker=broker)
+    try:
+        await agent.start()
+        await getattr(broker, unique).send_many([{'n': n} for n in range(40)])
+        pool = broker.pools[unique]
+        await eventually(lambda: pool.last_fetch is not None)
+        waiting = await broker.waiting(unique)
+        assert 0 < waiting <= 40 - 4, waiting  # the pool holds at least its capacity
+        assert await broker.queue_length(unique) == 40
+    finally:
+        release.set()
+        await agent.stop()
+        await broker.close()

@@ -10,6 +10,7 @@ Run from the project root::
     python benchmarks/bench.py --report results.json        # print a saved table again
     python benchmarks/bench.py --source /tmp/old            # measure another copy of the code
     python benchmarks/bench.py --profile /tmp/prof --backends memory --workloads consume
+    python benchmarks/bench.py --backends memory,redis --workloads consume --metrics off,on
 
 A full run starts with an unrecorded warm-up pass (N/4 messages; ``--no-warmup``), then
 takes the median of ``--runs`` runs; the framework and the raw client alternate which goes
@@ -38,6 +39,12 @@ names every time, every wait bounded: a timeout makes a failed cell, never a han
 - ``rpc`` RPC (Redis, memory): sequential ``bus.<signal>.call`` to a receiver of another
   agent on its own bus; p50, p99, calls/s.
 - ``import``: ``import microagent`` in a fresh interpreter, bytecode cache warm.
+
+``--metrics off,on`` (issue 11) adds to Q-consume a framework cell with metrics on, as
+``marun --http`` runs an agent process: handler timing on and a ``ProcessMonitor``
+reporting the agent twice a second on a pipe to another process (as to the supervisor);
+the table gives its rate against the framework's with metrics off in the
+same run (target: at least 0.9 of it). ``--metrics on`` alone runs only that cell.
 
 The same work is done by the raw client library alone in the same run (see
 ``RAW_CLIENTS``): every raw consumer decodes each message with msgspec and awaits a
@@ -317,6 +324,7 @@ class Config:
     idle: float
     cell_timeout: float
     profiling: Profiling
+    metrics: tuple[str, ...] = ('off',)  # Q-consume: off (as always), on (as marun --http)
 
 
 # =====================================================================================
@@ -881,7 +889,40 @@ async def stop_all(agents: Sequence[MicroAgent], transports: Sequence[Any]) -> N
 # Workloads: each a framework and a raw function returning its metrics
 # =====================================================================================
 
-async def fw_consume(backend: Backend, cfg: Config) -> Metrics:
+@contextlib.asynccontextmanager
+async def reported(agent: MicroAgent, enabled: bool) -> AsyncIterator[None]:
+    """With ``enabled``, the agent reports as in an agent process of ``marun --http``:
+    a ProcessMonitor writes its report on a pipe every ``REPORT_INTERVAL`` seconds, read
+    by another process (the supervisor, under marun; here one that reads and drops)."""
+    if not enabled:
+        yield
+        return
+    import multiprocessing.connection
+
+    read_end, write_end = os.pipe()
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable, '-c', 'import sys; sys.stdin.buffer.read()', stdin=read_end,
+        stdout=subprocess.DEVNULL)
+    os.close(read_end)
+    loop = asyncio.get_running_loop()
+    pipe = await microagent.ReportPipe.open(
+        multiprocessing.connection.Connection(write_end, readable=False))
+    monitor = microagent.ProcessMonitor('bench', loop.create_future(), pipe)
+    monitor.agents.append(('bench', agent))
+    monitor.running()
+    task = loop.create_task(monitor.run())
+    try:
+        yield
+    finally:
+        await monitor.close(task)
+        try:
+            await asyncio.wait_for(supervisor.wait(), 10)  # it ends when the pipe closes
+        except asyncio.TimeoutError:
+            supervisor.kill()
+            await supervisor.wait()
+
+
+async def fw_consume(backend: Backend, cfg: Config, metrics: bool = False) -> Metrics:
     name = unique('consume')
     queue = Queue(name)
     await backend.prepare(name)
@@ -890,11 +931,12 @@ async def fw_consume(backend: Backend, cfg: Config) -> Metrics:
     broker = backend.broker()
     agent = consumer_agent(queue, meter, broker)
     try:
-        with cfg.profiling.window():
-            begin = time.perf_counter()
-            await bounded(agent.start(), cfg.idle, 'start()')
-            started = time.perf_counter()
-            await drained(meter, cfg)
+        async with reported(agent, metrics):
+            with cfg.profiling.window():
+                begin = time.perf_counter()
+                await bounded(agent.start(), cfg.idle, 'start()')
+                started = time.perf_counter()
+                await drained(meter, cfg)
         result = throughput(cfg.messages - 1, meter.last - meter.first,
                             meter.last_cpu - meter.first_cpu)
         result['start_ms'] = (started - begin) * 1e3
@@ -905,6 +947,16 @@ async def fw_consume(backend: Backend, cfg: Config) -> Metrics:
     finally:
         await stop_all([agent], [broker])
         await quietly(backend.drop(name))
+
+
+async def fw_consume_metrics(backend: Backend, cfg: Config) -> Metrics:
+    """Q-consume with metrics on, as ``marun --http`` runs an agent: handler timing on
+    (``enable_handler_timing``) and the agent's process reporting (see :func:`reported`)."""
+    microagent.enable_handler_timing(True)
+    try:
+        return await fw_consume(backend, cfg, metrics=True)
+    finally:
+        microagent.enable_handler_timing(False)
 
 
 async def raw_consume(backend: Backend, cfg: Config) -> Metrics:
@@ -1274,7 +1326,8 @@ async def open_backends(names: Sequence[str], kafka: tuple[str | None, Any, str]
 
 async def run_cell(workload: Workload, backend: Backend, cfg: Config, label: str) -> Metrics:
     gc.collect()
-    cfg.profiling.label = label if workload in {w[0] for w in WORKLOADS.values()} else ''
+    framework = {w[0] for w in WORKLOADS.values()} | {fw_consume_metrics}
+    cfg.profiling.label = label if workload in framework else ''
     try:
         metrics = await asyncio.wait_for(workload(backend, cfg), cfg.cell_timeout)
     except Exception as exc:
@@ -1323,7 +1376,12 @@ async def run_pass(backends: Sequence[Backend], workloads: Sequence[str], cfg: C
                 continue
             cells: dict[str, Metrics] = {}
             order = [('microagent', framework), ('raw', raw)]
-            for side, function in order if run % 2 == 0 else order[::-1]:
+            if workload == 'consume':
+                order = [*([('microagent', framework)] if 'off' in cfg.metrics else []),
+                         *([('metrics', fw_consume_metrics)] if 'on' in cfg.metrics else []),
+                         ('raw', raw)]
+            turn = run % len(order)
+            for side, function in order[turn:] + order[:turn]:
                 label = f'{backend.key}-{workload}-{side}-{name}'
                 cells[side] = await run_cell(function, backend, cfg, label)
                 print(progress(label, cells[side]), file=sys.stderr, flush=True)
@@ -1430,6 +1488,11 @@ def run_ratios(sides: dict[str, list[Metrics]]) -> Metrics:
              if cell.get('ok') and cell.get('batch_rate') and cell.get('rate')]
     if gains:
         ratios['gain'] = statistics.median(gains)
+    shares = [on['rate'] / off['rate'] for on, off in zip(
+        sides.get('metrics', []), sides.get('microagent', []), strict=False)
+        if on.get('ok') and off.get('ok') and on.get('rate') and off.get('rate')]
+    if shares:
+        ratios['metrics_rate'] = statistics.median(shares)
     ratios['ok'] = True
     return ratios
 
@@ -1513,6 +1576,7 @@ def rows_for(backend: str, results: dict[str, dict[str, Metrics]], batch: int) -
                             f'{1e6 / rate:.2f} µs/msg' if rate and backend == 'memory' else '',
                             f'{left:.0f} left after stop' if left is not None else '',
                             runs_of(fw, 'rate', 'msgs/s')), _get(ratios, 'rate')))
+        rows.extend(metrics_row(results['consume']))
     if 'e2e' in results:
         fw, raw = results['e2e'].get('microagent'), results['e2e'].get('raw')
         share = _get(results['e2e'].get('ratios'), 'rate')
@@ -1577,6 +1641,20 @@ def rows_for(backend: str, results: dict[str, dict[str, Metrics]], batch: int) -
         rows.append(Row('RPC p99 latency', 'ms', _get(fw, 'p99_ms'), _get(raw, 'p99_ms'),
                         ratio=_get(ratios, 'p99_ms')))
     return rows
+
+
+def metrics_row(consume: dict[str, Metrics]) -> list[Row]:
+    """Q-consume with metrics on against off, when ``--metrics`` ran it (issue 11): the
+    "raw client" columns hold the framework with metrics off, in the same runs."""
+    on, off = consume.get('metrics'), consume.get('microagent')
+    if on is None:
+        return []
+    share = _get(consume.get('ratios'), 'metrics_rate')
+    target = verdict(share >= 0.9, f'≥ 0.9 x metrics off ({share:.2f}x)') if share else ''
+    return [Row('Q-consume, metrics on (vs off)', 'msgs/s', _get(on, 'rate'), _get(off, 'rate'),
+                _get(on, 'cpu_us'), _get(off, 'cpu_us'), target, _notes(
+                    failure(on), 'raw client columns: microagent with metrics off, same runs',
+                    runs_of(on, 'rate', 'msgs/s')), share)]
 
 
 def cpu_times() -> list[int]:
@@ -1769,6 +1847,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                              '(e.g. a copy of another commit) instead of this checkout')
     parser.add_argument('--report', metavar='FILE',
                         help='print the table of results saved by --json, without running')
+    parser.add_argument('--metrics', default='off',
+                        help='Q-consume with metrics off, on (as marun --http), or both: '
+                             '"off,on" (default off)')
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.warmup = args.warmup and not args.quick
@@ -1776,6 +1857,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args.calls = args.calls or (200 if args.quick else 2_000)
     args.backends = _choices(parser, args.backends, ALL_BACKENDS, 'backend')
     args.workloads = _choices(parser, args.workloads, ALL_WORKLOADS, 'workload')
+    args.metrics = _choices(parser, args.metrics, ('off', 'on'), 'metrics mode')
+    if 'on' in args.metrics and not hasattr(microagent, 'ProcessMonitor'):
+        parser.error(f'--metrics on: the microagent of {SOURCE} has no metrics (issue 11)')
     if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
         parser.error(f'--profile {args.profile}: not a directory')
     if args.messages < 2 or min(args.runs, args.calls, args.batch) < 1:
@@ -1806,7 +1890,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format='%(levelname)s %(name)s: %(message)s')
     cfg = Config(args.messages, args.calls, args.batch, args.idle, args.cell_timeout,
-                 Profiling(Path(args.profile) if args.profile else None))
+                 Profiling(Path(args.profile) if args.profile else None), tuple(args.metrics))
     command = 'python benchmarks/bench.py' + ''.join(
         f' {arg}' for arg in (sys.argv[1:] if argv is None else argv))
     report: dict[str, Any]
