@@ -46,6 +46,7 @@ from microagent import (
     QueueException,
     QueueNotFound,
     redact_dsn,
+    trace_headers,
 )
 
 if TYPE_CHECKING:
@@ -895,8 +896,9 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
 # - one for declarations and ``queue_length``: a passive declare of a missing queue closes
 #   its channel, so that channel is kept apart and opened again when needed.
 #
-# Wire format, interoperable with microagent 1.x: a message is a JSON object body,
-# published to the default exchange with routing key = queue name, or, for a
+# Wire format, interoperable with microagent 1.x: a message is a JSON object body (its
+# headers carry the W3C trace context while OpenTelemetry tracing is on), published to
+# the default exchange with routing key = queue name, or, for a
 # ``Queue(name, exchange, topics)``, to that exchange with routing key = the ``topic=`` of
 # the send (default: the queue's first topic, or its name). A queue that already exists is
 # used as it is (passive declare: 1.x declares non-durable queues, FastStream durable ones,
@@ -932,6 +934,16 @@ def _with_heartbeat(dsn: str, heartbeat: int) -> str:
         return dsn
     query = f'{parsed.query}&' * bool(parsed.query) + f'heartbeat={int(heartbeat)}'
     return parsed._replace(query=query).geturl()
+
+
+def _with_trace_context(properties: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Message properties with the trace context of the current span added to their
+    ``headers`` while tracing is on (the caller's own headers are kept)."""
+    carrier = trace_headers()
+    if not carrier:
+        return properties or {}
+    properties = properties or {}
+    return {**properties, 'headers': {**(properties.get('headers') or {}), **carrier}}
 
 
 def _declaration(name: str) -> Queue | None:
@@ -1325,7 +1337,8 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                             f'sending to {name} (the message may not be stored)'):
                         if exchange is None:
                             await self._amqp.ensure_queue(name)
-                        await self._publish(target, routing_key, messages, properties or {})
+                        await self._publish(target, routing_key, messages,
+                                            _with_trace_context(properties))
                     return
                 except QueueException as exc:
                     cause = exc.__cause__
@@ -1481,6 +1494,11 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
         wakeup, consumption.wakeup = consumption.wakeup, None
         _resolve(wakeup)
 
+    def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
+        """The headers of a consumed message, which carry the trace context."""
+        message: DeliveredMessage | None = delivery.raw
+        return message.header.properties.headers if message is not None else None
+
     async def _feed(self, consumption: _AMQPConsumption) -> None:
         """Hand what arrived together to the pool as one batch (it waits when full)."""
         loop = asyncio.get_running_loop()
@@ -1612,7 +1630,8 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
 #
 # ``pip install '.[kafka]'`` (a checkout). Wire format of microagent 1.x: a queue is the topic
 # named like the queue, a message is one record whose value is the JSON object's bytes
-# (no key, no headers), so 1.x producers and this broker interoperate both ways.
+# (no key; no headers but the W3C trace context while OpenTelemetry tracing is on), so 1.x
+# producers and this broker interoperate both ways.
 #
 # Producing: one long-lived ``AIOKafkaProducer`` per broker, started on the first send
 # and flushed by :meth:`KafkaBroker.close`. ``send`` returns once the broker acknowledged
@@ -1686,6 +1705,16 @@ def _topic(name: str) -> str:
         raise QueueException(f'queue {name!r} cannot be a Kafka topic: use only letters, '
                              'digits, ".", "_" and "-" (at most 249)')
     return name
+
+
+def _with_trace_headers(options: dict[str, Any]) -> dict[str, Any]:
+    """Send options with the trace context of the current span added to the record's
+    ``headers`` while tracing is on (the caller's own headers are kept)."""
+    carrier = trace_headers()
+    if not carrier:
+        return options
+    return {**options, 'headers': [*(options.get('headers') or ()),
+                                   *((key, value.encode()) for key, value in carrier.items())]}
 
 
 async def _within(awaitable: Awaitable[Any], timeout: float) -> Any:
@@ -2027,7 +2056,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         Raises :class:`Unreachable` when Kafka is unreachable (within ``SEND_TIMEOUT``);
         the message may then not be stored.
         """
-        options = self._send_options(kwargs)
+        options = _with_trace_headers(self._send_options(kwargs))
         topic = _topic(name)
         async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
@@ -2037,7 +2066,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
         """Produce several messages, batched by the producer; return once all are
         acknowledged (on an error, some of them may be stored)."""
-        options = self._send_options(kwargs)
+        options = _with_trace_headers(self._send_options(kwargs))
         topic = _topic(name)
         async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
@@ -2095,6 +2124,11 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                 continue
             if batches:
                 await pool.feed(consumption.track(batches))
+
+    def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
+        """The headers of a consumed record, which carry the trace context."""
+        headers = delivery.raw.headers if delivery.raw is not None else None
+        return dict(headers) if headers else None
 
     async def _commit_periodically(self, consumption: _KafkaConsumption) -> None:
         while True:
