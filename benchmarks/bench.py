@@ -10,6 +10,7 @@ Run from the project root::
     python benchmarks/bench.py --report results.json        # print a saved table again
     python benchmarks/bench.py --source /tmp/old            # measure another copy of the code
     python benchmarks/bench.py --profile /tmp/prof --backends memory --workloads consume
+    python benchmarks/bench.py --tracing --backends memory,redis   # OpenTelemetry on
 
 A full run starts with an unrecorded warm-up pass (N/4 messages; ``--no-warmup``), then
 takes the median of ``--runs`` runs; the framework and the raw client alternate which goes
@@ -38,6 +39,11 @@ names every time, every wait bounded: a timeout makes a failed cell, never a han
 - ``rpc`` RPC (Redis, memory): sequential ``bus.<signal>.call`` to a receiver of another
   agent on its own bus; p50, p99, calls/s.
 - ``import``: ``import microagent`` in a fresh interpreter, bytecode cache warm.
+
+``--tracing`` sets an OpenTelemetry SDK tracer provider whose spans go through a
+``BatchSpanProcessor`` to an exporter that drops them (``pip install '.[dev]'``), and
+``TRACE_CONTEXT=True`` on every bus and broker: what tracing costs the framework, not an
+exporter. The raw clients are not traced.
 
 The same work is done by the raw client library alone in the same run (see
 ``RAW_CLIENTS``): every raw consumer decodes each message with msgspec and awaits a
@@ -1648,6 +1654,8 @@ def machine(report: dict[str, Any]) -> list[str]:
         f'- Libraries: {libraries}',
         f'- Brokers, on loopback: {servers or "none"}',
     ]
+    if report.get('tracing'):
+        lines.append(f'- Tracing: {report["tracing"]}')
     if report.get('load'):
         lines.append(f'- During the run: {report["load"]}')
     if skipped:
@@ -1741,6 +1749,30 @@ def startup_table(report: dict[str, Any], results: dict[str, Any]) -> list[str]:
 # Command line
 # =====================================================================================
 
+def enable_tracing() -> str:
+    """``--tracing``: an SDK tracer provider exporting to nowhere, and the trace context
+    in the payloads of Redis and memory; returns what the report says about it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DropSpans(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    trace.set_tracer_provider(provider)
+    microagent.AbstractQueueBroker.TRACE_CONTEXT = True  # type: ignore[misc]
+    microagent.AbstractSignalBus.TRACE_CONTEXT = True  # type: ignore[misc]
+    return (f'OpenTelemetry SDK {library_version("opentelemetry-sdk")}, BatchSpanProcessor '
+            'to an exporter that drops the spans; TRACE_CONTEXT=True')
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Benchmark microagent against the raw client libraries (issue 5).')
@@ -1767,6 +1799,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--source', metavar='DIR', default=str(ROOT),
                         help='measure the microagent.py and microagent_backends.py in DIR '
                              '(e.g. a copy of another commit) instead of this checkout')
+    parser.add_argument('--tracing', action='store_true',
+                        help='OpenTelemetry on: an SDK tracer provider with an exporter '
+                             'that drops the spans, and TRACE_CONTEXT=True everywhere')
     parser.add_argument('--report', metavar='FILE',
                         help='print the table of results saved by --json, without running')
     args = parser.parse_args(argv)
@@ -1811,6 +1846,7 @@ def main(argv: list[str] | None = None) -> int:
         f' {arg}' for arg in (sys.argv[1:] if argv is None else argv))
     report: dict[str, Any]
     code_at_start = code_version()
+    tracing = enable_tracing() if args.tracing else ''
     counters, own_cpu = cpu_times(), time.process_time()
     kafka_server = (kafka_dsn(os.environ.get('MICROAGENT_KAFKA_DSN')) if 'kafka' in args.backends
                     else contextlib.nullcontext((None, None, 'not selected')))
@@ -1820,6 +1856,7 @@ def main(argv: list[str] | None = None) -> int:
     report['code'] = code_at_start
     report['load'] = machine_load(counters, time.process_time() - own_cpu)
     report['version'] = microagent.__version__
+    report['tracing'] = tracing
     if 'import' in args.workloads:
         report['import'] = {module: measure_import(module)
                             for module in ('asyncio', 'microagent', 'microagent_backends')}
