@@ -1229,6 +1229,10 @@ class _Tracing:
             return root
         return self._propagate.extract(_text_carrier(carrier), root)
 
+    def _active(self, span: Any, end: bool = True) -> _ActiveSpan:
+        """``with self._active(span):`` runs the block with ``span`` current."""
+        return _ActiveSpan(self, span, end)
+
     def _error(self, span: Any, description: str) -> None:
         span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, description))
 
@@ -1244,7 +1248,7 @@ class _Tracing:
         bus = bound.bus
         span = self._span('PRODUCER', bus, bound.signal.name, 'send',
                           attributes={'microagent.sender': sender})
-        with self._trace.use_span(span, end_on_exit=True):
+        with self._active(span):
             trace = self._carrier(span) if bus.TRACE_CONTEXT else None
             await bus.send(*bound._prepare(sender, payload, trace))
 
@@ -1278,7 +1282,7 @@ class _Tracing:
                           attributes={'microagent.sender': sender,
                                       'microagent.handler': receiver.key})
         try:
-            with self._trace.use_span(span):
+            with self._active(span, end=False):
                 result = receiver.handler(signal=signal, sender=sender, **payload)
         except BaseException:
             span.end()
@@ -1290,7 +1294,7 @@ class _Tracing:
 
     async def _finish_receiver(self, bus: AbstractSignalBus, receiver: Receiver, span: Any,
                                awaitable: Awaitable[Any]) -> Any:
-        with self._trace.use_span(span, end_on_exit=True):
+        with self._active(span):
             try:
                 return await awaitable
             except asyncio.CancelledError:
@@ -1311,7 +1315,7 @@ class _Tracing:
         broker, queue = bound.broker, bound.queue
         extra = {'messaging.batch.message_count': len(messages)} if many else {}
         span = self._span('PRODUCER', broker, queue.name, 'publish', attributes=extra)
-        with self._trace.use_span(span, end_on_exit=True):
+        with self._active(span):
             if broker.TRACE_CONTEXT:
                 carrier = self._carrier(span)
                 messages = [{**message, TRACE_KEY: carrier} if isinstance(message, Mapping)
@@ -1341,7 +1345,7 @@ class _Tracing:
         parent = self._parent(self._delivery_carrier(pool.broker, delivery))
         span = self._span('CONSUMER', pool.broker, pool.name, 'process', parent=parent,
                           attributes={'microagent.handler': pool.consumer.key})
-        with self._trace.use_span(span, end_on_exit=True):
+        with self._active(span):
             outcome = await pool._handle(delivery, worker)
             if outcome is Outcome.RELEASE:
                 span.add_event('released', {'microagent.reason': 'the consumer is stopping'})
@@ -1386,8 +1390,35 @@ class _Tracing:
                 'code.function.name': f'{agent.__module__}.{agent.__qualname__}.'
                                       f'{handler.__name__}',
                 'microagent.timer': kind})
-        with self._trace.use_span(span, end_on_exit=True):
+        with self._active(span):
             return await _call(handler, timer.timeout)
+
+
+class _ActiveSpan:
+    """What ``trace.use_span(span, end_on_exit=True)`` does, for less per message: the
+    span is current within the block, an exception leaving it is recorded on the span
+    (status ERROR), and the span ends with the block (unless ``end`` is False)."""
+
+    __slots__ = ('_end', '_span', '_token', '_tracing')
+
+    def __init__(self, tracing: _Tracing, span: Any, end: bool) -> None:
+        self._tracing, self._span, self._end = tracing, span, end
+        self._token: object = None
+
+    def __enter__(self) -> Any:
+        tracing = self._tracing
+        self._token = tracing._context.attach(tracing._trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: object) -> None:
+        span, tracing = self._span, self._tracing
+        tracing._context.detach(self._token)
+        if isinstance(error, Exception):
+            span.record_exception(error)
+            tracing._error(span, f'{type(error).__name__}: {error}')
+        if self._end:
+            span.end()
 
 
 _tracing = _Tracing()
