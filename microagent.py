@@ -1158,8 +1158,9 @@ def _text_carrier(headers: Any) -> dict[str, str]:
 
 
 class _Tracing:
-    """The process's tracing state and the spans of the hooks of the bus, the broker and
-    the timers. Every method but :meth:`refresh` is called only while :attr:`on`."""
+    """The process's tracing state and the spans of the hooks in the bus, the broker and
+    the timers. The hooks call the span methods only while :attr:`on`; :meth:`refresh`,
+    :meth:`attempt_failed` and :meth:`dead_lettered` may be called at any time."""
 
     __slots__ = ('_context', '_decoder', '_propagate', '_provider', '_trace', '_tracer', 'on')
 
