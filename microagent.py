@@ -10,8 +10,8 @@ This module is the whole core and can be vendored as one file (it needs ``msgspe
 ``python -m microagent SETTINGS`` then does what ``marun SETTINGS`` does. The Redis,
 RabbitMQ and Kafka backends live in ``microagent_backends``.
 
-Sections, in the order data flows: declarations, decorators, agent, bus, broker,
-timers, memory backends, mocks, graph, launcher.
+Sections, in the order data flows: declarations, decorators, agent, tracing, bus,
+broker, timers, memory backends, mocks, graph, launcher.
 """
 from __future__ import annotations
 
@@ -1088,6 +1088,7 @@ class MicroAgent:
         self._stopped = asyncio.get_running_loop().create_future()
         try:
             await self._run_hooks('pre_start')
+            _tracing.refresh()  # a tracer provider set in a pre_start hook counts
             if enable_receiving_signals and self.receivers:
                 assert self.bus is not None
                 await self.bus.bind_receivers(self.receivers)
@@ -1234,6 +1235,333 @@ class MicroAgent:
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return {key: value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
             for key, value in options.items()}
+
+
+# =====================================================================================
+# Tracing: OpenTelemetry spans through signals, RPC, queues and timers
+# =====================================================================================
+#
+# Off unless ``opentelemetry-api`` is installed (pip extra ``otel``) and the application
+# set a tracer provider (an SDK one: the API's default proxy and no-op providers make
+# nothing). ``_tracing.on`` is the one flag the hot paths test; it is worked out again,
+# cheaply, when a bus or broker is made and when an agent starts (after its ``pre_start``
+# hooks), and once on it stays on (OpenTelemetry sets the global provider only once).
+#
+# Spans follow the OpenTelemetry messaging conventions: ``send {signal}`` and
+# ``publish {queue}`` (PRODUCER), ``receive {signal}`` and ``process {queue}`` (CONSUMER,
+# children of the producer's span), ``call {signal}`` (CLIENT) and ``answer {signal}``
+# (SERVER, one per answering receiver, children of the CLIENT span), and timer runs
+# ``periodic Class.method`` / ``cron Class.method`` (INTERNAL). The W3C trace context
+# travels in the headers of AMQP messages and Kafka records (the backends call
+# :func:`trace_headers` and :meth:`AbstractQueueBroker.trace_carrier`); Redis and memory
+# have no headers, so there it travels only with the bus or broker setting
+# ``TRACE_CONTEXT=True``, in the reserved payload key ``_trace``, which is taken out
+# before any handler sees the payload. It is off by default: 1.x peers would get it.
+
+TRACE_KEY = '_trace'
+"""The reserved payload key that carries the trace context on Redis and memory."""
+
+_OPERATION_TYPES = {'PRODUCER': 'send', 'CLIENT': 'send', 'CONSUMER': 'process',
+                    'SERVER': 'process'}
+_MESSAGING_SYSTEMS = {'redis': 'redis', 'rediss': 'redis', 'unix': 'redis',
+                      'amqp': 'rabbitmq', 'amqps': 'rabbitmq', 'kafka': 'kafka',
+                      'memory': 'memory'}
+
+
+class _TraceField(msgspec.Struct):
+    """Only the ``_trace`` key of a message body: msgspec skips the rest unparsed."""
+
+    carrier: Any = msgspec.field(default=None, name=TRACE_KEY)
+
+
+def _messaging_system(dsn: str) -> str:
+    """``messaging.system`` of a transport, from its DSN's scheme (``rabbitmq`` for
+    ``amqp://``...)."""
+    scheme = dsn.partition('://')[0].lower() if isinstance(dsn, str) else ''
+    return _MESSAGING_SYSTEMS.get(scheme, scheme or 'unknown')
+
+
+def _text_carrier(headers: Any) -> dict[str, str]:
+    """Message headers (str or bytes values) as the text carrier a propagator reads."""
+    if not isinstance(headers, Mapping):
+        return {}
+    return {str(key): value.decode('utf-8', 'replace')
+            if isinstance(value, (bytes, bytearray)) else value
+            for key, value in headers.items() if isinstance(value, (str, bytes, bytearray))}
+
+
+class _Tracing:
+    """The process's tracing state and the spans of the hooks in the bus, the broker and
+    the timers. The hooks call the span methods only while :attr:`on`; :meth:`refresh`,
+    :meth:`attempt_failed` and :meth:`dead_lettered` may be called at any time."""
+
+    __slots__ = ('_context', '_decoder', '_propagate', '_provider', '_trace', '_tracer', 'on')
+
+    def __init__(self) -> None:
+        self.on = False
+        self._provider: Any = None
+        self._tracer: Any = None
+        self._trace: Any = None  # the opentelemetry.trace module, once tracing is on
+        self._context: Any = None  # opentelemetry.context
+        self._propagate: Any = None  # opentelemetry.propagate
+        self._decoder: msgspec.json.Decoder[_TraceField] | None = None
+
+    def refresh(self) -> bool:
+        """Whether an SDK tracer provider is set; checked again while it is not. Never
+        imports OpenTelemetry unless the application did (or set the environment
+        variable that names a provider)."""
+        if self.on:
+            return True
+        trace = sys.modules.get('opentelemetry.trace')
+        if trace is None:
+            if 'OTEL_PYTHON_TRACER_PROVIDER' not in os.environ:
+                return False
+            try:
+                from opentelemetry import trace
+            except ImportError:
+                return False
+        assert trace is not None
+        provider = trace.get_tracer_provider()
+        if provider is self._provider:
+            return False
+        self._provider = provider
+        tracer = provider.get_tracer('microagent', __version__)
+        if isinstance(tracer, (trace.ProxyTracer, trace.NoOpTracer)):
+            return False
+        from opentelemetry import context, propagate
+        self._trace, self._context, self._propagate = trace, context, propagate
+        self._tracer, self.on = tracer, True
+        return True
+
+    # -- building blocks ----------------------------------------------------------------
+
+    def _span(self, kind: str, transport: Any, destination: str, operation: str, *,
+              parent: Any = None, attributes: Mapping[str, Any] | None = None) -> Any:
+        """Start (not activate) the messaging span ``{operation} {destination}``;
+        ``parent`` None means the current span."""
+        return self._tracer.start_span(
+            f'{operation} {destination}', context=parent,
+            kind=getattr(self._trace.SpanKind, kind), attributes={
+                'messaging.system': _messaging_system(transport.dsn),
+                'messaging.destination.name': destination,
+                'messaging.operation.name': operation,
+                'messaging.operation.type': _OPERATION_TYPES[kind], **(attributes or {})})
+
+    def _carrier(self, span: Any = None) -> dict[str, str]:
+        """The W3C trace context of ``span`` (default: the current span) as text."""
+        carrier: dict[str, str] = {}
+        context = None if span is None else self._trace.set_span_in_context(span)
+        self._propagate.inject(carrier, context)
+        return carrier
+
+    def _parent(self, carrier: Any) -> Any:
+        """The context a consumer's span starts in: the producer's, extracted from
+        ``carrier``, or a new trace (never the context the consuming task happens to
+        run in)."""
+        root = self._context.Context()
+        if not carrier:
+            return root
+        return self._propagate.extract(_text_carrier(carrier), root)
+
+    def _active(self, span: Any, end: bool = True) -> _ActiveSpan:
+        """``with self._active(span):`` runs the block with ``span`` current."""
+        return _ActiveSpan(self, span, end)
+
+    def _error(self, span: Any, description: str) -> None:
+        span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, description))
+
+    def headers(self) -> dict[str, str]:
+        """The trace context of the current span, for a backend's message headers."""
+        return self._carrier()
+
+    # -- signals ------------------------------------------------------------------------
+
+    async def send_signal(self, bound: BoundSignal, sender: str, payload: dict[str, Any]
+                          ) -> None:
+        """``bus.<signal>.send`` in a PRODUCER span ``send {signal}``."""
+        bus = bound.bus
+        span = self._span('PRODUCER', bus, bound.signal.name, 'send',
+                          attributes={'microagent.sender': sender})
+        with self._active(span):
+            trace = self._carrier(span) if bus.TRACE_CONTEXT else None
+            await bus.send(*bound._prepare(sender, payload, trace))
+
+    @contextlib.asynccontextmanager
+    async def call(self, bound: BoundSignal, sender: str, payload: dict[str, Any], *,
+                   prepared: tuple[str, bytes], timeout: float) -> AsyncIterator[ResponseStream]:
+        """``bus.<signal>.call`` / ``waiter`` in a CLIENT span ``call {signal}``, which
+        lasts until the waiter is left (the first answer, for ``call``)."""
+        bus, (channel, body) = bound.bus, prepared
+        span = self._span('CLIENT', bus, bound.signal.name, 'call',
+                          attributes={'microagent.sender': sender})
+        try:
+            if bus.TRACE_CONTEXT:
+                body = encode_json({**payload, TRACE_KEY: self._carrier(span)})
+            async with bus.call(channel, body, timeout) as answers:
+                yield answers
+        except Exception as exc:
+            span.record_exception(exc)
+            self._error(span, f'{type(exc).__name__}: {exc}')
+            raise
+        finally:
+            span.end()
+
+    def receive(self, bus: AbstractSignalBus, receiver: Receiver, signal: Signal, sender: str,
+                payload: JSONObject, *, carrier: Any, request_id: str) -> Any:
+        """Call a receiver in a CONSUMER span ``receive {signal}`` (for an RPC request, a
+        SERVER span ``answer {signal}``), the child of the sender's span when the payload
+        carried its context. An async receiver's span ends with its coroutine."""
+        kind, operation = ('SERVER', 'answer') if request_id else ('CONSUMER', 'receive')
+        span = self._span(kind, bus, signal.name, operation, parent=self._parent(carrier),
+                          attributes={'microagent.sender': sender,
+                                      'microagent.handler': receiver.key})
+        try:
+            with self._active(span, end=False):
+                result = receiver.handler(signal=signal, sender=sender, **payload)
+        except BaseException:
+            span.end()
+            raise
+        if inspect.isawaitable(result):
+            return self._finish_receiver(bus, receiver, span, result)
+        span.end()
+        return result
+
+    async def _finish_receiver(self, bus: AbstractSignalBus, receiver: Receiver, span: Any,
+                               awaitable: Awaitable[Any]) -> Any:
+        with self._active(span):
+            try:
+                return await awaitable
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and bus._watchdog.expired(task):
+                    self._error(span, f'timed out after {receiver.timeout}s')
+                raise
+
+    # -- queues -------------------------------------------------------------------------
+
+    async def publish(self, bound: BoundQueue, messages: list[Mapping[str, Any]],
+                      options: dict[str, Any], many: bool = False) -> None:
+        """``broker.<queue>.send`` / ``send_many`` in a PRODUCER span ``publish {queue}``
+        (one for a batch): the current span while the backend sends, so that AMQP and
+        Kafka put its context in the headers of every message."""
+        if many and not messages:
+            return
+        broker, queue = bound.broker, bound.queue
+        extra = {'messaging.batch.message_count': len(messages)} if many else {}
+        span = self._span('PRODUCER', broker, queue.name, 'publish', attributes=extra)
+        with self._active(span):
+            if broker.TRACE_CONTEXT:
+                carrier = self._carrier(span)
+                messages = [{**message, TRACE_KEY: carrier} if isinstance(message, Mapping)
+                            else message for message in messages]
+            bodies = [queue.serialize(message) for message in messages]
+            if many:
+                await broker.send_many(queue.name, bodies, **options)
+            else:
+                await broker.send(queue.name, bodies[0], **options)
+
+    def _delivery_carrier(self, broker: AbstractQueueBroker, delivery: Delivery) -> Any:
+        carrier = broker.trace_carrier(delivery)
+        if carrier or not broker.TRACE_CONTEXT:
+            return carrier
+        if self._decoder is None:
+            self._decoder = msgspec.json.Decoder(_TraceField)
+        try:
+            return self._decoder.decode(delivery.body).carrier
+        except msgspec.DecodeError:
+            return None
+
+    async def process(self, pool: ConsumerPool, delivery: Delivery, worker: asyncio.Task[None]
+                      ) -> Outcome:
+        """Handle a delivery in a CONSUMER span ``process {queue}``, the child of the
+        producer's span; the handler runs with it current. Retries and the dead letter
+        are events on it (:meth:`attempt_failed`, :meth:`dead_lettered`)."""
+        parent = self._parent(self._delivery_carrier(pool.broker, delivery))
+        span = self._span('CONSUMER', pool.broker, pool.name, 'process', parent=parent,
+                          attributes={'microagent.handler': pool.consumer.key})
+        with self._active(span):
+            outcome = await pool._handle(delivery, worker)
+            if outcome is Outcome.RELEASE:
+                span.add_event('released', {'microagent.reason': 'the consumer is stopping'})
+            return outcome
+
+    def attempt_failed(self, error: BaseException, attempt: int, attempts: int) -> None:
+        """A handler failed: the exception on the consumer span, and a ``retry`` event
+        when another attempt follows."""
+        if not self.on:
+            return
+        span = self._trace.get_current_span()
+        span.record_exception(error, {'microagent.attempt': attempt})
+        if attempt < attempts:
+            span.add_event('retry', {'microagent.attempt': attempt,
+                                     'microagent.attempts': attempts,
+                                     'exception.type': type(error).__name__,
+                                     'exception.message': str(error)})
+
+    def dead_lettered(self, queue: str, error: BaseException, attempts: int) -> None:
+        """The message went to ``{queue}.dead``: a ``dead_letter`` event, and the span's
+        status is an error."""
+        if not self.on:
+            return
+        span = self._trace.get_current_span()
+        if not attempts:  # malformed: no attempt recorded the exception
+            span.record_exception(error)
+        span.add_event('dead_letter', {'messaging.destination.name': f'{queue}.dead',
+                                       'microagent.attempts': attempts,
+                                       'exception.type': type(error).__name__,
+                                       'exception.message': str(error)})
+        self._error(span, f'dead-lettered: {type(error).__name__}: {error}')
+
+    # -- timers -------------------------------------------------------------------------
+
+    async def run_timer(self, timer: _Timer) -> Any:
+        """One run of a periodic or cron task, in an INTERNAL span of a trace of its own."""
+        agent, handler = type(timer.agent), timer.handler
+        kind = 'cron' if isinstance(timer, CronTask) else 'periodic'
+        span = self._tracer.start_span(
+            f'{kind} {agent.__name__}.{handler.__name__}', context=self._context.Context(),
+            kind=self._trace.SpanKind.INTERNAL, attributes={
+                'code.function.name': f'{agent.__module__}.{agent.__qualname__}.'
+                                      f'{handler.__name__}',
+                'microagent.timer': kind})
+        with self._active(span):
+            return await _call(handler, timer.timeout)
+
+
+class _ActiveSpan:
+    """What ``trace.use_span(span, end_on_exit=True)`` does, for less per message: the
+    span is current within the block, an exception leaving it is recorded on the span
+    (status ERROR), and the span ends with the block (unless ``end`` is False)."""
+
+    __slots__ = ('_end', '_span', '_token', '_tracing')
+
+    def __init__(self, tracing: _Tracing, span: Any, end: bool) -> None:
+        self._tracing, self._span, self._end = tracing, span, end
+        self._token: object = None
+
+    def __enter__(self) -> Any:
+        tracing = self._tracing
+        self._token = tracing._context.attach(tracing._trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: object) -> None:
+        span, tracing = self._span, self._tracing
+        tracing._context.detach(self._token)
+        if isinstance(error, Exception):
+            span.record_exception(error)
+            tracing._error(span, f'{type(error).__name__}: {error}')
+        if self._end:
+            span.end()
+
+
+_tracing = _Tracing()
+
+
+def trace_headers() -> dict[str, str]:
+    """The W3C trace context of the current span (``traceparent``, ``tracestate``...), for
+    a backend to put in the headers of a message it sends; empty when tracing is off."""
+    return _tracing.headers() if _tracing.on else {}
 
 
 # =====================================================================================
@@ -1430,6 +1758,10 @@ class AbstractSignalBus(_Connections, abc.ABC):
     RESPONSE_TIMEOUT: ClassVar[float] = 60
     LEASE_TTL: ClassVar[float] = 10
     """Seconds a singleton server's lease lasts unless renewed; renewed every third."""
+    TRACE_CONTEXT: ClassVar[bool] = False
+    """Carry the OpenTelemetry trace context in the payload's reserved ``_trace`` key,
+    taken out again before receivers see it (see the README, Tracing). Off by default:
+    microagent 1.x receivers would get it as an argument."""
 
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  *, logger: logging.Logger | None = None, **settings: Any) -> None:
@@ -1452,6 +1784,7 @@ class AbstractSignalBus(_Connections, abc.ABC):
         self.signals_sent: dict[str, int] = {}
         self.signals_received: dict[str, int] = {}
         self.call_timings: dict[str, HandlerTimes] = {}
+        _tracing.refresh()
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)} {self.prefix}#{self.uid[:8]}>'
@@ -1563,6 +1896,7 @@ class AbstractSignalBus(_Connections, abc.ABC):
         except SerializingError as exc:
             self.log.error('Dropped signal %s from %s: %s', name, sender, exc)
             return
+        trace = payload.pop(TRACE_KEY, None) if self.TRACE_CONTEXT else None
         problem = signal.check(payload)
         if problem:
             if signal.strict:
@@ -1575,10 +1909,10 @@ class AbstractSignalBus(_Connections, abc.ABC):
         loop = asyncio.get_running_loop()
         if request_id:
             self._track(loop.create_task(
-                self._answer(signal, sender, request_id, payload, list(receivers))))
+                self._answer(signal, sender, request_id, payload, list(receivers), trace=trace)))
             return
         for receiver in list(receivers):
-            result = self._start_receiver(receiver, signal, sender, payload)
+            result = self._start_receiver(receiver, signal, sender, payload, trace=trace)
             if inspect.isawaitable(result):
                 self._track(loop.create_task(self._finish_receiver(receiver, signal, result)))
 
@@ -1596,8 +1930,10 @@ class AbstractSignalBus(_Connections, abc.ABC):
             self.log.error('Dropped an RPC answer to %s: %s', request_id, exc)
 
     async def _answer(self, signal: Signal, sender: str, request_id: str,
-                      payload: JSONObject, receivers: list[Receiver]) -> None:
-        answers = [self._start_receiver(r, signal, sender, payload) for r in receivers]
+                      payload: JSONObject, receivers: list[Receiver], *, trace: Any = None
+                      ) -> None:
+        answers = [self._start_receiver(r, signal, sender, payload, trace=trace,
+                                        request_id=request_id) for r in receivers]
         running = [i for i, value in enumerate(answers) if inspect.isawaitable(value)]
         if running:
             finished = await asyncio.gather(
@@ -1616,12 +1952,16 @@ class AbstractSignalBus(_Connections, abc.ABC):
             self.log.exception('Sending the RPC answer to %s failed', signal.name)
 
     def _start_receiver(self, receiver: Receiver, signal: Signal, sender: str,
-                        payload: JSONObject) -> Any:
+                        payload: JSONObject, *, trace: Any = None, request_id: str = '') -> Any:
         """Call a receiver: a sync one runs to its end here (its answer is returned),
         an async one gives the awaitable that :meth:`_finish_receiver` runs."""
         started = _clock() if receiver.timing is not None else 0.0
         try:
-            result = receiver.handler(signal=signal, sender=sender, **payload)
+            if _tracing.on:
+                result = _tracing.receive(self, receiver, signal, sender, payload,
+                                          carrier=trace, request_id=request_id)
+            else:
+                result = receiver.handler(signal=signal, sender=sender, **payload)
         except Exception:
             self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
             result = None
@@ -1723,7 +2063,8 @@ class BoundSignal:
     def __repr__(self) -> str:
         return f'<BoundSignal {self.signal.name} on {self.bus!r}>'
 
-    def _prepare(self, sender: str, payload: dict[str, Any]) -> tuple[str, bytes]:
+    def _prepare(self, sender: str, payload: dict[str, Any], trace: dict[str, str] | None = None
+                 ) -> tuple[str, bytes]:
         """The channel and the body of a send: the checks every send (and a mock's) makes.
 
         A payload that does not match the declaration is logged as a warning, or refused
@@ -1738,13 +2079,15 @@ class BoundSignal:
             self.bus.log.warning('Sending signal %s that does not match its declaration: %s',
                                  self.signal.name, problem)
         channel = self.signal.make_channel_name(self.bus.prefix, _check_sender(sender))
-        body = encode_json(payload)
+        body = encode_json(payload if trace is None else {**payload, TRACE_KEY: trace})
         sent, name = self.bus.signals_sent, self.signal.name
         sent[name] = sent.get(name, 0) + 1
         return channel, body
 
     async def send(self, sender: str, **kwargs: Any) -> None:
         """Publish the signal with ``kwargs`` as its payload."""
+        if _tracing.on:
+            return await _tracing.send_signal(self, sender, kwargs)
         await self.bus.send(*self._prepare(sender, kwargs))
 
     async def call(self, sender: str, timeout: float = 60, **kwargs: Any) -> JSONObject:
@@ -1769,6 +2112,8 @@ class BoundSignal:
                     ...
         """
         channel, body = self._prepare(sender, kwargs)
+        if _tracing.on:
+            return _tracing.call(self, sender, kwargs, prepared=(channel, body), timeout=timeout)
         return self.bus.call(channel, body, timeout)
 
 
@@ -1809,11 +2154,15 @@ class BoundQueue:
 
     async def send(self, message: Mapping[str, Any], **options: Any) -> None:
         """Send a message (a dict); return once the broker has stored it."""
+        if _tracing.on:
+            return await _tracing.publish(self, [message], options)
         await self.broker.send(self.queue.name, self.queue.serialize(message), **options)
 
     async def send_many(self, messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
         """Send several messages (dicts) at once, batched by the backend; return once the
         broker has stored them all. Much faster than awaiting ``send`` one by one."""
+        if _tracing.on:
+            return await _tracing.publish(self, list(messages), options, many=True)
         serialize = self.queue.serialize
         bodies = [serialize(message) for message in messages]
         if bodies:
@@ -1844,6 +2193,11 @@ class AbstractQueueBroker(_Connections, abc.ABC):
     PREFETCH: ClassVar[int] = 64
     STALL_TIMEOUT: ClassVar[float] = 60.0  # marun: a consumer taking nothing that long (0: off)
     RAW_MESSAGE_ARG: ClassVar[str | None] = None
+    TRACE_CONTEXT: ClassVar[bool] = False
+    """Carry the OpenTelemetry trace context in the message's reserved ``_trace`` key,
+    taken out again before consumers see it, for transports without headers (Redis,
+    memory; AMQP and Kafka carry it in headers anyway). Off by default: microagent 1.x
+    consumers would get it as an argument."""
     Options: ClassVar[type[ConsumerOptions]]  # set below: the consumer options it takes
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, *,
@@ -1854,6 +2208,7 @@ class AbstractQueueBroker(_Connections, abc.ABC):
         self.links: dict[str, Link] = {}
         _apply_settings(self, attributes, ('dsn', 'log'))
         _refuse_taken_names('queue', Queue.get_all(), type(self), QueueException)
+        _tracing.refresh()
 
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {redact_dsn(self.dsn)}>'
@@ -1933,6 +2288,11 @@ class AbstractQueueBroker(_Connections, abc.ABC):
     async def dead_letter(self, name: str, delivery: Delivery, envelope: bytes) -> None:
         """Store the envelope of a message that could not be handled in ``{name}.dead``."""
         await self.send(f'{name}.dead', envelope)
+
+    def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
+        """The headers of a delivery that carry the W3C trace context, for backends
+        whose transport has headers (AMQP, Kafka); None when it has none."""
+        return None
 
     async def unbound(self, name: str) -> None:
         """The consumer of ``name`` has drained (everything acknowledged or released):
@@ -2070,6 +2430,7 @@ class ConsumerPool:
         self._dto_class = consumer.dto_class  # hoisted from the per-message path:
         self._is_struct = bool(self._dto_class and issubclass(self._dto_class, msgspec.Struct))
         self._raw_arg = broker.RAW_MESSAGE_ARG
+        self._strip_trace = broker.TRACE_CONTEXT
         # What marun reports (status, metrics, stall check): plain counters, no locks.
         self.handled = self.retried = self.dead_lettered = self.released = 0
         self.last_fetch: float | None = None  # time.monotonic() of the last batch taken
@@ -2138,7 +2499,8 @@ class ConsumerPool:
                 room.wake()
             running.add(delivery)
             try:
-                outcome = await self._handle(delivery, worker)
+                outcome = await (_tracing.process(self, delivery, worker) if _tracing.on
+                                 else self._handle(delivery, worker))
             except asyncio.CancelledError:
                 running.discard(delivery)
                 self._to_release.append(delivery)
@@ -2153,6 +2515,8 @@ class ConsumerPool:
 
     def _arguments(self, delivery: Delivery) -> dict[str, Any]:
         payload = decode_object(delivery.body)
+        if self._strip_trace:
+            payload.pop(TRACE_KEY, None)
         dto_class = self._dto_class
         if dto_class is not None:
             dto = (msgspec.convert(payload, dto_class) if self._is_struct
@@ -2205,6 +2569,7 @@ class ConsumerPool:
                     timing.counts[0 if elapsed <= _FIRST_BOUND else
                                   _bucket_of(HANDLER_BUCKETS, elapsed)] += 1
                     timing.total += elapsed
+            _tracing.attempt_failed(error, attempts, limit)
             if attempts >= limit:
                 self.log.error('Consumer %s gave up on a message of %s after %d attempts',
                                consumer.key, self.name, attempts, exc_info=error)
@@ -2234,6 +2599,7 @@ class ConsumerPool:
                          'to the queue', self.name)
             return Outcome.RELEASE
         self.dead_lettered += 1
+        _tracing.dead_lettered(self.name, error, attempts)
         return Outcome.ACK
 
     # -- acknowledging and closing --------------------------------------------------
@@ -2378,7 +2744,7 @@ class _Timer:
     async def _execute(self) -> None:
         self.last_run, started = time.time(), time.perf_counter()
         try:
-            await _call(self.handler, self.timeout)
+            await (_tracing.run_timer(self) if _tracing.on else _call(self.handler, self.timeout))
             self.last_error = None
         except asyncio.TimeoutError:
             self.agent.log.error('%r timed out after %ss', self, self.timeout)

@@ -48,6 +48,7 @@ from microagent import (
     QueueNotFound,
     _resolve,
     redact_dsn,
+    trace_headers,
 )
 
 if TYPE_CHECKING:
@@ -965,6 +966,8 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
 # FastStream durable ones); a missing one is declared durable, by producers too. A missing
 # exchange is declared ``topic`` and durable, the queue bound by each of its topics.
 #
+# While OpenTelemetry tracing is on, message headers carry the W3C trace context.
+#
 # At-least-once: finished messages are acked in batches (``multiple=True`` up to the
 # highest contiguous tag), unfinished ones nacked back at a graceful stop; RabbitMQ
 # redelivers what a dead consumer or a lost connection left unacknowledged.
@@ -990,6 +993,16 @@ def _with_heartbeat(dsn: str, heartbeat: int) -> str:
         return dsn
     query = f'{parsed.query}&' * bool(parsed.query) + f'heartbeat={int(heartbeat)}'
     return parsed._replace(query=query).geturl()
+
+
+def _with_trace_context(properties: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Message properties with the trace context of the current span added to their
+    ``headers`` while tracing is on (the caller's own headers are kept)."""
+    carrier = trace_headers()
+    if not carrier:
+        return properties or {}
+    properties = properties or {}
+    return {**properties, 'headers': {**(properties.get('headers') or {}), **carrier}}
 
 
 def _declaration(name: str) -> Queue | None:
@@ -1383,7 +1396,8 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                             f'sending to {name} (the message may not be stored)'):
                         if exchange is None:
                             await self._amqp.ensure_queue(name)
-                        await self._publish(target, routing_key, messages, properties or {})
+                        await self._publish(target, routing_key, messages,
+                                            _with_trace_context(properties))
                     return
                 except QueueException as exc:
                     cause = exc.__cause__
@@ -1539,6 +1553,11 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
         wakeup, consumption.wakeup = consumption.wakeup, None
         _resolve(wakeup)
 
+    def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
+        """The headers of a consumed message, which carry the trace context."""
+        message: DeliveredMessage | None = delivery.raw
+        return message.header.properties.headers if message is not None else None
+
     async def _feed(self, consumption: _AMQPConsumption) -> None:
         """Hand what arrived together to the pool as one batch (it waits when full)."""
         loop = asyncio.get_running_loop()
@@ -1675,6 +1694,7 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
 # which every record is finished: an unfinished record (released at a stop, or its
 # consumer killed) is never committed past, so the group delivers it again. Topics,
 # ``{queue}.dead`` included, are created when missing; ``queue_length`` is the group's lag.
+# Records carry no headers but the W3C trace context while OpenTelemetry tracing is on.
 #
 # Tested against Tansu 0.6 (a Kafka-protocol broker) too, which differs: a group forms
 # only after half the session timeout (so ``bind`` takes ``SESSION_TIMEOUT / 2``); the
@@ -1717,6 +1737,16 @@ def _topic(name: str) -> str:
         raise QueueException(f'queue {name!r} cannot be a Kafka topic: use only letters, '
                              'digits, ".", "_" and "-" (at most 249)')
     return name
+
+
+def _with_trace_headers(options: dict[str, Any]) -> dict[str, Any]:
+    """Send options with the trace context of the current span added to the record's
+    ``headers`` while tracing is on (the caller's own headers are kept)."""
+    carrier = trace_headers()
+    if not carrier:
+        return options
+    return {**options, 'headers': [*(options.get('headers') or ()),
+                                   *((key, value.encode()) for key, value in carrier.items())]}
 
 
 async def _within(awaitable: Awaitable[Any], timeout: float) -> Any:
@@ -2058,7 +2088,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         Raises :class:`ConnectionError` when Kafka is unreachable (within ``SEND_TIMEOUT``);
         the message may then not be stored.
         """
-        options = self._send_options(kwargs)
+        options = _with_trace_headers(self._send_options(kwargs))
         topic = _topic(name)
         async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
@@ -2068,7 +2098,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     async def send_many(self, name: str, messages: list[bytes], **kwargs: Any) -> None:
         """Produce several messages, batched by the producer; return once all are
         acknowledged (on an error, some of them may be stored)."""
-        options = self._send_options(kwargs)
+        options = _with_trace_headers(self._send_options(kwargs))
         topic = _topic(name)
         async with self._failing(f'sending to {name}', self.link('producer')):
             producer = await self._producer_started()
@@ -2126,6 +2156,11 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                 continue
             if batches:
                 await pool.feed(consumption.track(batches))
+
+    def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
+        """The headers of a consumed record, which carry the trace context."""
+        headers = delivery.raw.headers if delivery.raw is not None else None
+        return dict(headers) if headers else None
 
     async def _commit_periodically(self, consumption: _KafkaConsumption) -> None:
         while True:

@@ -2328,12 +2328,12 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
 @pytest.mark.parametrize(('section', 'entry', 'error'), [
     ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
      "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
-     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT"),
+     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT, TRACE_CONTEXT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
                 'ROLLBACK_ATTEMPT': 5},
      "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
      "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
-     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT"),
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT, TRACE_CONTEXT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
      "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
     ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},

@@ -11,6 +11,7 @@ Run from the project root::
     python benchmarks/bench.py --source /tmp/old            # measure another copy of the code
     python benchmarks/bench.py --profile /tmp/prof --backends memory --workloads consume
     python benchmarks/bench.py --backends memory,redis --workloads consume --metrics off,on
+    python benchmarks/bench.py --tracing --backends memory,redis   # OpenTelemetry on
 
 A full run starts with an unrecorded warm-up pass (N/4 messages; ``--no-warmup``), then
 takes the median of ``--runs`` runs; the framework and the raw client alternate which goes
@@ -45,6 +46,11 @@ names every time, every wait bounded: a timeout makes a failed cell, never a han
 reporting the agent twice a second on a pipe to another process (as to the supervisor);
 the table gives its rate against the framework's with metrics off in the
 same run (target: at least 0.9 of it). ``--metrics on`` alone runs only that cell.
+
+``--tracing`` sets an OpenTelemetry SDK tracer provider whose spans go through a
+``BatchSpanProcessor`` to an exporter that drops them (``pip install '.[dev]'``), and
+``TRACE_CONTEXT=True`` on every bus and broker: what tracing costs the framework, not an
+exporter. The raw clients are not traced.
 
 The same work is done by the raw client library alone in the same run (see
 ``RAW_CLIENTS``): every raw consumer decodes each message with msgspec and awaits a
@@ -1726,6 +1732,8 @@ def machine(report: dict[str, Any]) -> list[str]:
         f'- Libraries: {libraries}',
         f'- Brokers, on loopback: {servers or "none"}',
     ]
+    if report.get('tracing'):
+        lines.append(f'- Tracing: {report["tracing"]}')
     if report.get('load'):
         lines.append(f'- During the run: {report["load"]}')
     if skipped:
@@ -1819,6 +1827,30 @@ def startup_table(report: dict[str, Any], results: dict[str, Any]) -> list[str]:
 # Command line
 # =====================================================================================
 
+def enable_tracing() -> str:
+    """``--tracing``: an SDK tracer provider exporting to nowhere, and the trace context
+    in the payloads of Redis and memory; returns what the report says about it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DropSpans(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    trace.set_tracer_provider(provider)
+    microagent.AbstractQueueBroker.TRACE_CONTEXT = True  # type: ignore[misc]
+    microagent.AbstractSignalBus.TRACE_CONTEXT = True  # type: ignore[misc]
+    return (f'OpenTelemetry SDK {library_version("opentelemetry-sdk")}, BatchSpanProcessor '
+            'to an exporter that drops the spans; TRACE_CONTEXT=True')
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Benchmark microagent against the raw client libraries (issue 5).')
@@ -1845,6 +1877,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--source', metavar='DIR', default=str(ROOT),
                         help='measure the microagent.py and microagent_backends.py in DIR '
                              '(e.g. a copy of another commit) instead of this checkout')
+    parser.add_argument('--tracing', action='store_true',
+                        help='OpenTelemetry on: an SDK tracer provider with an exporter '
+                             'that drops the spans, and TRACE_CONTEXT=True everywhere')
     parser.add_argument('--report', metavar='FILE',
                         help='print the table of results saved by --json, without running')
     parser.add_argument('--metrics', default='off',
@@ -1895,6 +1930,7 @@ def main(argv: list[str] | None = None) -> int:
         f' {arg}' for arg in (sys.argv[1:] if argv is None else argv))
     report: dict[str, Any]
     code_at_start = code_version()
+    tracing = enable_tracing() if args.tracing else ''
     counters, own_cpu = cpu_times(), time.process_time()
     kafka_server = (kafka_dsn(os.environ.get('MICROAGENT_KAFKA_DSN')) if 'kafka' in args.backends
                     else contextlib.nullcontext((None, None, 'not selected')))
@@ -1904,6 +1940,7 @@ def main(argv: list[str] | None = None) -> int:
     report['code'] = code_at_start
     report['load'] = machine_load(counters, time.process_time() - own_cpu)
     report['version'] = microagent.__version__
+    report['tracing'] = tracing
     if 'import' in args.workloads:
         report['import'] = {module: measure_import(module)
                             for module in ('asyncio', 'microagent', 'microagent_backends')}
