@@ -5183,6 +5183,13 @@ class TimerReport(msgspec.Struct, frozen=True):
     name: str
     last_run: float | None  # Unix time
     last_error: str | None
+    singleton: str | None = None  # its key, when it is a singleton
+
+
+class ServerReport(msgspec.Struct, frozen=True):
+    name: str
+    singleton: str | None  # its key, when it is a singleton
+    holds: bool  # a singleton: this agent holds the lease (its server runs); else True
 
 
 class TimingReport(msgspec.Struct, frozen=True):
@@ -5200,6 +5207,7 @@ class AgentReport(msgspec.Struct, frozen=True):
     timings: list[TimingReport]
     signals_sent: dict[str, int]
     signals_received: dict[str, int]
+    servers: list[ServerReport] = msgspec.field(default_factory=list)
 
 
 class ProcessReport(msgspec.Struct, frozen=True):
@@ -5361,7 +5369,7 @@ class ProcessMonitor:
         last_fetch = pool.last_fetch or 0.0
         took = last_fetch >= watch.since if watch.since is not None else \
             now - last_fetch < interval
-        if pool.closing or not _links_up(broker) or not pool.has_room or took:
+        if pool.closing or not broker.connected or not pool.has_room or took:
             self._clear(pool, watch)
             return
         if now < watch.next_check:
@@ -5372,7 +5380,7 @@ class ProcessMonitor:
                                                    max(timeout / 2, 1.0))
         except Exception:  # unreachable, or too slow to say: not a stall of its own
             watch.waiting = 0
-        if not watch.waiting or not _links_up(broker):
+        if not watch.waiting or not broker.connected:
             self._clear(pool, watch)
             return
         if watch.since is None:
@@ -5450,7 +5458,8 @@ class ProcessMonitor:
             name=name, links=links,
             consumers=[self._consumer_report(pool, now) for pool in pools],
             timers=[TimerReport(kind, _handler_key(agent, timer.handler), timer.last_run,
-                                timer.last_error) for kind, timer in timers],
+                                timer.last_error, timer.singleton) for kind, timer in timers],
+            servers=[_server_report(agent, server) for server in agent.hooks['server']],
             timings=[TimingReport(kind, key, list(t.counts), t.total)
                      for (kind, key), t in timings.items()],
             signals_sent=dict(bus.signals_sent) if bus is not None else {},
@@ -5467,10 +5476,11 @@ class ProcessMonitor:
             stalled_for=self._stalled_for(pool, now))
 
 
-def _links_up(transport: AbstractSignalBus | AbstractQueueBroker) -> bool:
-    """True when no connection of ``transport`` is down (see :func:`_link_up`)."""
-    return all(link.connected or link.last_error is None
-               for link in list(transport.links.values()))
+def _server_report(agent: MicroAgent, server: Callable[..., Any]) -> ServerReport:
+    leased = agent.leased_servers.get(server.__name__)
+    if leased is None:
+        return ServerReport(_handler_key(agent, server), None, True)
+    return ServerReport(_handler_key(agent, server), leased.key, leased.token is not None)
 
 
 def _handler_key(agent: MicroAgent, handler: Callable[..., Any]) -> str:
@@ -5481,13 +5491,6 @@ def _handler_key(agent: MicroAgent, handler: Callable[..., Any]) -> str:
 
 MESSAGE_OUTCOMES = ('acked', 'retried', 'dead_lettered', 'released')
 _PASSWORD = re.compile(r'(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@', re.IGNORECASE)
-
-
-def _link_up(link: LinkReport) -> bool:
-    """Whether a connection counts as up: a connection not tried yet (a Redis broker's
-    ``commands`` before its first heartbeat) is not down; one that failed is, until it
-    works again."""
-    return link.connected or link.last_error is None
 
 
 def _scrub(text: str) -> str:
@@ -5689,11 +5692,14 @@ class FleetView:
             'name': name, 'replica': managed.replica,
             'pid': managed.process.pid if managed.alive else None,
             'state': managed.state, 'restarts': managed.restarts,
-            'connected': current is not None and all(_link_up(link) for link in current.links),
+            'connected': current is not None and all(link.connected for link in current.links),
             'consumers': [consumers[queue] for queue in sorted(consumers)],
             'timers': [{'name': t.name, 'kind': t.kind, 'last_run': t.last_run,
-                        'last_error': _scrub(t.last_error) if t.last_error else None}
+                        'last_error': _scrub(t.last_error) if t.last_error else None,
+                        'singleton': t.singleton}
                        for t in (current.timers if current is not None else ())],
+            'servers': [{'name': s.name, 'singleton': s.singleton, 'holds': s.holds}
+                        for s in (current.servers if current is not None else ())],
         }
 
     def reasons(self) -> list[str]:
@@ -5710,7 +5716,7 @@ class FleetView:
             for agent in managed.report.agents if managed.report is not None else ():
                 who = f'{agent.name}{managed.suffix}'
                 for link in agent.links:
-                    if not _link_up(link):
+                    if not link.connected:
                         why = f' ({link.last_error})' if link.last_error else ''
                         reasons.append(_scrub(f'{who}: {link.transport}: connection '
                                               f'{link.name!r} is down{why}'))
@@ -5743,7 +5749,7 @@ class FleetView:
                 labels = [name, str(managed.replica)]
                 up.add_metric(labels, 1 if managed.state == 'running' else 0)
                 connected.add_metric(labels, 1 if current is not None and all(
-                    _link_up(link) for link in current.links) else 0)
+                    link.connected for link in current.links) else 0)
                 for c in current.consumers if current is not None else ():
                     key = (name, c.queue)
                     in_flight[key] = in_flight.get(key, 0) + c.in_flight

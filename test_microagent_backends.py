@@ -2760,3 +2760,49 @@ async def test_kafka_waiting_counts_what_this_consumer_could_fetch(
         release.set()
         await agent.stop()
         await broker.close()
+
+
+async def test_fleet_singleton_ticks_once_across_marun_replicas_and_survives_a_kill(
+        redis_dsn: str, raw: aioredis.Redis, unique: str) -> None:
+    """Issue 12 under marun: 3 replicas of an agent with a singleton timer and a singleton
+    server. Each tick runs once, /status says which handlers are singletons and which
+    replica leads, and when the replica that ran the last tick is killed the ticks go on
+    within two periods (and marun restarts it)."""
+    period = 0.5
+    env = {'SINGLETON_REDIS_DSN': redis_dsn, 'SINGLETON_PREFIX': unique,
+           'SINGLETON_PERIOD': str(period), 'SINGLETON_REPLICAS': '3'}
+
+    async def runs() -> list[tuple[int, int]]:
+        return [(int(t), int(p)) for t, p in
+                (item.split() for item in await raw.lrange(f'{unique}:runs', 0, -1))]
+
+    with Marun(['tests_support.singleton_marun'], env=env) as fleet:
+        status = await asyncio.to_thread(fleet.ready)
+        await eventually(lambda: _count(runs, 9), timeout=15)
+        assert_each_tick_once(await runs())
+        agents = status['agents']
+        assert all({t['singleton'] for t in a['timers']} == {'tests_support.singleton_marun.'
+                                                              'Ticker.tick'} for a in agents)
+        leaders = await eventually(
+            lambda: [a['replica'] for a in fleet.status()['agents']
+                     if any(s['holds'] for s in a['servers'])])
+        assert len(leaders) == 1, leaders
+        _, last_pid = (await runs())[-1]
+        os.kill(last_pid, signal.SIGKILL)
+        killed_at_tick = round(time.time() / period)
+        await eventually(lambda: _ticked_after(runs, killed_at_tick + 1, last_pid),
+                         timeout=2 * period + 1)
+        await eventually(lambda: all(a['state'] == 'running' for a in fleet.status()['agents']),
+                         timeout=15)
+        assert_each_tick_once(await runs())
+        assert await asyncio.to_thread(fleet.stop) == 0
+    assert len({pid for _, pid in await runs()}) > 1  # ticks ran on more than one replica
+
+
+async def _count(runs: Callable[[], Awaitable[list[tuple[int, int]]]], at_least: int) -> bool:
+    return len(await runs()) >= at_least
+
+
+async def _ticked_after(runs: Callable[[], Awaitable[list[tuple[int, int]]]], tick: int,
+                        dead: int) -> bool:
+    return any(t >= tick and pid != dead for t, pid in await runs())
