@@ -18,9 +18,13 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 REQUIRE_SERVICES = os.environ.get('MICROAGENT_REQUIRE_SERVICES') == '1'
 REDIS_DSN = os.environ.get('MICROAGENT_REDIS_DSN', 'redis://127.0.0.1:6379/0')
@@ -227,3 +231,17 @@ def child_process(args: list[str], **kwargs: object) -> Iterator[subprocess.Pope
         yield process
     finally:
         stop_process(process)
+
+
+@pytest.fixture
+async def raw(redis_dsn: str, unique: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client, as microagent 1.x uses Redis; the test's keys (those
+    holding its unique name) are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_dsn)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f'*{unique}*')]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()

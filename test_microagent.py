@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -18,7 +19,7 @@ import textwrap
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -2891,9 +2892,6 @@ async def test_bus_without_singleton_support_skips_ticks_with_a_warning(
 # (memory backends only; the tests on Redis are in test_microagent_backends.py)
 # =====================================================================================
 
-import contextlib  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tests_support.fleet_marun import Marun  # noqa: E402
@@ -3124,13 +3122,13 @@ class NeverFetching(MemoryBroker):
         await asyncio.Event().wait()
 
 
-async def test_fleet_monitor_finds_a_stalled_consumer_and_stops_the_process(
-        names: Any, caplog: pytest.LogCaptureFixture) -> None:
-    broker = NeverFetching(f'memory://{names.q}', STALL_TIMEOUT=0.5)
-    queue = Queue(names.q)
-
+@contextlib.asynccontextmanager
+async def monitored_idle_consumer(broker: MemoryBroker, name: str
+                                  ) -> AsyncIterator[tuple[Any, asyncio.Future[None]]]:
+    """An agent consuming ``name`` on ``broker`` under a ProcessMonitor, with one message
+    waiting; yields the monitor and the future it resolves to stop the process."""
     class Idle(MicroAgent):
-        @consumer(queue)
+        @consumer(Queue(name))
         async def handle(self, **kwargs: Any) -> None:
             pass
 
@@ -3141,42 +3139,31 @@ async def test_fleet_monitor_finds_a_stalled_consumer_and_stops_the_process(
     task = asyncio.get_running_loop().create_task(monitor.run())
     await agent.start()
     monitor.running()
-    await getattr(broker, names.q).send({'n': 1})
+    await getattr(broker, name).send({'n': 1})
     try:
+        yield monitor, stop
+    finally:
+        await monitor.close(task)
+        await agent.stop()
+
+
+async def test_fleet_monitor_finds_a_stalled_consumer_and_stops_the_process(
+        names: Any, caplog: pytest.LogCaptureFixture) -> None:
+    broker = NeverFetching(f'memory://{names.q}', STALL_TIMEOUT=0.5)
+    async with monitored_idle_consumer(broker, names.q) as (monitor, stop):
         await asyncio.wait_for(asyncio.shield(stop), 5)
         assert monitor.stalled
         messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
         assert any('is stalled: connected, with room, 1 messages waiting' in m
                    for m in messages), messages
-    finally:
-        await monitor.close(task)
-        await agent.stop()
 
 
 async def test_fleet_monitor_never_calls_a_lost_connection_a_stall(names: Any) -> None:
     broker = NeverFetching(f'memory://{names.q}', STALL_TIMEOUT=0.2)
     broker.link('consume').lost('connection reset')
-    queue = Queue(names.q)
-
-    class Idle(MicroAgent):
-        @consumer(queue)
-        async def handle(self, **kwargs: Any) -> None:
-            pass
-
-    agent = Idle(broker=broker)
-    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    monitor = microagent.ProcessMonitor('idle', stop, None)
-    monitor.agents.append(('idle', agent))
-    task = asyncio.get_running_loop().create_task(monitor.run())
-    await agent.start()
-    monitor.running()
-    await getattr(broker, names.q).send({'n': 1})
-    try:
-        await asyncio.sleep(1.5)
+    async with monitored_idle_consumer(broker, names.q) as (monitor, stop):
+        await asyncio.sleep(1.5)  # several stall checks: none may fire
         assert not monitor.stalled and not stop.done()
-    finally:
-        await monitor.close(task)
-        await agent.stop()
 
 
 def test_fleet_view_never_shows_a_password() -> None:

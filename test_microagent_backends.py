@@ -193,17 +193,6 @@ async def next_published(pubsub: Any, timeout: float = WAIT) -> tuple[str, bytes
     raise AssertionError(f'nothing published within {timeout}s')
 
 
-@pytest.fixture
-async def raw(redis_dsn: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain redis-py client; the test's keys are deleted afterwards."""
-    client = aioredis.Redis.from_url(redis_dsn)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f'*{unique}*')]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
 class Rabbit:
     """A plain aiormq client for the tests' own checks, as microagent 1.x uses RabbitMQ."""
 

@@ -386,18 +386,6 @@ async def test_timer_runs_are_internal_spans_of_their_own_trace(
 
 # -- Redis ------------------------------------------------------------------------------
 
-@pytest.fixture
-async def raw(redis_dsn: str, unique: str) -> AsyncIterator[aioredis.Redis]:
-    """A plain redis-py client, as microagent 1.x uses Redis; the test's keys are deleted
-    afterwards."""
-    client = aioredis.Redis.from_url(redis_dsn)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f'*{unique}*')]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
 async def raw_subscriber(raw: aioredis.Redis, pattern: str) -> Any:
     pubsub = raw.pubsub()
     await pubsub.psubscribe(pattern)
