@@ -2416,7 +2416,6 @@ class ConsumerPool:
         self.backoff = broker.RETRY_BACKOFF if options.backoff is None else options.backoff
         self.capacity = max(2 * self.concurrency, broker.PREFETCH)
         self._pending: deque[Delivery] = deque()  # fed, not started
-        self._running: set[Delivery] = set()
         self._to_ack: list[Delivery] = []
         self._to_release: list[Delivery] = []
         self._idle: deque[_Waiter] = deque()  # workers waiting for deliveries
@@ -2441,13 +2440,14 @@ class ConsumerPool:
 
     @property
     def in_flight(self) -> int:
-        """Handlers running now."""
-        return len(self._running)
+        """Messages being handled now: the workers that are not idle (counted when asked,
+        not per message)."""
+        return sum(not worker.done() for worker in self._workers) - len(self._idle)
 
     @property
     def has_room(self) -> bool:
         """True when a worker is idle and no message taken waits for one."""
-        return not self._pending and len(self._running) < self.concurrency
+        return not self._pending and bool(self._idle)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -2482,7 +2482,7 @@ class ConsumerPool:
     # -- the workers ----------------------------------------------------------------
 
     async def _work(self) -> None:
-        pending, running, room, acks = self._pending, self._running, self._room, self._acks_waiting
+        pending, room, acks = self._pending, self._room, self._acks_waiting
         waiter, ack, release = _Waiter(), Outcome.ACK, Outcome.RELEASE
         half_full = self.capacity // 2 + 1
         worker = asyncio.current_task()
@@ -2497,15 +2497,12 @@ class ConsumerPool:
             delivery = pending.popleft()
             if room.future is not None and len(pending) < half_full:
                 room.wake()
-            running.add(delivery)
             try:
                 outcome = await (_tracing.process(self, delivery, worker) if _tracing.on
                                  else self._handle(delivery, worker))
             except asyncio.CancelledError:
-                running.discard(delivery)
                 self._to_release.append(delivery)
                 raise
-            running.discard(delivery)
             if outcome is ack:
                 self._to_ack.append(delivery)
                 if acks.future is not None:

@@ -803,7 +803,7 @@ async def test_backpressure_bounds_what_a_consumer_takes(names: Any, memory: Any
     agent = Agent(broker=broker)
     await agent.start()
     pool = broker.pools[names.q]
-    await wait_for(lambda: len(pool._running) == 2)
+    await wait_for(lambda: pool.in_flight == 2)
     taken = 1000 - await broker.queue_length(names.q)
     assert taken <= pool.capacity + broker.FETCH_BATCH + 2
     release.set()
@@ -1201,7 +1201,7 @@ async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
         await getattr(broker, names.q).send({})
         await attempts.wait(2)
         assert time.monotonic() - began < 1
-        await wait_for(lambda: not broker.pools[names.q]._running)
+        await wait_for(lambda: broker.pools[names.q].in_flight == 0)
     assert len(attempts.calls) == 2
     assert await broker.queue_length(f'{names.q}.dead') == 0
 
