@@ -370,6 +370,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._subscribed_once = False  # this connection: patterns are subscribed again
+        self._heard = 0  # messages read from the pub/sub connection (for the watchdog)
         self._patterns: set[str] = set()
         self._confirmations: dict[str, list[asyncio.Future[None]]] = {}
         self._coordinator: Redis | None = None
@@ -512,29 +513,52 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
         if self._patterns:
             await pubsub.psubscribe(*self._patterns)
         link.up()
-        handle, interval = self.handle_message, self.HEALTH_CHECK_INTERVAL
+        handle = self.handle_message
+        watchdog = asyncio.get_running_loop().create_task(self._watch_silence(pubsub))
+        try:
+            while True:
+                # Blocking reads: a read with a timeout costs a timer per message; the
+                # watchdog task notices silence instead, from the count of messages.
+                message = await pubsub.get_message(timeout=None)
+                self._heard += 1
+                if message is None:
+                    continue
+                kind = message['type']
+                if kind == 'pmessage':
+                    try:
+                        handle(message['channel'], message['data'])
+                    except Exception:
+                        self.log.exception('Handling a message of %r failed',
+                                           message['channel'])
+                elif kind == 'psubscribe':
+                    self._confirm(message['channel'])
+        finally:
+            watchdog.cancel()
+
+    async def _watch_silence(self, pubsub: PubSub) -> None:
+        """After ``HEALTH_CHECK_INTERVAL`` with nothing read, PING; when that brings no
+        answer within as long again, close the connection: the blocked read fails and the
+        reader connects again (a half-open connection would otherwise be read forever)."""
+        interval = self.HEALTH_CHECK_INTERVAL
         loop = asyncio.get_running_loop()
-        heard = loop.time()
-        pinged: float | None = None
+        heard, heard_at, pinged_at = self._heard, loop.time(), None
         while True:
-            message = await pubsub.get_message(timeout=interval)
-            if message is None:  # silence: ask, and give up when no answer comes
-                now = loop.time()
-                if pinged is not None and now - pinged >= interval:
-                    raise ConnectionError(f'no answer from Redis for {now - heard:.0f}s')
-                if pinged is None and now - heard >= interval:
-                    pinged = now
+            await asyncio.sleep(interval / 5)
+            now = loop.time()
+            if self._heard != heard:
+                heard, heard_at, pinged_at = self._heard, now, None
+            elif pinged_at is None and now - heard_at >= interval:
+                pinged_at = now
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.ping(_PING), interval)
-                continue
-            heard, pinged = loop.time(), None
-            kind = message['type']
-            if kind == 'pmessage':
-                try:
-                    handle(message['channel'], message['data'])
-                except Exception:
-                    self.log.exception('Handling a message of %r failed', message['channel'])
-            elif kind == 'psubscribe':
-                self._confirm(message['channel'])
+            elif pinged_at is not None and now - pinged_at >= interval:
+                break
+        self.log.debug('No answer from Redis for %.0fs: closing the pub/sub connection',
+                       loop.time() - heard_at)
+        connection: Any = pubsub.connection  # typed None by redis-py until connected
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.disconnect(nowait=True), interval)
 
     def _confirm(self, pattern: bytes | str) -> None:
         if isinstance(pattern, bytes):
