@@ -826,6 +826,20 @@ async def _call(func: Callable[..., Any], timeout: float | None, **kwargs: Any) 
     return result
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None, patience: float = 0.1) -> None:
+    """Cancel ``task`` and wait until it ended, cancelling it again every ``patience``
+    seconds: on Python < 3.12, ``asyncio.wait_for`` (which client libraries use around a
+    write) swallows a cancellation that arrives as its inner call completes, and the task
+    would go on. Its exception, if any, is retrieved (tasks log their own failures)."""
+    if task is None:
+        return
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=patience)
+    if not task.cancelled():
+        task.exception()
+
+
 class Watchdog:
     """Cancels the tasks that outlive their deadline, checking a few times per timeout:
     one timer for many tasks instead of a timeout per call, on the hot paths (receivers,
@@ -1182,9 +1196,7 @@ class MicroAgent:
                 self.log.error('Stopping %r failed', self, exc_info=result)
         current = asyncio.current_task()
         servers = [task for task in self._servers if task is not current]
-        for task in servers:
-            task.cancel()
-        await asyncio.gather(*servers, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task, patience=1.0) for task in servers))
 
     async def wait(self) -> None:
         """Wait until the agent has stopped: :meth:`stop` was called, or a server
@@ -3001,8 +3013,7 @@ class LeasedServer:
         if why is not None:
             self.agent.log.warning('%r cancels its server: %s', self, why)
             self.token = None
-        server.cancel()
-        await asyncio.wait({server})
+        await cancel_and_wait(server, patience=1.0)
         if not server.cancelled() and server.exception() is not None:
             self.agent.log.error('Server %s failed as it was cancelled', self.handler.__name__,
                                  exc_info=server.exception())

@@ -47,6 +47,7 @@ from microagent import (
     QueueException,
     QueueNotFound,
     _resolve,
+    cancel_and_wait,
     redact_dsn,
     trace_headers,
 )
@@ -103,22 +104,6 @@ def lower_connection_attempt_logs(logger: str, level: int, *messages: str) -> No
     log = logging.getLogger(logger)
     if not any(isinstance(f, _ConnectionAttemptLog) for f in log.filters):
         log.addFilter(_ConnectionAttemptLog(level, messages))
-
-
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait until it ended.
-
-    The cancellation is repeated: on Python < 3.12, ``asyncio.wait_for`` (which redis-py
-    uses to write a command) swallows a cancellation that arrives as its inner write
-    completes, and the task would go on waiting for its reply.
-    """
-    if task is None:
-        return
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled():
-        task.exception()  # retrieved: the tasks log their own failures
 
 
 class _Unreachable(ConnectionError):
