@@ -3013,7 +3013,7 @@ class LeasedServer:
         if why is not None:
             self.agent.log.warning('%r cancels its server: %s', self, why)
             self.token = None
-        await cancel_and_wait(server, patience=1.0)
+        await cancel_and_wait(server)  # at once: the lease may end soon after
         if not server.cancelled() and server.exception() is not None:
             self.agent.log.error('Server %s failed as it was cancelled', self.handler.__name__,
                                  exc_info=server.exception())
