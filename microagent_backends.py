@@ -2150,21 +2150,42 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
 
     async def _consume(self, consumption: _KafkaConsumption) -> None:
         """Feed the pool with batches of records, forever; a failure is retried with
-        backoff (aiokafka reconnects by itself)."""
+        backoff (aiokafka reconnects by itself).
+
+        A fetch that cannot reach Kafka returns nothing rather than failing, so records
+        are what says the link is up: after ``REQUEST_TIMEOUT / 2`` without any, the
+        consumer's own connection is probed with a metadata request (which has as long to
+        be answered), and the link is lost while that fails."""
         consumer, pool, link = consumption.consumer, consumption.pool, consumption.link
         size = max(1, pool.capacity)
+        clock = asyncio.get_running_loop().time
+        quiet = self.REQUEST_TIMEOUT / 2
+        heard_until = clock() + quiet
         while not pool.closing:
             try:
-                async with self._failing(f'fetching {consumption.name}', link):
+                async with self._failing(f'fetching {consumption.name}'):
                     batches = await consumer.getmany(timeout_ms=_FETCH_WAIT_MS,
                                                      max_records=size)
+                    if not batches and clock() >= heard_until:
+                        await self._probe(consumer, quiet)
+                    if batches or clock() >= heard_until:
+                        heard_until = clock() + quiet
+                        link.up()
             except Exception as exc:
-                if not isinstance(exc, (_Unreachable, QueueException)):
-                    link.lost(exc)
+                link.lost(exc)
                 await link.pause()
                 continue
             if batches:
                 await pool.feed(consumption.track(batches))
+
+    async def _probe(self, consumer: Any, timeout: float) -> None:
+        """A metadata request on the consumer's connection, answered within ``timeout``,
+        or a connection error."""
+        errors = _aiokafka().errors
+        try:
+            await _within(consumer.topics(), timeout)
+        except errors.KafkaError as exc:  # 'Unable to get cluster metadata': unreachable
+            raise errors.KafkaConnectionError(str(exc)) from exc
 
     def trace_carrier(self, delivery: Delivery) -> Mapping[str, Any] | None:
         """The headers of a consumed record, which carry the trace context."""

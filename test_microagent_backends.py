@@ -2269,7 +2269,6 @@ def test_missing_client_library_says_what_to_install(
     assert str(caught.value) == message
 
 
-@pytest.mark.parametrize('behind_proxy', ['redis', 'amqp'], indirect=True)
 async def test_links_report_a_lost_connection_and_its_return(behind_proxy: BehindProxy,
                                                              unique: str) -> None:
     """``broker.links`` / ``broker.connected``: while the consumer's connections are silent
