@@ -24,7 +24,6 @@ import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -138,19 +137,41 @@ class _Transport:
             return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
         return _Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
 
-    @contextlib.asynccontextmanager
-    async def _failing(self, what: str, link: Link | None = None) -> AsyncIterator[None]:
-        """Run an operation: a failure of the client library is raised as
-        :meth:`_failure`'s error (and marks ``link`` lost); success marks ``link`` up."""
-        try:
-            yield
-        except self._failures as exc:
-            await self._after_failure(exc)
-            if link is not None:
-                link.lost(exc)
-            raise self._failure(what, exc) from exc
-        if link is not None:
-            link.up()
+    def _failing(self, what: str, link: Link | None = None) -> _Failing:
+        """``async with self._failing(what, link):`` runs an operation: a failure of the
+        client library is raised as :meth:`_failure`'s error (and marks ``link`` lost);
+        success marks ``link`` up."""
+        return _Failing(self, what, link)
+
+
+class _Failing:
+    """The context manager of :meth:`_Transport._failing`: a class, because one made
+    with ``contextlib.asynccontextmanager`` costs several µs on every send. It never
+    swallows an error (``__aexit__`` returns None), as type checkers then know."""
+
+    __slots__ = ('link', 'transport', 'what')
+
+    def __init__(self, transport: _Transport, what: str, link: Link | None) -> None:
+        self.transport, self.what, self.link = transport, what, link
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> None:
+        if error is None:
+            if self.link is not None:
+                self.link.up()
+            return
+        if not isinstance(error, self.transport._failures):
+            return
+        await self.transport._after_failure(error)
+        if self.link is not None:
+            self.link.lost(error)
+        failure = self.transport._failure(self.what, error)
+        if failure is error:
+            return
+        raise failure from error
 
 
 class _Consumption:
@@ -2041,21 +2062,18 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             return client
 
     async def _producer_started(self) -> Any:
-        producer, _, _ = self._client_classes()
-        return await self._started('_producer', lambda: self._client(
-            producer, acks='all', client_id='microagent-producer'))
+        return self._producer or await self._started('_producer', lambda: self._client(
+            self._client_classes()[0], acks='all', client_id='microagent-producer'))
 
     async def _admin_started(self) -> Any:
-        _, _, admin = self._client_classes()
-        return await self._started('_admin', lambda: self._client(
-            admin, client_id='microagent-admin'))
+        return self._admin or await self._started('_admin', lambda: self._client(
+            self._client_classes()[2], client_id='microagent-admin'))
 
     async def _reader_started(self) -> Any:
         """A consumer outside any group, to read the partitions' offsets."""
-        _, reader, _ = self._client_classes()
-        return await self._started('_reader', lambda: self._client(
-            reader, client_id='microagent-offsets', enable_auto_commit=False,
-            fetch_max_wait_ms=100))
+        return self._reader or await self._started('_reader', lambda: self._client(
+            self._client_classes()[1], client_id='microagent-offsets',
+            enable_auto_commit=False, fetch_max_wait_ms=100))
 
     # --- topics --------------------------------------------------------------------
 
