@@ -20,6 +20,7 @@ import math
 import os
 import re
 import socket
+import time
 import urllib.parse
 import uuid
 from collections import deque
@@ -2171,9 +2172,8 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         backoff (aiokafka reconnects by itself).
 
         A fetch that cannot reach Kafka returns nothing rather than failing, so records
-        are what says the link is up: after ``REQUEST_TIMEOUT / 2`` without any, the
-        consumer's own connection is probed with a metadata request (which has as long to
-        be answered), and the link is lost while that fails."""
+        are what says the link is up; after ``REQUEST_TIMEOUT / 2`` without any, it is up
+        while Kafka answers the consumer (:meth:`_probe`) and lost while it does not."""
         consumer, pool, link = consumption.consumer, consumption.pool, consumption.link
         size = max(1, pool.capacity)
         clock = asyncio.get_running_loop().time
@@ -2197,9 +2197,20 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                 await pool.feed(consumption.track(batches))
 
     async def _probe(self, consumer: Any, timeout: float) -> None:
-        """A metadata request on the consumer's connection, answered within ``timeout``,
-        or a connection error."""
+        """Raise a connection error unless Kafka answered the consumer within ``timeout``
+        seconds. aiokafka fetches the partitions it holds continuously (a fetch with
+        nothing to return is answered after ``fetch_max_wait_ms``) and stamps each
+        answer, so those stamps say it without a request; with no partition stamped yet
+        (none held, or just assigned), a metadata request is sent on the consumer's own
+        connection."""
         errors = _aiokafka().errors
+        stamps = [consumer.last_poll_timestamp(tp) for tp in consumer.assignment()]
+        answered = [stamp for stamp in stamps if stamp is not None]
+        if answered:
+            silent = time.time() - max(answered) / 1000
+            if silent > timeout:
+                raise errors.KafkaConnectionError(f'no fetch answered for {silent:.0f}s')
+            return
         try:
             await _within(consumer.topics(), timeout)
         except errors.KafkaError as exc:  # 'Unable to get cluster metadata': unreachable
