@@ -10,8 +10,17 @@ This module is the whole core and can be vendored as one file (it needs ``msgspe
 ``python -m microagent SETTINGS`` then does what ``marun SETTINGS`` does. The Redis,
 RabbitMQ and Kafka backends live in ``microagent_backends``.
 
-Sections, in the order data flows: declarations, decorators, agent, tracing, bus,
-broker, timers, memory backends, mocks, graph, launcher.
+The file is in four layers, each a few sections opened by a banner, and nothing in a
+layer names what a later one defines (``test_layout.py`` checks it):
+
+- the runtime: declarations (errors, JSON, signals, queues), decorators, the agent,
+  tracing (spans the bus, the pools and the timers open at their own points), handler
+  times, the bus, the broker (its consumer pool: retries, dead letters, backpressure),
+  timers, the memory backends and the mocks;
+- the launcher: settings modules, agent processes and what they report, the supervisor
+  (replicas, restarts, ``/livez`` ``/readyz`` ``/status`` ``/metrics``);
+- the tooling: the topology graph, DOT / Mermaid / SVG, AsyncAPI and the contract checks;
+- the command line: ``marun``.
 """
 from __future__ import annotations
 
@@ -119,9 +128,16 @@ _DSN_SECRET_PARAM = re.compile(r'(?i)\b(password|passwd|pwd|secret|token)=([^&\s
 
 
 def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` with its password (and secret query parameters) replaced by ``***``."""
+    """Return ``dsn`` with its password (and secret query parameters) replaced by ``***``;
+    also any text with DSNs in it (an error message, a reason of ``/readyz``)."""
     dsn = _DSN_USERINFO.sub(lambda m: f'{m.group(1)}:***@', str(dsn))
     return _DSN_SECRET_PARAM.sub(lambda m: f'{m.group(1)}=***', dsn)
+
+
+def error_text(error: BaseException) -> str:
+    """What an exception says, for a log line or a status: its message, or its type's
+    name when it has none (``TimeoutError()``)."""
+    return str(error) or type(error).__name__
 
 
 _SIGNAL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -193,7 +209,57 @@ def _refuse_taken_names(kind: str, declared: Iterable[str], cls: type,
         _refuse_taken_name(kind, name, taken, error)
 
 
-class Signal:
+_Declared = TypeVar('_Declared', bound='_Registry')
+
+
+class _Registry:
+    """What :class:`Signal` and :class:`Queue` share: each declaration registers itself
+    under its unique name (in its class's ``_registry``), is equal to another of the
+    same name, and is found again with :meth:`get`."""
+
+    _registry: ClassVar[dict[str, Any]]
+    _kind: ClassVar[str]  # 'signal' or 'queue', for messages
+    _not_found: ClassVar[type[Exception]]
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f'<{type(self).__name__} {self.name}>'
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self.name == other.name
+
+    def __hash__(self) -> int:
+        return hash((self._kind, self.name))
+
+    def serialize(self, data: Mapping[str, Any]) -> bytes:
+        """A payload as JSON bytes."""
+        return encode_json(data)
+
+    def deserialize(self, data: bytes | str) -> JSONObject:
+        """A payload read back from JSON; it must be an object."""
+        return decode_object(data)
+
+    @classmethod
+    def get(cls: type[_Declared], name: str) -> _Declared:
+        """The declaration of that name; raise :class:`SignalNotFound` or
+        :class:`QueueNotFound`."""
+        try:
+            found: _Declared = cls._registry[name]
+        except (KeyError, TypeError):
+            raise cls._not_found(
+                f'no {cls._kind} is declared with the name {name!r}') from None
+        return found
+
+    @classmethod
+    def get_all(cls: type[_Declared]) -> dict[str, _Declared]:
+        """Every declaration, by name."""
+        return dict(cls._registry)
+
+
+class Signal(_Registry):
     """A declared event: a unique name and the arguments its payload carries.
 
     ``providing_args`` lists the argument names; ``type_map`` optionally maps names to a
@@ -214,8 +280,9 @@ class Signal:
     """
 
     _registry: ClassVar[dict[str, Signal]] = {}
+    _kind = 'signal'
+    _not_found = SignalNotFound
 
-    name: str
     providing_args: list[str]
     type_map: dict[str, Any] | None
     strict: bool
@@ -283,17 +350,6 @@ class Signal:
             raise SignalException(f'signal {self.name!r}: unsupported type_map: {exc}') from exc
         return payload_type
 
-    def __repr__(self) -> str:
-        return f'<Signal {self.name}>'
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Signal):
-            return NotImplemented
-        return self.name == other.name
-
-    def __hash__(self) -> int:
-        return hash(('signal', self.name))
-
     def make_channel_name(self, prefix: str, sender: str = '*') -> str:
         """The pub/sub channel of this signal: ``{prefix}:{name}:{sender}``."""
         return f'{prefix}:{self.name}:{sender}'
@@ -316,29 +372,8 @@ class Signal:
                 problems.append(str(exc))
         return '; '.join(problems) or None
 
-    def serialize(self, data: Mapping[str, Any]) -> bytes:
-        """The payload as JSON bytes."""
-        return encode_json(data)
 
-    def deserialize(self, data: bytes | str) -> JSONObject:
-        """A payload read back from JSON; it must be an object."""
-        return decode_object(data)
-
-    @classmethod
-    def get(cls, name: str) -> Signal:
-        """The signal declared under ``name``; raise :class:`SignalNotFound`."""
-        try:
-            return cls._registry[name]
-        except (KeyError, TypeError):
-            raise SignalNotFound(f'no signal is declared with the name {name!r}') from None
-
-    @classmethod
-    def get_all(cls) -> dict[str, Signal]:
-        """Every declared signal, by name."""
-        return dict(cls._registry)
-
-
-class Queue:
+class Queue(_Registry):
     """A declared durable work queue.
 
     ``exchange`` and ``topics`` matter to the AMQP broker: the queue is bound to that
@@ -353,8 +388,9 @@ class Queue:
     """
 
     _registry: ClassVar[dict[str, Queue]] = {}
+    _kind = 'queue'
+    _not_found = QueueNotFound
 
-    name: str
     exchange: str
     topics: tuple[str, ...]
     _automatic: bool
@@ -396,17 +432,6 @@ class Queue:
         queue._automatic = True
         return queue
 
-    def __repr__(self) -> str:
-        return f'<Queue {self.name}>'
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Queue):
-            return NotImplemented
-        return self.name == other.name
-
-    def __hash__(self) -> int:
-        return hash(('queue', self.name))
-
     @property
     def dead_letter(self) -> Queue:
         """The queue ``{name}.dead`` where messages that could not be handled end up."""
@@ -418,23 +443,6 @@ class Queue:
             raise SerializingError(
                 f'queue {self.name!r}: a message is a dict, not {type(data).__name__}')
         return encode_json(data)
-
-    def deserialize(self, data: bytes | str) -> JSONObject:
-        """A message read back from JSON; it must be an object."""
-        return decode_object(data)
-
-    @classmethod
-    def get(cls, name: str) -> Queue:
-        """The queue declared under ``name``; raise :class:`QueueNotFound`."""
-        try:
-            return cls._registry[name]
-        except (KeyError, TypeError):
-            raise QueueNotFound(f'no queue is declared with the name {name!r}') from None
-
-    @classmethod
-    def get_all(cls) -> dict[str, Queue]:
-        """Every declared queue, by name."""
-        return dict(cls._registry)
 
 
 def _read_source(source: str) -> tuple[str, bytes]:
@@ -911,6 +919,16 @@ def _collect_declarations(cls: type) -> dict[str, tuple[Declaration, ...]]:
     return found
 
 
+INFO_SOURCES: list[Callable[[type], Mapping[str, Any]]] = []
+"""What :meth:`MicroAgent.info` adds to the declarations it reports: the graph (see
+:func:`sent_by`) adds what the agent sends, calls and produces."""
+
+
+def handler_key(agent_class: type, handler: Callable[..., Any]) -> str:
+    """``Class.method``: how a handler is named in logs, RPC answers, metrics and status."""
+    return f'{agent_class.__name__}.{handler.__name__}'
+
+
 class Receiver(msgspec.Struct, eq=False):
     """A receiver method of a running agent, bound to one signal."""
     agent: MicroAgent
@@ -922,7 +940,7 @@ class Receiver(msgspec.Struct, eq=False):
     @property
     def key(self) -> str:
         """``Class.method``: the key of this receiver's RPC answers."""
-        return f'{type(self.agent).__name__}.{self.handler.__name__}'
+        return handler_key(type(self.agent), self.handler)
 
     def __repr__(self) -> str:
         return f'<Receiver {self.key} of {self.signal.name}>'
@@ -940,7 +958,7 @@ class Consumer(msgspec.Struct, eq=False):
 
     @property
     def key(self) -> str:
-        return f'{type(self.agent).__name__}.{self.handler.__name__}'
+        return handler_key(type(self.agent), self.handler)
 
     def __repr__(self) -> str:
         return f'<Consumer {self.key} of {self.queue.name}>'
@@ -1231,7 +1249,8 @@ class MicroAgent:
                      for t in self.cron_tasks],
             'hooks': {label: [h.__name__ for h in handlers]
                       for label, handlers in self.hooks.items() if handlers},
-            **sent_by(type(self)),
+            **{key: value for describe in INFO_SOURCES
+               for key, value in describe(type(self)).items()},
             **self._singletons_info(),
         }
 
@@ -1303,9 +1322,11 @@ def _text_carrier(headers: Any) -> dict[str, str]:
 
 
 class _Tracing:
-    """The process's tracing state and the spans of the hooks in the bus, the broker and
-    the timers. The hooks call the span methods only while :attr:`on`; :meth:`refresh`,
-    :meth:`attempt_failed` and :meth:`dead_lettered` may be called at any time."""
+    """The process's tracing state, and the span scopes that the bound signals, the bus,
+    the consumer pools and the timers open at their own points while :attr:`on` (they
+    test the flag once per path). Tracing calls none of them back: it is given what it
+    records. :meth:`refresh`, :meth:`attempt_failed` and :meth:`dead_lettered` may be
+    called at any time."""
 
     __slots__ = ('_context', '_decoder', '_propagate', '_provider', '_trace', '_tracer', 'on')
 
@@ -1375,10 +1396,6 @@ class _Tracing:
             return root
         return self._propagate.extract(_text_carrier(carrier), root)
 
-    def _active(self, span: Any, end: bool = True) -> _ActiveSpan:
-        """``with self._active(span):`` runs the block with ``span`` current."""
-        return _ActiveSpan(self, span, end)
-
     def _error(self, span: Any, description: str) -> None:
         span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, description))
 
@@ -1386,116 +1403,80 @@ class _Tracing:
         """The trace context of the current span, for a backend's message headers."""
         return self._carrier()
 
-    # -- signals ------------------------------------------------------------------------
+    # -- the scopes the hooks open ---------------------------------------------------------
 
-    async def send_signal(self, bound: BoundSignal, sender: str, payload: dict[str, Any]
-                          ) -> None:
-        """``bus.<signal>.send`` in a PRODUCER span ``send {signal}``."""
-        bus = bound.bus
-        span = self._span('PRODUCER', bus, bound.signal.name, 'send',
+    def producing(self, transport: Any, destination: str, operation: str,
+                  attributes: Mapping[str, Any] | None = None) -> _SpanScope:
+        """``with`` a PRODUCER span ``{operation} {destination}`` (``send {signal}``,
+        ``publish {queue}``), current within the block, so that AMQP and Kafka put its
+        context in the headers of what is sent. The block gets the context to put in the
+        payload when the transport has ``TRACE_CONTEXT`` (else None)."""
+        span = self._span('PRODUCER', transport, destination, operation, attributes=attributes)
+        return _SpanScope(self, span, carry=transport.TRACE_CONTEXT)
+
+    def calling(self, bus: Any, signal: str, sender: str) -> _SpanScope:
+        """``with`` a CLIENT span ``call {signal}`` for an RPC request, which lasts as long
+        as the block (the first answer, for ``call``); it is not made current. The block
+        gets the context to put in the request when the bus has ``TRACE_CONTEXT``."""
+        span = self._span('CLIENT', bus, signal, 'call',
                           attributes={'microagent.sender': sender})
-        with self._active(span):
-            trace = self._carrier(span) if bus.TRACE_CONTEXT else None
-            await bus.send(*bound._prepare(sender, payload, trace))
+        return _SpanScope(self, span, carry=bus.TRACE_CONTEXT, current=False)
 
-    @contextlib.asynccontextmanager
-    async def call(self, bound: BoundSignal, sender: str, payload: dict[str, Any], *,
-                   prepared: tuple[str, bytes], timeout: float) -> AsyncIterator[ResponseStream]:
-        """``bus.<signal>.call`` / ``waiter`` in a CLIENT span ``call {signal}``, which
-        lasts until the waiter is left (the first answer, for ``call``)."""
-        bus, (channel, body) = bound.bus, prepared
-        span = self._span('CLIENT', bus, bound.signal.name, 'call',
-                          attributes={'microagent.sender': sender})
-        try:
-            if bus.TRACE_CONTEXT:
-                body = encode_json({**payload, TRACE_KEY: self._carrier(span)})
-            async with bus.call(channel, body, timeout) as answers:
-                yield answers
-        except Exception as exc:
-            span.record_exception(exc)
-            self._error(span, f'{type(exc).__name__}: {exc}')
-            raise
-        finally:
-            span.end()
-
-    def receive(self, bus: AbstractSignalBus, receiver: Receiver, signal: Signal, sender: str,
-                payload: JSONObject, *, carrier: Any, request_id: str) -> Any:
+    def receive(self, bus: Any, receiver: Receiver, signal: Signal, sender: str,
+                payload: JSONObject, *, carrier: Any, request_id: str, watchdog: Watchdog
+                ) -> Any:
         """Call a receiver in a CONSUMER span ``receive {signal}`` (for an RPC request, a
         SERVER span ``answer {signal}``), the child of the sender's span when the payload
-        carried its context. An async receiver's span ends with its coroutine."""
+        carried its context. An async receiver's span ends with its coroutine, as an
+        error when ``watchdog`` cancelled it for its timeout."""
         kind, operation = ('SERVER', 'answer') if request_id else ('CONSUMER', 'receive')
         span = self._span(kind, bus, signal.name, operation, parent=self._parent(carrier),
                           attributes={'microagent.sender': sender,
                                       'microagent.handler': receiver.key})
         try:
-            with self._active(span, end=False):
+            with _SpanScope(self, span, end=False):
                 result = receiver.handler(signal=signal, sender=sender, **payload)
         except BaseException:
             span.end()
             raise
         if inspect.isawaitable(result):
-            return self._finish_receiver(bus, receiver, span, result)
+            return self._finish_receiver(receiver, span, result, watchdog)
         span.end()
         return result
 
-    async def _finish_receiver(self, bus: AbstractSignalBus, receiver: Receiver, span: Any,
-                               awaitable: Awaitable[Any]) -> Any:
-        with self._active(span):
+    async def _finish_receiver(self, receiver: Receiver, span: Any, awaitable: Awaitable[Any],
+                               watchdog: Watchdog) -> Any:
+        with _SpanScope(self, span):
             try:
                 return await awaitable
             except asyncio.CancelledError:
                 task = asyncio.current_task()
-                if task is not None and bus._watchdog.expired(task):
+                if task is not None and watchdog.expired(task):
                     self._error(span, f'timed out after {receiver.timeout}s')
                 raise
 
-    # -- queues -------------------------------------------------------------------------
+    def processing(self, broker: Any, queue: str, handler_key: str, carrier: Any
+                   ) -> _SpanScope:
+        """``with`` a CONSUMER span ``process {queue}``, the child of the producer's span
+        (whose context ``carrier`` holds), current while the handler runs. Retries and
+        the dead letter are events on it (:meth:`attempt_failed`, :meth:`dead_lettered`)."""
+        span = self._span('CONSUMER', broker, queue, 'process', parent=self._parent(carrier),
+                          attributes={'microagent.handler': handler_key})
+        return _SpanScope(self, span)
 
-    async def publish(self, bound: BoundQueue, messages: list[Mapping[str, Any]],
-                      options: dict[str, Any], many: bool = False) -> None:
-        """``broker.<queue>.send`` / ``send_many`` in a PRODUCER span ``publish {queue}``
-        (one for a batch): the current span while the backend sends, so that AMQP and
-        Kafka put its context in the headers of every message."""
-        if many and not messages:
-            return
-        broker, queue = bound.broker, bound.queue
-        extra = {'messaging.batch.message_count': len(messages)} if many else {}
-        span = self._span('PRODUCER', broker, queue.name, 'publish', attributes=extra)
-        with self._active(span):
-            if broker.TRACE_CONTEXT:
-                carrier = self._carrier(span)
-                messages = [{**message, TRACE_KEY: carrier} if isinstance(message, Mapping)
-                            else message for message in messages]
-            bodies = [queue.serialize(message) for message in messages]
-            if many:
-                await broker.send_many(queue.name, bodies, **options)
-            else:
-                await broker.send(queue.name, bodies[0], **options)
-
-    def _delivery_carrier(self, broker: AbstractQueueBroker, delivery: Delivery) -> Any:
-        carrier = broker.trace_carrier(delivery)
-        if carrier or not broker.TRACE_CONTEXT:
-            return carrier
+    def carrier_in(self, body: bytes) -> Any:
+        """The trace context in a message body's reserved ``_trace`` key (Redis, memory
+        with ``TRACE_CONTEXT``), or None."""
         if self._decoder is None:
             self._decoder = msgspec.json.Decoder(_TraceField)
         try:
-            return self._decoder.decode(delivery.body).carrier
+            return self._decoder.decode(body).carrier
         except msgspec.DecodeError:
             return None
 
-    async def process(self, pool: ConsumerPool, delivery: Delivery, worker: asyncio.Task[None]
-                      ) -> Outcome:
-        """Handle a delivery in a CONSUMER span ``process {queue}``, the child of the
-        producer's span; the handler runs with it current. Retries and the dead letter
-        are events on it (:meth:`attempt_failed`, :meth:`dead_lettered`)."""
-        parent = self._parent(self._delivery_carrier(pool.broker, delivery))
-        span = self._span('CONSUMER', pool.broker, pool.name, 'process', parent=parent,
-                          attributes={'microagent.handler': pool.consumer.key})
-        with self._active(span):
-            outcome = await pool._handle(delivery, worker)
-            if outcome is Outcome.RELEASE:
-                span.add_event('released', {'microagent.reason': 'the consumer is stopping'})
-            return outcome
+    def event(self, name: str, attributes: Mapping[str, Any]) -> None:
+        """An event on the current span."""
+        self._trace.get_current_span().add_event(name, attributes)
 
     def attempt_failed(self, error: BaseException, attempt: int, attempts: int) -> None:
         """A handler failed: the exception on the consumer span, and a ``retry`` event
@@ -1524,47 +1505,55 @@ class _Tracing:
                                        'exception.message': str(error)})
         self._error(span, f'dead-lettered: {type(error).__name__}: {error}')
 
-    # -- timers -------------------------------------------------------------------------
-
-    async def run_timer(self, timer: _Timer) -> Any:
-        """One run of a periodic or cron task, in an INTERNAL span of a trace of its own."""
-        agent, handler = type(timer.agent), timer.handler
-        kind = 'cron' if isinstance(timer, CronTask) else 'periodic'
+    def timer_run(self, kind: str, agent: type, handler: Callable[..., Any]) -> _SpanScope:
+        """``with`` an INTERNAL span ``{kind} Class.method`` for one run of a periodic or
+        cron task, in a trace of its own."""
         span = self._tracer.start_span(
             f'{kind} {agent.__name__}.{handler.__name__}', context=self._context.Context(),
             kind=self._trace.SpanKind.INTERNAL, attributes={
                 'code.function.name': f'{agent.__module__}.{agent.__qualname__}.'
                                       f'{handler.__name__}',
                 'microagent.timer': kind})
-        with self._active(span):
-            return await _call(handler, timer.timeout)
+        return _SpanScope(self, span)
 
 
-class _ActiveSpan:
+class _SpanScope:
     """What ``trace.use_span(span, end_on_exit=True)`` does, for less per message: the
-    span is current within the block, an exception leaving it is recorded on the span
-    (status ERROR), and the span ends with the block (unless ``end`` is False)."""
+    span is current within the block (unless ``current`` is False), an exception leaving
+    it is recorded on the span (status ERROR), and the span ends with the block (unless
+    ``end`` is False). ``with`` gives the span's context as a carrier when ``carry``."""
 
-    __slots__ = ('_end', '_span', '_token', '_tracing')
+    __slots__ = ('_carry', '_current', '_end', '_span', '_token', '_tracing')
 
-    def __init__(self, tracing: _Tracing, span: Any, end: bool) -> None:
+    def __init__(self, tracing: _Tracing, span: Any, *, end: bool = True,
+                 current: bool = True, carry: bool = False) -> None:
         self._tracing, self._span, self._end = tracing, span, end
+        self._current, self._carry = current, carry
         self._token: object = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> dict[str, str] | None:
         tracing = self._tracing
-        self._token = tracing._context.attach(tracing._trace.set_span_in_context(self._span))
-        return self._span
+        if self._current:
+            self._token = tracing._context.attach(tracing._trace.set_span_in_context(self._span))
+        return tracing._carrier(self._span) if self._carry else None
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: object) -> None:
         span, tracing = self._span, self._tracing
-        tracing._context.detach(self._token)
+        if self._current:
+            tracing._context.detach(self._token)
         if isinstance(error, Exception):
             span.record_exception(error)
             tracing._error(span, f'{type(error).__name__}: {error}')
         if self._end:
             span.end()
+
+
+def _with_trace(message: Any, carrier: dict[str, str] | None) -> Any:
+    """``message`` with the trace context in its reserved key, when there is one to add."""
+    if carrier is None or not isinstance(message, Mapping):
+        return message
+    return {**message, TRACE_KEY: carrier}
 
 
 _tracing = _Tracing()
@@ -1574,6 +1563,65 @@ def trace_headers() -> dict[str, str]:
     """The W3C trace context of the current span (``traceparent``, ``tracestate``...), for
     a backend to put in the headers of a message it sends; empty when tracing is off."""
     return _tracing.headers() if _tracing.on else {}
+
+
+# =====================================================================================
+# Handler times: how long receivers, consumers, timers and RPC calls take
+# =====================================================================================
+#
+# Off unless ``marun --http`` asks (``enable_handler_timing``): then the pools, the buses
+# and the timers made afterwards keep a HandlerTimes per handler, plain numbers that the
+# agent process reports (see "Launcher: agent processes").
+
+HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the buckets of ``microagent_handler_seconds``."""
+_timing = False
+_clock = time.perf_counter  # what handler durations are measured with
+_bucket_of = bisect.bisect_left
+_FIRST_BOUND = HANDLER_BUCKETS[0]  # most calls take less: no search for their bucket
+
+
+class HandlerTimes:
+    """How long the calls of one handler took: ``counts[i]`` calls took at most
+    ``HANDLER_BUCKETS[i]`` seconds (and more than the bound before; the last, longer than
+    every bound), ``total`` their sum. The histogram ``microagent_handler_seconds`` before
+    it is made cumulative: plain numbers, cheap enough for the hot path."""
+
+    __slots__ = ('counts', 'total')
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(HANDLER_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[0 if seconds <= _FIRST_BOUND else _bucket_of(HANDLER_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def add(self, counts: Iterable[int], total: float) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += total
+
+
+def enable_handler_timing(enabled: bool = True) -> None:
+    """Time the handler calls (consumers, receivers, timers, RPC calls) of the pools,
+    buses and timers made from now on in this process. ``marun --http`` turns it on in
+    its agent processes; off (the default), a handler call reads no clock."""
+    global _timing
+    _timing = enabled
+
+
+def handler_timing() -> HandlerTimes | None:
+    """A :class:`HandlerTimes` for a new handler, or None when timing is off."""
+    return HandlerTimes() if _timing else None
+
+
+def _observe_call(bus: AbstractSignalBus, name: str, seconds: float) -> None:
+    if _timing:
+        timing = bus.call_timings.get(name)
+        if timing is None:
+            timing = bus.call_timings[name] = HandlerTimes()
+        timing.observe(seconds)
 
 
 # =====================================================================================
@@ -1634,7 +1682,7 @@ class Link:
     def lost(self, error: BaseException | str) -> None:
         """The connection failed: log the first failure of an outage as one warning."""
         self.last_error = error if isinstance(error, str) else (
-            str(error) or type(error).__name__)
+            error_text(error))
         if self._delays is None:
             self.log.warning('%s to %s lost (%s); reconnecting',
                              self.name, self.where, self.last_error)
@@ -1746,7 +1794,43 @@ def _unknown_keyword(cls: type, key: str, arguments: list[str]) -> str:
             f'{", ".join(arguments)} and the settings {", ".join(settable)}')
 
 
-class AbstractSignalBus(_Connections, abc.ABC):
+class _LeaseProtocol:
+    """How the agents that share a bus coordinate their singleton handlers: a tick of a
+    singleton timer is claimed (:meth:`claim_tick`), a singleton server runs under a
+    lease (:meth:`acquire_lease`, :meth:`renew_lease`, :meth:`release_lease`). A bus
+    that offers them (``RedisSignalBus``, ``MemorySignalBus``) implements all four; here
+    they raise NotImplementedError."""
+
+    def _no_singletons(self) -> NotImplementedError:
+        return NotImplementedError(
+            f'{type(self).__name__} cannot coordinate singleton handlers: use a bus that '
+            'implements claim_tick and the leases (RedisSignalBus, MemorySignalBus)')
+
+    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
+        """Claim the tick of singleton ``key`` scheduled at ``tick_ms`` (Unix time in
+        milliseconds) for ``holder``: True for the first claim of that tick and for a
+        repeated claim by the same holder, False for any other. A claim is remembered
+        for ``ttl`` seconds. Raise when the server cannot be reached."""
+        raise self._no_singletons()
+
+    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
+        """Take the lease of singleton ``key`` for ``holder`` for ``ttl`` seconds if
+        nobody holds it (or ``holder`` does already: its lease is extended); return its
+        token ``'<fencing number>:<holder>'``, or None when another holder has it. The
+        fencing number grows with each new holder."""
+        raise self._no_singletons()
+
+    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
+        """Extend the lease of ``key`` to ``ttl`` seconds from now if ``token`` still
+        holds it (compare-and-set); False when it does not."""
+        raise self._no_singletons()
+
+    async def release_lease(self, key: str, token: str) -> bool:
+        """Give up the lease of ``key`` if ``token`` holds it (compare-and-delete)."""
+        raise self._no_singletons()
+
+
+class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
     """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
 
     A backend implements :meth:`send` (publish raw bytes to a channel) and :meth:`bind`
@@ -1762,9 +1846,7 @@ class AbstractSignalBus(_Connections, abc.ABC):
     as keyword arguments; any other unknown keyword raises a TypeError at once.
 
     The bus also coordinates the singleton handlers of the agents that share it (same
-    server and prefix): :meth:`claim_tick` for timers, :meth:`acquire_lease`,
-    :meth:`renew_lease` and :meth:`release_lease` for servers. A backend that offers
-    them implements all four; here they raise NotImplementedError.
+    server and prefix), through the lease protocol (:class:`_LeaseProtocol`).
     """
 
     RESPONSE_TIMEOUT: ClassVar[float] = 60
@@ -1825,36 +1907,6 @@ class AbstractSignalBus(_Connections, abc.ABC):
 
     async def disconnect(self) -> None:
         """Close the backend's connections."""
-
-    # -- singletons: tick claims and leases -----------------------------------------------
-
-    def _no_singletons(self) -> NotImplementedError:
-        return NotImplementedError(
-            f'{type(self).__name__} cannot coordinate singleton handlers: use a bus that '
-            'implements claim_tick and the leases (RedisSignalBus, MemorySignalBus)')
-
-    async def claim_tick(self, key: str, tick_ms: int, holder: str, ttl: float) -> bool:
-        """Claim the tick of singleton ``key`` scheduled at ``tick_ms`` (Unix time in
-        milliseconds) for ``holder``: True for the first claim of that tick and for a
-        repeated claim by the same holder, False for any other. A claim is remembered
-        for ``ttl`` seconds. Raise when the server cannot be reached."""
-        raise self._no_singletons()
-
-    async def acquire_lease(self, key: str, holder: str, ttl: float) -> str | None:
-        """Take the lease of singleton ``key`` for ``holder`` for ``ttl`` seconds if
-        nobody holds it (or ``holder`` does already: its lease is extended); return its
-        token ``'<fencing number>:<holder>'``, or None when another holder has it. The
-        fencing number grows with each new holder."""
-        raise self._no_singletons()
-
-    async def renew_lease(self, key: str, token: str, ttl: float) -> bool:
-        """Extend the lease of ``key`` to ``ttl`` seconds from now if ``token`` still
-        holds it (compare-and-set); False when it does not."""
-        raise self._no_singletons()
-
-    async def release_lease(self, key: str, token: str) -> bool:
-        """Give up the lease of ``key`` if ``token`` holds it (compare-and-delete)."""
-        raise self._no_singletons()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -1971,7 +2023,8 @@ class AbstractSignalBus(_Connections, abc.ABC):
         try:
             if _tracing.on:
                 result = _tracing.receive(self, receiver, signal, sender, payload,
-                                          carrier=trace, request_id=request_id)
+                                          carrier=trace, request_id=request_id,
+                                          watchdog=self._watchdog)
             else:
                 result = receiver.handler(signal=signal, sender=sender, **payload)
         except Exception:
@@ -2077,7 +2130,8 @@ class BoundSignal:
 
     def _prepare(self, sender: str, payload: dict[str, Any], trace: dict[str, str] | None = None
                  ) -> tuple[str, bytes]:
-        """The channel and the body of a send: the checks every send (and a mock's) makes.
+        """The channel and the body of a send (with the trace context ``trace`` in the
+        body's reserved key, when given): the checks every send (and a mock's) makes.
 
         A payload that does not match the declaration is logged as a warning, or refused
         with :class:`SerializingError` when the signal is strict.
@@ -2099,7 +2153,9 @@ class BoundSignal:
     async def send(self, sender: str, **kwargs: Any) -> None:
         """Publish the signal with ``kwargs`` as its payload."""
         if _tracing.on:
-            return await _tracing.send_signal(self, sender, kwargs)
+            with _tracing.producing(self.bus, self.signal.name, 'send',
+                                    {'microagent.sender': sender}) as carrier:
+                return await self.bus.send(*self._prepare(sender, kwargs, carrier))
         await self.bus.send(*self._prepare(sender, kwargs))
 
     async def call(self, sender: str, timeout: float = 60, **kwargs: Any) -> JSONObject:
@@ -2123,10 +2179,16 @@ class BoundSignal:
                 async for answer in answers:
                     ...
         """
-        channel, body = self._prepare(sender, kwargs)
         if _tracing.on:
-            return _tracing.call(self, sender, kwargs, prepared=(channel, body), timeout=timeout)
-        return self.bus.call(channel, body, timeout)
+            return self._traced_waiter(sender, kwargs, timeout)
+        return self.bus.call(*self._prepare(sender, kwargs), timeout)
+
+    @contextlib.asynccontextmanager
+    async def _traced_waiter(self, sender: str, payload: dict[str, Any], timeout: float
+                             ) -> AsyncIterator[ResponseStream]:
+        with _tracing.calling(self.bus, self.signal.name, sender) as carrier:
+            async with self.bus.call(*self._prepare(sender, payload, carrier), timeout) as answers:
+                yield answers
 
 
 # =====================================================================================
@@ -2166,19 +2228,28 @@ class BoundQueue:
 
     async def send(self, message: Mapping[str, Any], **options: Any) -> None:
         """Send a message (a dict); return once the broker has stored it."""
+        broker, queue = self.broker, self.queue
         if _tracing.on:
-            return await _tracing.publish(self, [message], options)
-        await self.broker.send(self.queue.name, self.queue.serialize(message), **options)
+            with _tracing.producing(broker, queue.name, 'publish') as carrier:
+                body = queue.serialize(_with_trace(message, carrier))
+                return await broker.send(queue.name, body, **options)
+        await broker.send(queue.name, queue.serialize(message), **options)
 
     async def send_many(self, messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
         """Send several messages (dicts) at once, batched by the backend; return once the
         broker has stored them all. Much faster than awaiting ``send`` one by one."""
+        broker, name, serialize = self.broker, self.queue.name, self.queue.serialize
         if _tracing.on:
-            return await _tracing.publish(self, list(messages), options, many=True)
-        serialize = self.queue.serialize
+            messages = list(messages)
+            if not messages:
+                return
+            with _tracing.producing(broker, name, 'publish', {
+                    'messaging.batch.message_count': len(messages)}) as carrier:
+                bodies = [serialize(_with_trace(message, carrier)) for message in messages]
+                return await broker.send_many(name, bodies, **options)
         bodies = [serialize(message) for message in messages]
         if bodies:
-            await self.broker.send_many(self.queue.name, bodies, **options)
+            await broker.send_many(name, bodies, **options)
 
     async def length(self) -> int:
         """How many messages wait in the queue."""
@@ -2510,7 +2581,7 @@ class ConsumerPool:
             if room.future is not None and len(pending) < half_full:
                 room.wake()
             try:
-                outcome = await (_tracing.process(self, delivery, worker) if _tracing.on
+                outcome = await (self._handle_traced(delivery, worker) if _tracing.on
                                  else self._handle(delivery, worker))
             except asyncio.CancelledError:
                 self._to_release.append(delivery)
@@ -2590,6 +2661,17 @@ class ConsumerPool:
                     await asyncio.wait_for(self._closing.wait(), delay)
             if self.closing:
                 return Outcome.RELEASE
+
+    async def _handle_traced(self, delivery: Delivery, worker: asyncio.Task[None]) -> Outcome:
+        """:meth:`_handle` in the CONSUMER span of the delivery (see Tracing)."""
+        carrier = self.broker.trace_carrier(delivery)
+        if not carrier and self._strip_trace:
+            carrier = _tracing.carrier_in(delivery.body)
+        with _tracing.processing(self.broker, self.name, self.consumer.key, carrier):
+            outcome = await self._handle(delivery, worker)
+            if outcome is Outcome.RELEASE:
+                _tracing.event('released', {'microagent.reason': 'the consumer is stopping'})
+            return outcome
 
     async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
                            ) -> Outcome:
@@ -2699,6 +2781,8 @@ class _Timer:
     agent's bus (see :meth:`_singleton_tick`).
     """
 
+    kind: ClassVar[str]  # 'periodic' or 'cron': the name of its spans and of its handler times
+
     def __init__(self, agent: MicroAgent, handler: Callable[..., Any], timeout: float,
                  singleton: bool | str = False) -> None:
         self.agent = agent
@@ -2716,7 +2800,7 @@ class _Timer:
         self.timing = handler_timing()
 
     def __repr__(self) -> str:
-        return f'<{type(self).__name__} {type(self.agent).__name__}.{self.handler.__name__}>'
+        return f'<{type(self).__name__} {handler_key(type(self.agent), self.handler)}>'
 
     def first_delay(self) -> float:
         return self.next_delay()
@@ -2753,7 +2837,11 @@ class _Timer:
     async def _execute(self) -> None:
         self.last_run, started = time.time(), time.perf_counter()
         try:
-            await (_tracing.run_timer(self) if _tracing.on else _call(self.handler, self.timeout))
+            if _tracing.on:
+                with _tracing.timer_run(self.kind, type(self.agent), self.handler):
+                    await _call(self.handler, self.timeout)
+            else:
+                await _call(self.handler, self.timeout)
             self.last_error = None
         except asyncio.TimeoutError:
             self.agent.log.error('%r timed out after %ss', self, self.timeout)
@@ -2841,6 +2929,8 @@ class PeriodicTask(_Timer):
     """``@periodic``: every ``period`` seconds, after ``start_after``; missed ticks are
     skipped, so the schedule does not drift or burst."""
 
+    kind = 'periodic'
+
     def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: PeriodicArgs) -> None:
         super().__init__(agent, handler, args.timeout, args.singleton)
         self.args = args
@@ -2872,6 +2962,8 @@ class PeriodicTask(_Timer):
 
 class CronTask(_Timer):
     """``@cron``: at the next time the spec gives, in UTC or the given zone."""
+
+    kind = 'cron'
 
     def __init__(self, agent: MicroAgent, handler: Callable[..., Any], args: CronArgs) -> None:
         super().__init__(agent, handler, args.timeout, args.singleton)
@@ -2968,7 +3060,7 @@ class LeasedServer:
             except Exception as exc:
                 if not failing:
                     self.agent.log.warning('%r cannot take its lease: %s; trying again',
-                                           self, str(exc) or type(exc).__name__)
+                                           self, error_text(exc))
                 failing = True
             else:
                 failing = False
@@ -2999,7 +3091,7 @@ class LeasedServer:
                 kept = await _with_timeout(bus.renew_lease(self.key, self.token, ttl),
                                            give_up_at - sent)
             except Exception as exc:
-                failure = str(exc) or type(exc).__name__
+                failure = error_text(exc)
                 self.agent.log.debug('%r could not renew its lease: %s', self, failure)
                 renew_at = min(loop.time() + ttl / 12, give_up_at)
                 continue
@@ -3362,6 +3454,1292 @@ class BrokerMock(AbstractQueueBroker):
 
 
 # =====================================================================================
+# Launcher: settings modules, backends and the agents of a group
+# =====================================================================================
+
+DEFAULT_GRACE = 30.0
+LEGACY_BACKENDS = {
+    'RedisSignalBus': 'microagent_backends.RedisSignalBus',
+    'AIORedisSignalBus': 'microagent_backends.RedisSignalBus',
+    'RedisBroker': 'microagent_backends.RedisBroker',
+    'AIORedisBroker': 'microagent_backends.RedisBroker',
+    'AMQPBroker': 'microagent_backends.AMQPBroker',
+    'KafkaBroker': 'microagent_backends.KafkaBroker',
+}
+run_log = logging.getLogger('microagent.run')
+
+BackendConfig = tuple[str, dict[str, Any]]
+
+
+class SettingsError(ValueError):
+    """A launcher settings module that cannot be used; the message names module and key."""
+
+
+def resolve_backend(path: str) -> str:
+    """The import path of a backend, translating microagent 1.x paths
+    (``microagent.tools.redis.RedisSignalBus``) to ``microagent_backends``."""
+    if path.startswith('microagent.tools.'):
+        return LEGACY_BACKENDS.get(path.rsplit('.', 1)[-1], path)
+    return path
+
+
+def import_backend(path: str) -> Any:
+    """Import ``package.module.Name`` (1.x backend paths accepted)."""
+    module_path, _, name = resolve_backend(path).rpartition('.')
+    if not module_path:
+        raise ImportError(f'{path!r} is not a dotted path to a class')
+    module = importlib.import_module(module_path)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ImportError(f'module {module_path!r} has no {name!r}') from None
+
+
+def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any]]:
+    section = getattr(module, key, {})
+    if not isinstance(section, dict):
+        raise SettingsError(f'{module_path}: {key} must be a dict')
+    for name, entry in section.items():
+        if not isinstance(entry, dict):
+            raise SettingsError(f'{module_path}: {key}[{name!r}] must be a dict')
+        if not isinstance(entry.get('backend'), str):
+            raise SettingsError(f'{module_path}: {key}[{name!r}]: missing key "backend"')
+        try:
+            import_backend(entry['backend'])
+        except ImportError as exc:
+            raise SettingsError(
+                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f'{entry["backend"]!r}: {exc}') from None
+        except Exception as exc:
+            raise SettingsError(
+                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f'{entry["backend"]!r}: {type(exc).__name__}: {exc}') from None
+    return {name: dict(entry) for name, entry in section.items()}
+
+
+def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
+    """Read a settings module: yield ``(agent_name, (backend, cfg))`` for each AGENT entry,
+    with ``cfg['bus']`` / ``cfg['broker']`` unfolded to their ``(backend, params)``.
+
+    A settings module has three dicts (BUS and BROKER are optional)::
+
+        BUS = {'main': {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://app'}}
+        BROKER = {'main': {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://app'}}
+        AGENT = {'user': {'backend': 'app.agents.UserAgent', 'bus': 'main',
+                          'broker': 'main', 'settings': {'key': 'value'}}}
+
+    An AGENT entry may also have ``replicas`` (processes of the agent, default 1) and
+    ``restart`` (``'no'``, ``'on-failure'`` or ``'always'``): ``marun`` reads them,
+    :func:`init_agent` does not pass them to the class (see :data:`RUN_KEYS`).
+
+    A module that cannot be imported, an unknown backend or a missing key raises
+    :class:`SettingsError` naming the module and the key.
+    """
+    try:
+        module = importlib.import_module(module_path)
+    except Exception as exc:
+        raise SettingsError(f'{module_path}: cannot import: {type(exc).__name__}: {exc}'
+                            ) from None
+    buses = _section(module_path, module, 'BUS')
+    brokers = _section(module_path, module, 'BROKER')
+    agents = _section(module_path, module, 'AGENT')
+    if not agents:
+        raise SettingsError(f'{module_path}: AGENT has no agents')
+    configs = []
+    for name, entry in agents.items():
+        backend = entry.pop('backend')
+        cls = import_backend(backend)
+        if not (isinstance(cls, type) and issubclass(cls, MicroAgent)):
+            raise SettingsError(f'{module_path}: AGENT[{name!r}]["backend"]: {backend!r} is '
+                                f'not a MicroAgent subclass')
+        for key, section in (('bus', buses), ('broker', brokers)):
+            ref = entry.get(key)
+            if ref is None:
+                continue
+            if ref not in section:
+                raise SettingsError(f'{module_path}: AGENT[{name!r}][{key!r}]: no '
+                                    f'{key.upper()} entry named {ref!r}')
+            params = dict(section[ref])
+            entry[key] = (params.pop('backend'), params)
+        needs = _needs(cls)
+        for key in needs:
+            if entry.get(key) is None:
+                does = 'receives signals' if key == 'bus' else 'consumes queues'
+                raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
+                                    f'({backend} {does})')
+        _check_run_keys(f'{module_path}: AGENT[{name!r}]', entry)
+        configs.append((name, (backend, entry)))
+    yield from configs
+
+
+def check_transports(module_path: str) -> None:
+    """Construct each BUS and BROKER entry of a settings module that an agent uses, as
+    its process will (construction connects to nothing), so that an unknown keyword, a
+    DSN of the wrong scheme or a missing client library is a :class:`SettingsError`
+    naming the entry before any process starts. Call after :func:`load_configuration`."""
+    module = importlib.import_module(module_path)
+    agents = _section(module_path, module, 'AGENT')
+    for key, kind in (('bus', AbstractSignalBus), ('broker', AbstractQueueBroker)):
+        used = {entry.get(key) for entry in agents.values()}
+        for name, entry in _section(module_path, module, key.upper()).items():
+            if name not in used:
+                continue
+            params = dict(entry)
+            backend = params.pop('backend')
+            where = f'{module_path}: {key.upper()}[{name!r}]'
+            try:
+                transport = import_backend(backend)(**params)
+            except Exception as exc:
+                raise SettingsError(f'{where}: {exc}') from None
+            if not isinstance(transport, kind):
+                what = 'signal bus' if key == 'bus' else 'queue broker'
+                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
+                                    f'({kind.__name__} subclass)')
+
+
+# Keys of an AGENT entry that ``marun`` reads and the agent class does not get.
+RUN_KEYS = ('replicas', 'restart')
+RESTART_POLICIES = ('no', 'on-failure', 'always')
+
+
+def _check_run_keys(where: str, entry: dict[str, Any]) -> None:
+    """``replicas`` and ``restart`` of an AGENT entry, or a :class:`SettingsError`."""
+    replicas = entry.get('replicas', 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise SettingsError(f"{where}['replicas']: must be an int >= 1, not {replicas!r}")
+    restart = entry.get('restart', 'no')
+    if restart not in RESTART_POLICIES:
+        raise SettingsError(f"{where}['restart']: must be 'no', 'on-failure' or 'always', "
+                            f'not {restart!r}')
+    memory = _memory_dsns(entry)
+    if replicas > 1 and memory:
+        raise SettingsError(
+            f"{where}['replicas']: {replicas} replicas of an agent on a memory:// backend "
+            f"({', '.join(memory)}) cannot work: memory reaches its own process only")
+
+
+def _needs(cls: type[MicroAgent]) -> list[str]:
+    kinds = {type(d) for ds in cls.declarations.values() for d in ds}
+    return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
+            if kind in kinds]
+
+
+def init_agent(backend: str, cfg: dict[str, Any]) -> MicroAgent:
+    """Build the bus, the broker and the agent of one configuration (not started)."""
+    cfg = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
+    bus_cfg: BackendConfig | None = cfg.pop('bus', None)
+    broker_cfg: BackendConfig | None = cfg.pop('broker', None)
+    bus = import_backend(bus_cfg[0])(**bus_cfg[1]) if bus_cfg else None
+    broker = import_backend(broker_cfg[0])(**broker_cfg[1]) if broker_cfg else None
+    agent: MicroAgent = import_backend(backend)(bus=bus, broker=broker, **cfg)
+    return agent
+
+
+def _memory_dsns(cfg: dict[str, Any]) -> list[str]:
+    shared = []
+    for key in ('bus', 'broker'):
+        backend_cfg = cfg.get(key)
+        if backend_cfg:
+            cls = import_backend(backend_cfg[0])
+            if issubclass(cls, (MemorySignalBus, MemoryBroker)):
+                dsn = backend_cfg[1].get('dsn', 'memory://default')
+                shared.append(f'{key}:{dsn}')
+    return shared
+
+
+def group_agents(configs: list[tuple[str, BackendConfig]]) -> list[list[str]]:
+    """Agent names by process: agents sharing a ``memory://`` bus or broker run together
+    (a memory backend only reaches its own process); every other agent runs alone."""
+    groups: list[tuple[set[str], list[str]]] = []
+    for name, (_, cfg) in configs:
+        keys = set(_memory_dsns(cfg))
+        joined = [g for g in groups if g[0] & keys]
+        merged: tuple[set[str], list[str]] = (set(keys), [])
+        for group in joined:
+            merged[0].update(group[0])
+            merged[1].extend(group[1])
+            groups.remove(group)
+        merged[1].append(name)
+        groups.append(merged)
+    return [names for _, names in groups]
+
+
+# Loggers of the client libraries (and asyncio) that ``marun`` keeps at WARNING unless
+# the settings give them a level: their INFO lines (a dozen per Kafka consumer start, two
+# per subscription change) are noise in an agent's log.
+QUIET_LOGGERS = ('aiokafka', 'aiormq', 'pamqp', 'redis', 'asyncio')
+
+
+def _configure_logging() -> None:
+    """The logging of ``marun``: INFO to standard output unless the root logger has
+    handlers already; the :data:`QUIET_LOGGERS` at WARNING unless configured."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stdout,
+            format='%(asctime)s %(levelname)-7s [pid#%(process)d] %(name)s: %(message)s')
+    for name in QUIET_LOGGERS:
+        library = logging.getLogger(name)
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
+
+
+# =====================================================================================
+# Launcher: agent processes, and what they report to the supervisor
+# =====================================================================================
+#
+# Under ``marun`` every agent process runs a ProcessMonitor: it checks the consumers for
+# a stall (exit STALLED_EXIT) and, when the supervisor serves ``--http``, writes a report
+# of the process to a pipe every REPORT_INTERVAL (a length-prefixed msgpack ProcessReport:
+# the state, each connection, each consumer's counters and last fetch, timers, signal
+# counts and handler durations). The counters are plain integers that ConsumerPool,
+# the timers and the buses keep anyway; the monitor reads them off the hot path.
+
+REPORT_INTERVAL = 0.5  # seconds between two reports of an agent process
+STALE_REPORT = 5.0  # a running process silent that long is not ready
+STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
+
+
+class LinkReport(msgspec.Struct, frozen=True):
+    """One connection of a bus or broker: ``transport`` is its class and DSN (no
+    password), ``name`` the link's (``pubsub``, ``consume orders``)."""
+    transport: str
+    name: str
+    connected: bool
+    last_error: str | None
+
+
+class ConsumerReport(msgspec.Struct, frozen=True):
+    """One consumer's counters since its process started."""
+    queue: str
+    handler: str
+    handled: int
+    retried: int
+    dead_lettered: int
+    released: int
+    in_flight: int
+    last_fetch_age: float | None  # seconds since it last took a message; None before
+    waiting: int  # messages it could take, as last measured by the stall check
+    stalled_for: float | None  # seconds it has been stalled (None: it is not)
+
+
+class TimerReport(msgspec.Struct, frozen=True):
+    kind: str  # periodic, cron
+    name: str
+    last_run: float | None  # Unix time
+    last_error: str | None
+    singleton: str | None = None  # its key, when it is a singleton
+
+
+class ServerReport(msgspec.Struct, frozen=True):
+    name: str
+    singleton: str | None  # its key, when it is a singleton
+    holds: bool  # a singleton: this agent holds the lease (its server runs); else True
+
+
+class TimingReport(msgspec.Struct, frozen=True):
+    kind: str  # receiver, consumer, periodic, cron, rpc_call
+    name: str
+    counts: list[int]
+    total: float
+
+
+class AgentReport(msgspec.Struct, frozen=True):
+    name: str  # the AGENT entry
+    links: list[LinkReport]
+    consumers: list[ConsumerReport]
+    timers: list[TimerReport]
+    timings: list[TimingReport]
+    signals_sent: dict[str, int]
+    signals_received: dict[str, int]
+    servers: list[ServerReport] = msgspec.field(default_factory=list)
+
+
+class ProcessReport(msgspec.Struct, frozen=True):
+    state: str  # starting, running, stopping
+    agents: list[AgentReport]
+
+
+_report_encoder = msgspec.msgpack.Encoder()
+_report_decoder = msgspec.msgpack.Decoder(ProcessReport)
+
+
+class ReportPipe:
+    """An agent process's end of its report pipe to the supervisor, written through
+    asyncio so that reporting never blocks the agents' event loop: a report that finds
+    a megabyte still unwritten (a supervisor that does not read) is dropped."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, transport: asyncio.WriteTransport, closed: asyncio.Future[None]
+                 ) -> None:
+        self._transport = transport
+        self._closed = closed
+
+    @classmethod
+    async def open(cls, connection: Any) -> ReportPipe:
+        """From the write end of a ``multiprocessing`` pipe (which it closes)."""
+        pipe = os.fdopen(os.dup(connection.fileno()), 'wb', buffering=0)
+        connection.close()
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_lost(self, exc: Exception | None) -> None:
+                _resolve(closed)
+
+        transport, _ = await loop.connect_write_pipe(Protocol, pipe)
+        return cls(transport, closed)
+
+    def send(self, report: ProcessReport) -> None:
+        transport = self._transport
+        if transport.is_closing() or transport.get_write_buffer_size() > self.LIMIT:
+            return
+        body = _report_encoder.encode(report)
+        transport.write(len(body).to_bytes(4, 'big') + body)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close, once what is buffered is written (within ``timeout``)."""
+        self._transport.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+        if not self._closed.done():
+            self._transport.abort()
+
+
+def _read_frames(buffer: bytearray) -> bytes | None:
+    """Take the complete frames out of ``buffer``; return the body of the last one."""
+    last = None
+    while len(buffer) >= 4:
+        size = int.from_bytes(buffer[:4], 'big')
+        if len(buffer) < 4 + size:
+            break
+        last = bytes(buffer[4:4 + size])
+        del buffer[:4 + size]
+    return last
+
+
+class _StallWatch:
+    """The stall check of one consumer: since when messages it could take have been
+    waiting while it was connected, had an idle worker and took none."""
+
+    __slots__ = ('logged', 'next_check', 'since', 'waiting')
+
+    def __init__(self) -> None:
+        self.next_check = 0.0
+        self.since: float | None = None
+        self.waiting = 0
+        self.logged = False
+
+
+class ProcessMonitor:
+    """Watches the agents of one process under ``marun``.
+
+    A consumer is **stalled** when its broker is connected, it has room (a worker idle
+    and nothing taken waiting for one), messages it could take wait in the queue
+    (:meth:`AbstractQueueBroker.waiting`), and it took none for ``STALL_TIMEOUT``
+    seconds (a broker setting): that is logged as an error and reported. Still stalled
+    after twice as long, the process stops and exits with :data:`STALLED_EXIT`, for its
+    restart policy (or the orchestrator) to replace it. A broker that is not connected
+    is never stalled: it reconnects by itself.
+
+    With a :class:`ReportPipe`, it also reports the process to the supervisor every
+    :data:`REPORT_INTERVAL` seconds, and at once when its state changes.
+    """
+
+    def __init__(self, label: str, stop: asyncio.Future[None], pipe: ReportPipe | None
+                 ) -> None:
+        self.label = label
+        self.stop = stop
+        self.pipe = pipe
+        self.agents: list[tuple[str, MicroAgent]] = []
+        self.state = 'starting'
+        self.stalled = False
+        self._pools: dict[tuple[str, str], ConsumerPool] = {}  # kept after they close
+        self._watches: dict[ConsumerPool, _StallWatch] = {}
+
+    def running(self) -> None:
+        """Every agent of the process has started."""
+        self.state = 'running'
+        self.report()
+
+    def stopping(self) -> None:
+        self.state = 'stopping'
+        self.report()
+
+    async def run(self) -> None:
+        """Check for stalls and report, until cancelled."""
+        await asyncio.gather(self._check_forever(), self._report_forever())
+
+    async def close(self, task: asyncio.Task[None]) -> None:
+        """Stop ``task`` (:meth:`run`), send the last report and close the pipe."""
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.report()
+        if self.pipe is not None:
+            await self.pipe.close()
+
+    async def _report_forever(self) -> None:
+        while True:
+            self.report()
+            await asyncio.sleep(REPORT_INTERVAL)
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            if self.state != 'running':
+                continue
+            try:
+                await self._check_stalls()
+            except Exception:
+                run_log.exception('AgentProc[%s]: the stall check failed', self.label)
+
+    # -- stalls ---------------------------------------------------------------------
+
+    async def _check_stalls(self) -> None:
+        for _, agent in self.agents:
+            broker = agent.broker
+            if broker is None:
+                continue
+            for pool in list(broker.pools.values()):
+                await self._check(broker, pool)
+
+    async def _check(self, broker: AbstractQueueBroker, pool: ConsumerPool) -> None:
+        timeout = float(broker.STALL_TIMEOUT)
+        if timeout <= 0:  # the check is off
+            return
+        watch = self._watches.setdefault(pool, _StallWatch())
+        now = time.monotonic()
+        interval = min(max(timeout / 10, REPORT_INTERVAL), 5.0)
+        last_fetch = pool.last_fetch or 0.0
+        took = last_fetch >= watch.since if watch.since is not None else \
+            now - last_fetch < interval
+        if pool.closing or not broker.connected or not pool.has_room or took:
+            self._clear(pool, watch)
+            return
+        if now < watch.next_check:
+            return
+        watch.next_check = now + interval
+        try:
+            watch.waiting = await asyncio.wait_for(broker.waiting(pool.name),
+                                                   max(timeout / 2, 1.0))
+        except Exception:  # unreachable, or too slow to say: not a stall of its own
+            watch.waiting = 0
+        if not watch.waiting or not broker.connected:
+            self._clear(pool, watch)
+            return
+        if watch.since is None:
+            watch.since = now
+        stalled_for = now - watch.since
+        if stalled_for >= timeout and not watch.logged:
+            watch.logged = True
+            run_log.error('AgentProc[%s]: consumer %s of %s is stalled: connected, with '
+                          'room, %d messages waiting and none taken for %.0fs',
+                          self.label, pool.consumer.key, pool.name, watch.waiting,
+                          stalled_for)
+        if stalled_for >= 2 * timeout and not self.stalled:
+            run_log.error('AgentProc[%s]: consumer %s of %s still stalled after %.0fs: '
+                          'stopping the process (exit %d)', self.label, pool.consumer.key,
+                          pool.name, stalled_for, STALLED_EXIT)
+            self.stalled = True
+            _resolve(self.stop)
+
+    def _clear(self, pool: ConsumerPool, watch: _StallWatch) -> None:
+        if watch.logged:
+            run_log.info('AgentProc[%s]: consumer %s of %s takes messages again',
+                         self.label, pool.consumer.key, pool.name)
+        watch.since, watch.waiting, watch.logged = None, 0, False
+
+    def _stalled_for(self, pool: ConsumerPool, now: float) -> float | None:
+        watch = self._watches.get(pool)
+        if watch is None or watch.since is None:
+            return None
+        stalled_for = now - watch.since
+        return stalled_for if stalled_for >= pool.broker.STALL_TIMEOUT else None
+
+    # -- reports --------------------------------------------------------------------
+
+    def report(self) -> None:
+        """Send the process's report now (when there is a pipe)."""
+        if self.pipe is None:
+            return
+        try:
+            now = time.monotonic()
+            agents = [self._agent_report(name, agent, now) for name, agent in self.agents]
+            self.pipe.send(ProcessReport(self.state, agents))
+        except Exception:
+            run_log.exception('AgentProc[%s]: reporting to the supervisor failed', self.label)
+
+    def _agent_report(self, name: str, agent: MicroAgent, now: float) -> AgentReport:
+        links = [LinkReport(f'{type(t).__name__} {redact_dsn(t.dsn)}', link.name,
+                            link.connected, link.last_error)
+                 for t in (agent.bus, agent.broker) if t is not None
+                 for link in list(t.links.values())]
+        if agent.broker is not None:
+            for pool in list(agent.broker.pools.values()):
+                if pool.consumer.agent is agent:
+                    self._pools[(name, pool.name)] = pool
+        pools = [pool for (owner, _), pool in self._pools.items() if owner == name]
+        timings: dict[tuple[str, str], HandlerTimes] = {}
+
+        def add(kind: str, key: str, timing: HandlerTimes | None) -> None:
+            if timing is not None:
+                timings.setdefault((kind, key), HandlerTimes()).add(timing.counts,
+                                                                    timing.total)
+
+        for pool in pools:
+            add('consumer', pool.consumer.key, pool.timing)
+        for receiver in agent.receivers:
+            add('receiver', receiver.key, receiver.timing)
+        timers = [(kind, timer) for kind, group in (('periodic', agent.periodic_tasks),
+                                                    ('cron', agent.cron_tasks))
+                  for timer in group]
+        for kind, timer in timers:
+            add(kind, handler_key(type(agent), timer.handler), timer.timing)
+        bus = agent.bus
+        for signal, timing in (bus.call_timings.items() if bus is not None else ()):
+            add('rpc_call', signal, timing)
+        return AgentReport(
+            name=name, links=links,
+            consumers=[self._consumer_report(pool, now) for pool in pools],
+            timers=[TimerReport(kind, handler_key(type(agent), timer.handler), timer.last_run,
+                                timer.last_error, timer.singleton) for kind, timer in timers],
+            servers=[_server_report(agent, server) for server in agent.hooks['server']],
+            timings=[TimingReport(kind, key, list(t.counts), t.total)
+                     for (kind, key), t in timings.items()],
+            signals_sent=dict(bus.signals_sent) if bus is not None else {},
+            signals_received=dict(bus.signals_received) if bus is not None else {})
+
+    def _consumer_report(self, pool: ConsumerPool, now: float) -> ConsumerReport:
+        watch = self._watches.get(pool)
+        return ConsumerReport(
+            queue=pool.name, handler=pool.consumer.key, handled=pool.handled,
+            retried=pool.retried, dead_lettered=pool.dead_lettered, released=pool.released,
+            in_flight=pool.in_flight,
+            last_fetch_age=None if pool.last_fetch is None else now - pool.last_fetch,
+            waiting=watch.waiting if watch is not None else 0,
+            stalled_for=self._stalled_for(pool, now))
+
+
+def _server_report(agent: MicroAgent, server: Callable[..., Any]) -> ServerReport:
+    leased = agent.leased_servers.get(server.__name__)
+    if leased is None:
+        return ServerReport(handler_key(type(agent), server), None, True)
+    return ServerReport(handler_key(type(agent), server), leased.key, leased.token is not None)
+
+
+def run_group(modules: list[str], names: list[str], grace: float, label: str | None = None,
+              report: Any = None) -> None:
+    """A process of the group: run the named agents of the settings modules until
+    SIGTERM/SIGINT or until one of them stops; exit 1 if one failed, 3 if a consumer
+    stalled (see :class:`ProcessMonitor`). ``label`` names the process in the log
+    (``worker[2]``); ``report`` is the write end of a pipe to the supervisor (a
+    ``multiprocessing`` connection), given when ``marun --http`` serves its reports."""
+    _configure_logging()
+    if report is not None:
+        enable_handler_timing()
+    configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace, label,
+                                report)))
+
+
+async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
+                 label: str | None = None, report: Any = None) -> int:
+    import signal as signals
+
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    label = label or ', '.join(name for name, _ in configs)
+    monitor = ProcessMonitor(label, stop, await ReportPipe.open(report) if report else None)
+    monitoring = loop.create_task(monitor.run())
+
+    def request_stop(signum: int) -> None:
+        run_log.info('AgentProc[%s]: caught %s, stopping', label, signals.Signals(signum).name)
+        _resolve(stop)
+
+    for signum in (signals.SIGTERM, signals.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum)
+    parent = os.getppid()
+    watcher = loop.create_task(_watch_parent(parent, stop))
+    agents: list[MicroAgent] = []
+    failed = False
+    try:
+        for name, (backend, cfg) in configs:
+            agent = init_agent(backend, cfg)
+            agents.append(agent)
+            monitor.agents.append((name, agent))
+            await agent.start()
+            run_log.info('AgentProc[%s]: started on pid#%d', label if len(configs) == 1 else name,
+                         os.getpid())
+        monitor.running()
+        waits = [loop.create_task(agent.wait()) for agent in agents]
+        await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except ConnectionError as exc:  # a server is unreachable: the message says which
+        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
+        failed = True
+        waits = []
+    except Exception:
+        run_log.exception('AgentProc[%s]: failed to start', label)
+        failed = True
+        waits = []
+    monitor.stopping()
+    stopping = asyncio.gather(*(agent.stop(grace) for agent in agents), return_exceptions=True)
+    if monitor.stalled:  # a stalled fetch may never end: then the process goes anyway
+        done, _ = await asyncio.wait([stopping], timeout=grace + 5)
+        if not done:
+            run_log.error('AgentProc[%s]: the stalled agent did not stop within %gs; exit '
+                          '%d now', label, grace + 5, STALLED_EXIT)
+            logging.shutdown()
+            os._exit(STALLED_EXIT)
+    await stopping
+    for task in waits:
+        try:
+            await task
+        except Exception:
+            failed = True
+    for transport in {id(t): t for a in agents for t in (a.bus, a.broker) if t}.values():
+        try:
+            await transport.close()
+        except Exception:
+            run_log.exception('AgentProc[%s]: closing %r failed', label, transport)
+    watcher.cancel()
+    await monitor.close(monitoring)
+    if monitor.stalled:
+        run_log.error('AgentProc[%s]: stopped: a consumer stalled (exit %d)', label,
+                      STALLED_EXIT)
+        return STALLED_EXIT
+    run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
+    return 1 if failed else 0
+
+
+async def _watch_parent(parent: int, stop: asyncio.Future[None]) -> None:
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing to await: a parent's death is polled
+        await asyncio.sleep(1)
+    run_log.warning('AgentProc: the supervisor (pid#%d) is gone, stopping', parent)
+    _resolve(stop)
+
+
+# =====================================================================================
+# Launcher: the supervisor (replicas, restarts, health, status and metrics)
+# =====================================================================================
+#
+# The supervisor (AgentsManager) keeps the last report of each process and what its ended
+# processes had counted (so a counter never goes down across a restart), restarts
+# processes by their policy, and serves /livez, /readyz, /status and /metrics from a
+# thread (``http.server``; ``prometheus_client`` writes the Prometheus text).
+
+MESSAGE_OUTCOMES = ('acked', 'retried', 'dead_lettered', 'released')
+class _Counts:
+    """Counters of agent processes added up: those that the ended processes of one
+    replica had counted, or the group's totals for ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[str, str], list[int]] = {}  # (agent, queue): outcomes
+        self.timings: dict[tuple[str, str, str], HandlerTimes] = {}  # (agent, kind, name)
+        self.sent: dict[tuple[str, str], int] = {}  # (agent, signal)
+        self.received: dict[tuple[str, str], int] = {}
+
+    def add_report(self, report: ProcessReport) -> None:
+        for agent in report.agents:
+            for c in agent.consumers:
+                self._add_messages((agent.name, c.queue),
+                                   (c.handled, c.retried, c.dead_lettered, c.released))
+            for t in agent.timings:
+                self._timing((agent.name, t.kind, t.name)).add(t.counts, t.total)
+            for table, counts in ((self.sent, agent.signals_sent),
+                                  (self.received, agent.signals_received)):
+                for signal, count in counts.items():
+                    table[(agent.name, signal)] = table.get((agent.name, signal), 0) + count
+
+    def add(self, other: _Counts) -> None:
+        for key, values in other.messages.items():
+            self._add_messages(key, values)
+        for key3, timing in other.timings.items():
+            self._timing(key3).add(timing.counts, timing.total)
+        for table, counts in ((self.sent, other.sent), (self.received, other.received)):
+            for key, count in counts.items():
+                table[key] = table.get(key, 0) + count
+
+    def _add_messages(self, key: tuple[str, str], values: Iterable[int]) -> None:
+        totals = self.messages.setdefault(key, [0] * len(MESSAGE_OUTCOMES))
+        for index, value in enumerate(values):
+            totals[index] += value
+
+    def _timing(self, key: tuple[str, str, str]) -> HandlerTimes:
+        timing = self.timings.get(key)
+        if timing is None:
+            timing = self.timings[key] = HandlerTimes()
+        return timing
+
+
+def _exit_text(code: int | None) -> str:
+    """``exit 1``, ``exit 3, a consumer stalled``, ``killed by SIGKILL``."""
+    import signal as signals
+    if code is None:
+        return 'still running'
+    if code < 0:
+        try:
+            return f'killed by {signals.Signals(-code).name}'
+        except ValueError:
+            return f'killed by signal {-code}'
+    return f'exit {code}' + (', a consumer stalled' if code == STALLED_EXIT else '')
+
+
+class ManagedProcess:
+    """One agent process of the group as the supervisor keeps it across restarts: its
+    agents, replica number, restart policy and backoff, the last report of its current
+    process and what its ended processes had counted.
+
+    ``state``: ``starting`` (spawned; its agents are starting), ``running`` (every
+    agent's ``start()`` returned), ``stopping``, ``restarting`` (ended, to be started
+    again after ``delay``), ``stopped`` (ended cleanly, or stopped with the group),
+    ``failed`` (ended with a failure and not started again).
+    """
+
+    def __init__(self, label: str, names: list[str], replica: int, replicas: int,
+                 policy: str) -> None:
+        self.label = label
+        self.names = names
+        self.replica = replica
+        self.suffix = f'[{replica}]' if replicas > 1 else ''
+        self.policy = policy
+        self.process: Any = None  # the current (or last) multiprocessing.Process
+        self.state = 'starting'
+        self.restarts = 0
+        self.restart_times: deque[float] = deque()  # monotonic times of recent restarts
+        self.delay = 0.0  # before the next restart
+        self.started = 0.0
+        self.restart_at = 0.0
+        self.exitcode: int | None = None
+        self.report: ProcessReport | None = None  # the current process's last
+        self.reported = 0.0  # monotonic time it came
+        self.kept = _Counts()  # what the ended processes had counted
+        self._reader: Any = None
+        self._buffer = bytearray()
+
+    def __repr__(self) -> str:
+        return f'<ManagedProcess {self.label} {self.state}>'
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+    def attach(self, process: Any, reader: Any) -> None:
+        """A new process of this replica was started (``reader``: its report pipe)."""
+        self.process, self._reader = process, reader
+        self._buffer.clear()
+        self.report, self.exitcode, self.state = None, None, 'starting'
+        self.started = self.reported = time.monotonic()
+
+    def waitables(self) -> list[Any]:
+        """What :func:`multiprocessing.connection.wait` should watch for it."""
+        found = [self.process.sentinel] if self.alive else []
+        return found + ([self._reader] if self._reader is not None else [])
+
+    def read(self) -> None:
+        """Take what the process reported since the last call (never blocks)."""
+        if self._reader is None:
+            return
+        while True:
+            try:
+                chunk = os.read(self._reader.fileno(), 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b''
+            if not chunk:
+                self._reader.close()
+                self._reader = None
+                break
+            self._buffer += chunk
+        body = _read_frames(self._buffer)
+        if body is None:
+            return
+        try:
+            report = _report_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            run_log.warning('AgentsManager: unreadable report from %s: %s', self.label, exc)
+            return
+        self.report, self.reported = report, time.monotonic()
+        if self.state in ('starting', 'running') and report.state != 'starting':
+            self.state = report.state
+
+    def ended(self) -> int | None:
+        """The process ended: read its last report, keep what it counted."""
+        self.read()
+        if self.report is not None:
+            self.kept.add_report(self.report)
+        self.report = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self.exitcode = self.process.exitcode
+        return self.exitcode
+
+    def totals(self) -> _Counts:
+        counts = _Counts()
+        counts.add(self.kept)
+        if self.report is not None:
+            counts.add_report(self.report)
+        return counts
+
+    def current(self, name: str) -> AgentReport | None:
+        """The last report of agent ``name`` by the current process, while it runs."""
+        if self.report is None or not self.alive:
+            return None
+        return next((agent for agent in self.report.agents if agent.name == name), None)
+
+
+class FleetView:
+    """What ``marun --http`` serves, read from the supervisor's processes under its lock:
+    ``/status``, the reasons of ``/readyz`` and the metric families of ``/metrics``."""
+
+    def __init__(self, fleet: list[ManagedProcess], stopping: Callable[[], bool]) -> None:
+        self.fleet = fleet
+        self.stopping = stopping
+
+    def status(self) -> JSONObject:
+        now = time.monotonic()
+        agents = [self._agent_status(managed, name, now)
+                  for managed in self.fleet for name in managed.names]
+        agents.sort(key=lambda agent: (agent['name'], agent['replica']))
+        return {'agents': agents}
+
+    def _agent_status(self, managed: ManagedProcess, name: str, now: float) -> JSONObject:
+        current = managed.current(name)
+        consumers: dict[str, JSONObject] = {}
+        for (agent, queue), values in managed.kept.messages.items():
+            if agent == name:
+                consumers[queue] = _consumer_status(queue, values, 0, None)
+        late = now - managed.reported
+        for c in current.consumers if current is not None else ():
+            kept = consumers.get(c.queue, {})
+            consumers[c.queue] = _consumer_status(
+                c.queue, [kept.get(key, 0) + value for key, value in zip(
+                    ('handled', 'retried', 'dead_lettered', 'released'),
+                    (c.handled, c.retried, c.dead_lettered, c.released), strict=True)],
+                c.in_flight, None if c.last_fetch_age is None else c.last_fetch_age + late)
+        return {
+            'name': name, 'replica': managed.replica,
+            'pid': managed.process.pid if managed.alive else None,
+            'state': managed.state, 'restarts': managed.restarts,
+            'connected': current is not None and all(link.connected for link in current.links),
+            'consumers': [consumers[queue] for queue in sorted(consumers)],
+            'timers': [{'name': t.name, 'kind': t.kind, 'last_run': t.last_run,
+                        'last_error': redact_dsn(t.last_error) if t.last_error else None,
+                        'singleton': t.singleton}
+                       for t in (current.timers if current is not None else ())],
+            'servers': [{'name': s.name, 'singleton': s.singleton, 'holds': s.holds}
+                        for s in (current.servers if current is not None else ())],
+        }
+
+    def reasons(self) -> list[str]:
+        """Why the group is not ready (empty when it is)."""
+        now = time.monotonic()
+        reasons = ['the group is stopping'] if self.stopping() else []
+        for managed in self.fleet:
+            if managed.state != 'running':
+                reasons.append(f'{managed.label}: {managed.state}{_state_detail(managed, now)}')
+                continue
+            if now - managed.reported > STALE_REPORT:
+                reasons.append(f'{managed.label}: no report for {now - managed.reported:.0f}s '
+                               f'(is its event loop blocked?)')
+            for agent in managed.report.agents if managed.report is not None else ():
+                who = f'{agent.name}{managed.suffix}'
+                for link in agent.links:
+                    if not link.connected:
+                        why = f' ({link.last_error})' if link.last_error else ''
+                        reasons.append(redact_dsn(f'{who}: {link.transport}: connection '
+                                              f'{link.name!r} is down{why}'))
+                for c in agent.consumers:
+                    if c.stalled_for is not None:
+                        reasons.append(f'{who}: consumer {c.handler} of queue {c.queue!r} is '
+                                       f'stalled: {c.waiting} messages waiting, none taken '
+                                       f'for {c.stalled_for:.0f}s')
+        return reasons
+
+    def metric_families(self) -> list[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        totals = _Counts()
+        in_flight: dict[tuple[str, str], int] = {}
+        restarts: dict[str, int] = {}
+        up = GaugeMetricFamily('microagent_up', '1 while the process of this replica runs '
+                               '(its agents started), else 0', labels=['agent', 'replica'])
+        connected = GaugeMetricFamily(
+            'microagent_connected', '1 while every connection of this replica is up',
+            labels=['agent', 'replica'])
+        for managed in self.fleet:
+            totals.add(managed.totals())
+            for name in managed.names:
+                current = managed.current(name)
+                restarts[name] = restarts.get(name, 0) + managed.restarts
+                labels = [name, str(managed.replica)]
+                up.add_metric(labels, 1 if managed.state == 'running' else 0)
+                connected.add_metric(labels, 1 if current is not None and all(
+                    link.connected for link in current.links) else 0)
+                for c in current.consumers if current is not None else ():
+                    key = (name, c.queue)
+                    in_flight[key] = in_flight.get(key, 0) + c.in_flight
+        messages = CounterMetricFamily(
+            'microagent_messages', 'Queue messages by outcome: acked (handled), retried (a '
+            'failed attempt, tried again), dead_lettered, released (given back at a stop)',
+            labels=['agent', 'queue', 'outcome'])
+        gauge = GaugeMetricFamily('microagent_in_flight', 'Consumer handlers running now',
+                                  labels=['agent', 'queue'])
+        for (name, queue), values in sorted(totals.messages.items()):
+            for outcome, value in zip(MESSAGE_OUTCOMES, values, strict=True):
+                messages.add_metric([name, queue, outcome], value)
+            gauge.add_metric([name, queue], in_flight.get((name, queue), 0))
+        handler = HistogramMetricFamily(
+            'microagent_handler_seconds', 'Duration of handler calls (kind: receiver, '
+            'consumer, periodic, cron, rpc_call)', labels=['agent', 'kind', 'name'])
+        for handler_labels, timing in sorted(totals.timings.items()):
+            buckets, seen = [], 0
+            for bound, count in zip((*HANDLER_BUCKETS, float('inf')), timing.counts,
+                                    strict=True):
+                seen += count
+                buckets.append(('+Inf' if bound == float('inf') else repr(bound), seen))
+            handler.add_metric(list(handler_labels), buckets, timing.total)
+        families = [messages, handler]
+        for metric, text, table in (
+                ('microagent_signals_sent', 'Signals published (sends and RPC requests)',
+                 totals.sent),
+                ('microagent_signals_received', 'Signals received (with receivers here)',
+                 totals.received)):
+            family = CounterMetricFamily(metric, text, labels=['agent', 'signal'])
+            for (name, signal), count in sorted(table.items()):
+                family.add_metric([name, signal], count)
+            families.append(family)
+        restarted = CounterMetricFamily('microagent_restarts', 'Processes of the agent '
+                                        'started again by the restart policy', labels=['agent'])
+        for name, count in sorted(restarts.items()):
+            restarted.add_metric([name], count)
+        return [*families, gauge, restarted, up, connected]
+
+
+def _consumer_status(queue: str, counts: list[int], in_flight: int,
+                     last_fetch_age: float | None) -> JSONObject:
+    handled, retried, dead_lettered, _ = counts
+    return {'queue': queue, 'handled': handled, 'retried': retried,
+            'dead_lettered': dead_lettered, 'in_flight': in_flight,
+            'last_fetch_age': None if last_fetch_age is None else round(last_fetch_age, 3)}
+
+
+def _state_detail(managed: ManagedProcess, now: float) -> str:
+    if managed.state == 'restarting':
+        return (f' ({_exit_text(managed.exitcode)}; starting again in '
+                f'{max(0.0, managed.restart_at - now):.0f}s)')
+    if managed.state in ('stopped', 'failed'):
+        return f' ({_exit_text(managed.exitcode)})'
+    return ''
+
+
+def _http_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9000`` for IPv6) of ``marun --http``."""
+    import argparse
+    host, _, port = text.rpartition(':')
+    host = host.strip('[]') if host.startswith('[') else host
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f'{text!r} is not HOST:PORT (e.g. 127.0.0.1:9000)')
+    return host, int(port)
+
+
+def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
+    """Serve ``view`` on ``host:port`` from a thread of its own; the server object (its
+    ``shutdown()`` stops it). Raises OSError when the address cannot be bound, and
+    ImportError without prometheus_client."""
+    import http.server
+    import socket
+    import socketserver
+    import threading
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    class FleetCollector(Collector):
+        def collect(self) -> Iterable[Any]:
+            with lock:
+                return view.metric_families()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector())
+    text, json_type = 'text/plain; charset=utf-8', 'application/json'
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f'marun/{__version__}'
+
+        def do_GET(self) -> None:
+            path = self.path.partition('?')[0]
+            if path == '/livez':
+                self._reply(200, b'ok\n', text)
+            elif path == '/readyz':
+                with lock:
+                    reasons = view.reasons()
+                body = {'ready': False, 'reasons': reasons} if reasons else {'ready': True}
+                self._reply(503 if reasons else 200, msgspec.json.encode(body), json_type)
+            elif path == '/status':
+                with lock:
+                    status = view.status()
+                self._reply(200, msgspec.json.encode(status), json_type)
+            elif path == '/metrics':
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            else:
+                self._reply(404, b'not found: /livez, /readyz, /status, /metrics\n', text)
+
+        def _reply(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header('Content-Type', content_type)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            run_log.debug('http: ' + format, *args)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
+
+        def server_bind(self) -> None:  # without HTTPServer's reverse DNS lookup
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name='marun-http', daemon=True).start()
+    return server
+
+
+class AgentsManager:
+    """The ``marun`` supervisor: starts the agents of the settings modules, each in its
+    own process (agents sharing a memory backend in one; ``replicas: N`` processes of an
+    agent), keeps the group together and restarts processes by their policy.
+
+    ``restart`` is the policy of the AGENT entries without a ``restart`` key: ``'no'``
+    (1.x: one process ending stops the group), ``'on-failure'`` (a process that failed
+    or was killed is started again; one that exits 0 stays stopped) or ``'always'``.
+    A restart waits :attr:`RESTART_DELAY` seconds, doubled after each restart up to
+    :attr:`RESTART_DELAY_MAX`, back to the first once a process ran
+    :attr:`RESTART_RESET` seconds; a process that would be restarted more than
+    :attr:`RESTART_LIMIT` times within :attr:`RESTART_WINDOW` seconds is given up: the
+    group stops and :meth:`start` returns 1.
+
+    SIGTERM/SIGINT stop every agent gracefully and restart nothing (in-flight work
+    finishes within ``grace`` seconds, then a process is killed). :meth:`start` returns
+    the exit status: 0, or 1 if an agent failed. After :meth:`listen`, the supervisor
+    serves ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` over HTTP.
+    """
+
+    RESTART_DELAY: ClassVar[float] = 1.0
+    RESTART_DELAY_MAX: ClassVar[float] = 30.0
+    RESTART_RESET: ClassVar[float] = 60.0
+    RESTART_LIMIT: ClassVar[int] = 5
+    RESTART_WINDOW: ClassVar[float] = 60.0
+
+    def __init__(self, cfg: list[tuple[str, BackendConfig]], grace: float = DEFAULT_GRACE,
+                 modules: list[str] | None = None, restart: str = 'no') -> None:
+        import threading
+
+        if restart not in RESTART_POLICIES:
+            raise ValueError(f"restart must be 'no', 'on-failure' or 'always', not {restart!r}")
+        self.cfg = cfg
+        self.grace = grace
+        self.modules = modules or []
+        self.restart = restart
+        self.fleet = self._plan()
+        self.processes: dict[str, Any] = {}  # label -> its current multiprocessing.Process
+        self.view = FleetView(self.fleet, lambda: self._stop_requested)
+        self._lock = threading.RLock()
+        self._http: Any = None
+        self._stop_requested = False
+        self._gave_up = False
+        self._context: Any = None
+
+    def _plan(self) -> list[ManagedProcess]:
+        """The processes of the group: one per agent (``replicas`` of it), agents on a
+        shared memory backend together (they must agree on their restart policy)."""
+        entries = dict(self.cfg)
+        fleet = []
+        for names in group_agents(self.cfg):
+            policies = {name: entries[name][1].get('restart', self.restart) for name in names}
+            if len(set(policies.values())) > 1:
+                given = ', '.join(f'{name}: {policy!r}' for name, policy in policies.items())
+                raise SettingsError(f'agents sharing a memory:// process need one restart '
+                                    f'policy, not {given}')
+            policy = policies[names[0]]
+            replicas = entries[names[0]][1].get('replicas', 1) if len(names) == 1 else 1
+            for replica in range(1, replicas + 1):
+                label = f'{names[0]}[{replica}]' if replicas > 1 else ', '.join(names)
+                fleet.append(ManagedProcess(label, names, replica, replicas, policy))
+        return fleet
+
+    def listen(self, host: str, port: int) -> None:
+        """Serve ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` on ``host:port``
+        from now on (agent processes started afterwards report to the supervisor).
+        Raises OSError when the address is in use, ImportError without prometheus_client.
+        """
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise ImportError('needs prometheus_client: pip install prometheus_client, or '
+                              "the checkout's extra: pip install '.[metrics]'") from None
+        self._http = _http_server(self.view, self._lock, host, port)
+        bound = self._http.server_address
+        run_log.info('AgentsManager: serving /livez /readyz /status /metrics on http://%s:%s',
+                     f'[{bound[0]}]' if ':' in bound[0] else bound[0], bound[1])
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        import signal as signals
+        run_log.info('AgentsManager: caught %s, stopping the group',
+                     signals.Signals(signum).name)
+        self._stop_requested = True
+
+    def start(self) -> int:
+        import multiprocessing
+        import signal as signals
+
+        self._context = multiprocessing.get_context('spawn')
+        for signum in (signals.SIGTERM, signals.SIGINT):
+            signals.signal(signum, self._request_stop)
+        for managed in self.fleet:
+            if len(managed.names) > 1:
+                run_log.info('AgentsManager: %s share a memory:// bus or broker and run in '
+                             'one process', managed.label)
+            managed.delay = self.RESTART_DELAY
+            self._spawn(managed)
+        self._supervise()
+        return self.close()
+
+    def _spawn(self, managed: ManagedProcess) -> None:
+        reader = writer = None
+        if self._http is not None:
+            reader, writer = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=run_group, name=managed.label, daemon=False,
+            args=(self.modules, managed.names, self.grace, managed.label, writer))
+        process.start()
+        if reader is not None and writer is not None:
+            writer.close()
+            os.set_blocking(reader.fileno(), False)
+        with self._lock:
+            managed.attach(process, reader)
+        self.processes[managed.label] = process
+        run_log.info('AgentsManager: %s %s on pid#%s',
+                     'restarted' if managed.restarts else 'started', managed.label, process.pid)
+
+    def _supervise(self) -> None:
+        """Watch the processes until the group stops: a stop was requested, a process
+        ended under policy ``no``, one was given up, or none is left."""
+        import multiprocessing.connection
+
+        while not self._stop_requested:
+            waitables = [w for managed in self.fleet for w in managed.waitables()]
+            multiprocessing.connection.wait(waitables, timeout=self._timeout())
+            with self._lock:
+                for managed in self.fleet:
+                    managed.read()
+                for managed in self.fleet:
+                    if managed.process is not None and managed.exitcode is None \
+                            and not managed.alive and self._ended(managed):
+                        return
+                if all(managed.state in ('stopped', 'failed') for managed in self.fleet):
+                    run_log.info('AgentsManager: no process left to run')
+                    return
+            for managed in self.fleet:
+                if managed.state == 'restarting' and time.monotonic() >= managed.restart_at \
+                        and not self._stop_requested:
+                    managed.restarts += 1
+                    managed.restart_times.append(time.monotonic())
+                    self._spawn(managed)
+
+    def _timeout(self) -> float:
+        due = [m.restart_at - time.monotonic() for m in self.fleet if m.state == 'restarting']
+        return max(0.0, min([0.2, *due]))
+
+    def _ended(self, managed: ManagedProcess) -> bool:
+        """A process ended by itself: apply its policy; True when the group must stop."""
+        code = managed.ended()
+        how = _exit_text(code)
+        if managed.policy == 'no':
+            managed.state = 'stopped' if code == 0 else 'failed'
+            run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
+                         managed.label, code)
+            return True
+        if code == 0 and managed.policy == 'on-failure':
+            managed.state = 'stopped'
+            run_log.info('AgentsManager: %s ended (exit 0); restart: on-failure leaves it '
+                         'stopped', managed.label)
+            return False
+        now = time.monotonic()
+        if now - managed.started >= self.RESTART_RESET:
+            managed.delay = self.RESTART_DELAY
+        while managed.restart_times and now - managed.restart_times[0] > self.RESTART_WINDOW:
+            managed.restart_times.popleft()
+        if len(managed.restart_times) >= self.RESTART_LIMIT:
+            managed.state = 'failed'
+            self._gave_up = True
+            run_log.error('AgentsManager: giving up on %s: it ended again (%s) after %d '
+                          'restarts within %gs (restart: %s); stopping the group',
+                          managed.label, how, len(managed.restart_times), self.RESTART_WINDOW,
+                          managed.policy)
+            return True
+        managed.state, managed.restart_at = 'restarting', now + managed.delay
+        run_log.warning('AgentsManager: %s ended (%s); restarting it in %gs (restart: %s)',
+                        managed.label, how, managed.delay, managed.policy)
+        managed.delay = min(managed.delay * 2, self.RESTART_DELAY_MAX)
+        return False
+
+    def close(self) -> int:
+        """Stop every process (SIGTERM, then SIGKILL after the grace period); the exit
+        status: 1 when a process failed or was given up, else 0."""
+        import multiprocessing.connection
+        import signal as signals
+
+        with self._lock:
+            for managed in self.fleet:
+                if managed.alive:
+                    managed.state = 'stopping'
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(managed.process.pid, signals.SIGTERM)
+        deadline = time.monotonic() + self.grace + 5
+        while any(m.alive for m in self.fleet) and time.monotonic() < deadline:
+            waitables = [w for managed in self.fleet for w in managed.waitables()]
+            multiprocessing.connection.wait(
+                waitables, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+            with self._lock:
+                for managed in self.fleet:
+                    managed.read()
+        for managed in self.fleet:
+            if managed.alive:
+                run_log.error('AgentsManager: %s did not stop in time, killing it',
+                              managed.label)
+                managed.process.kill()
+                managed.process.join()
+        clean = (0, -signals.SIGTERM, -signals.SIGINT) if self._stop_requested else (0,)
+        failed = []
+        with self._lock:
+            for managed in self.fleet:
+                if managed.process is not None and managed.exitcode is None:
+                    managed.ended()
+                if managed.exitcode not in clean and managed.process is not None:
+                    failed.append(managed)
+                    managed.state = 'failed'
+                elif managed.state != 'failed':
+                    managed.state = 'stopped'
+        for managed in failed:
+            run_log.error('AgentsManager: %s failed (%s)', managed.label,
+                          _exit_text(managed.exitcode))
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        run_log.info('AgentsManager: stopped')
+        return 1 if failed or self._gave_up else 0
+
+
+# =====================================================================================
 # Graph: the topology of agents, signals and queues
 # =====================================================================================
 
@@ -3558,6 +4936,9 @@ def sent_by(cls: type) -> dict[str, list[str]]:
         for kind, name in (*(_scan_class(klass).found or ()), *_declared_names(klass)):
             found[kind].add(name)
     return {kind: sorted(names) for kind, names in found.items()}
+
+
+INFO_SOURCES.append(sent_by)  # agent.info() reports what the agent sends
 
 
 # -- the graph ----------------------------------------------------------------------
@@ -4771,1350 +6152,8 @@ def _contract_findings(path: str, topology: Topology) -> list[Finding]:
 
 
 # =====================================================================================
-# Launcher: settings modules, marun, the supervisor of agent processes
+# Command line: marun
 # =====================================================================================
-
-DEFAULT_GRACE = 30.0
-LEGACY_BACKENDS = {
-    'RedisSignalBus': 'microagent_backends.RedisSignalBus',
-    'AIORedisSignalBus': 'microagent_backends.RedisSignalBus',
-    'RedisBroker': 'microagent_backends.RedisBroker',
-    'AIORedisBroker': 'microagent_backends.RedisBroker',
-    'AMQPBroker': 'microagent_backends.AMQPBroker',
-    'KafkaBroker': 'microagent_backends.KafkaBroker',
-}
-run_log = logging.getLogger('microagent.run')
-
-BackendConfig = tuple[str, dict[str, Any]]
-
-
-class SettingsError(ValueError):
-    """A launcher settings module that cannot be used; the message names module and key."""
-
-
-def resolve_backend(path: str) -> str:
-    """The import path of a backend, translating microagent 1.x paths
-    (``microagent.tools.redis.RedisSignalBus``) to ``microagent_backends``."""
-    if path.startswith('microagent.tools.'):
-        return LEGACY_BACKENDS.get(path.rsplit('.', 1)[-1], path)
-    return path
-
-
-def import_backend(path: str) -> Any:
-    """Import ``package.module.Name`` (1.x backend paths accepted)."""
-    module_path, _, name = resolve_backend(path).rpartition('.')
-    if not module_path:
-        raise ImportError(f'{path!r} is not a dotted path to a class')
-    module = importlib.import_module(module_path)
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ImportError(f'module {module_path!r} has no {name!r}') from None
-
-
-def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any]]:
-    section = getattr(module, key, {})
-    if not isinstance(section, dict):
-        raise SettingsError(f'{module_path}: {key} must be a dict')
-    for name, entry in section.items():
-        if not isinstance(entry, dict):
-            raise SettingsError(f'{module_path}: {key}[{name!r}] must be a dict')
-        if not isinstance(entry.get('backend'), str):
-            raise SettingsError(f'{module_path}: {key}[{name!r}]: missing key "backend"')
-        try:
-            import_backend(entry['backend'])
-        except ImportError as exc:
-            raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
-                f'{entry["backend"]!r}: {exc}') from None
-        except Exception as exc:
-            raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
-                f'{entry["backend"]!r}: {type(exc).__name__}: {exc}') from None
-    return {name: dict(entry) for name, entry in section.items()}
-
-
-def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
-    """Read a settings module: yield ``(agent_name, (backend, cfg))`` for each AGENT entry,
-    with ``cfg['bus']`` / ``cfg['broker']`` unfolded to their ``(backend, params)``.
-
-    A settings module has three dicts (BUS and BROKER are optional)::
-
-        BUS = {'main': {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://app'}}
-        BROKER = {'main': {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://app'}}
-        AGENT = {'user': {'backend': 'app.agents.UserAgent', 'bus': 'main',
-                          'broker': 'main', 'settings': {'key': 'value'}}}
-
-    An AGENT entry may also have ``replicas`` (processes of the agent, default 1) and
-    ``restart`` (``'no'``, ``'on-failure'`` or ``'always'``): ``marun`` reads them,
-    :func:`init_agent` does not pass them to the class (see :data:`RUN_KEYS`).
-
-    A module that cannot be imported, an unknown backend or a missing key raises
-    :class:`SettingsError` naming the module and the key.
-    """
-    try:
-        module = importlib.import_module(module_path)
-    except Exception as exc:
-        raise SettingsError(f'{module_path}: cannot import: {type(exc).__name__}: {exc}'
-                            ) from None
-    buses = _section(module_path, module, 'BUS')
-    brokers = _section(module_path, module, 'BROKER')
-    agents = _section(module_path, module, 'AGENT')
-    if not agents:
-        raise SettingsError(f'{module_path}: AGENT has no agents')
-    configs = []
-    for name, entry in agents.items():
-        backend = entry.pop('backend')
-        cls = import_backend(backend)
-        if not (isinstance(cls, type) and issubclass(cls, MicroAgent)):
-            raise SettingsError(f'{module_path}: AGENT[{name!r}]["backend"]: {backend!r} is '
-                                f'not a MicroAgent subclass')
-        for key, section in (('bus', buses), ('broker', brokers)):
-            ref = entry.get(key)
-            if ref is None:
-                continue
-            if ref not in section:
-                raise SettingsError(f'{module_path}: AGENT[{name!r}][{key!r}]: no '
-                                    f'{key.upper()} entry named {ref!r}')
-            params = dict(section[ref])
-            entry[key] = (params.pop('backend'), params)
-        needs = _needs(cls)
-        for key in needs:
-            if entry.get(key) is None:
-                does = 'receives signals' if key == 'bus' else 'consumes queues'
-                raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
-                                    f'({backend} {does})')
-        _check_run_keys(f'{module_path}: AGENT[{name!r}]', entry)
-        configs.append((name, (backend, entry)))
-    yield from configs
-
-
-def check_transports(module_path: str) -> None:
-    """Construct each BUS and BROKER entry of a settings module that an agent uses, as
-    its process will (construction connects to nothing), so that an unknown keyword, a
-    DSN of the wrong scheme or a missing client library is a :class:`SettingsError`
-    naming the entry before any process starts. Call after :func:`load_configuration`."""
-    module = importlib.import_module(module_path)
-    agents = _section(module_path, module, 'AGENT')
-    for key, kind in (('bus', AbstractSignalBus), ('broker', AbstractQueueBroker)):
-        used = {entry.get(key) for entry in agents.values()}
-        for name, entry in _section(module_path, module, key.upper()).items():
-            if name not in used:
-                continue
-            params = dict(entry)
-            backend = params.pop('backend')
-            where = f'{module_path}: {key.upper()}[{name!r}]'
-            try:
-                transport = import_backend(backend)(**params)
-            except Exception as exc:
-                raise SettingsError(f'{where}: {exc}') from None
-            if not isinstance(transport, kind):
-                what = 'signal bus' if key == 'bus' else 'queue broker'
-                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
-                                    f'({kind.__name__} subclass)')
-
-
-# Keys of an AGENT entry that ``marun`` reads and the agent class does not get.
-RUN_KEYS = ('replicas', 'restart')
-RESTART_POLICIES = ('no', 'on-failure', 'always')
-
-
-def _check_run_keys(where: str, entry: dict[str, Any]) -> None:
-    """``replicas`` and ``restart`` of an AGENT entry, or a :class:`SettingsError`."""
-    replicas = entry.get('replicas', 1)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise SettingsError(f"{where}['replicas']: must be an int >= 1, not {replicas!r}")
-    restart = entry.get('restart', 'no')
-    if restart not in RESTART_POLICIES:
-        raise SettingsError(f"{where}['restart']: must be 'no', 'on-failure' or 'always', "
-                            f'not {restart!r}')
-    memory = _memory_dsns(entry)
-    if replicas > 1 and memory:
-        raise SettingsError(
-            f"{where}['replicas']: {replicas} replicas of an agent on a memory:// backend "
-            f"({', '.join(memory)}) cannot work: memory reaches its own process only")
-
-
-def _needs(cls: type[MicroAgent]) -> list[str]:
-    kinds = {type(d) for ds in cls.declarations.values() for d in ds}
-    return [key for key, kind in (('bus', ReceiverArgs), ('broker', ConsumerArgs))
-            if kind in kinds]
-
-
-def init_agent(backend: str, cfg: dict[str, Any]) -> MicroAgent:
-    """Build the bus, the broker and the agent of one configuration (not started)."""
-    cfg = {key: value for key, value in cfg.items() if key not in RUN_KEYS}
-    bus_cfg: BackendConfig | None = cfg.pop('bus', None)
-    broker_cfg: BackendConfig | None = cfg.pop('broker', None)
-    bus = import_backend(bus_cfg[0])(**bus_cfg[1]) if bus_cfg else None
-    broker = import_backend(broker_cfg[0])(**broker_cfg[1]) if broker_cfg else None
-    agent: MicroAgent = import_backend(backend)(bus=bus, broker=broker, **cfg)
-    return agent
-
-
-def _memory_dsns(cfg: dict[str, Any]) -> list[str]:
-    shared = []
-    for key in ('bus', 'broker'):
-        backend_cfg = cfg.get(key)
-        if backend_cfg:
-            cls = import_backend(backend_cfg[0])
-            if issubclass(cls, (MemorySignalBus, MemoryBroker)):
-                dsn = backend_cfg[1].get('dsn', 'memory://default')
-                shared.append(f'{key}:{dsn}')
-    return shared
-
-
-def group_agents(configs: list[tuple[str, BackendConfig]]) -> list[list[str]]:
-    """Agent names by process: agents sharing a ``memory://`` bus or broker run together
-    (a memory backend only reaches its own process); every other agent runs alone."""
-    groups: list[tuple[set[str], list[str]]] = []
-    for name, (_, cfg) in configs:
-        keys = set(_memory_dsns(cfg))
-        joined = [g for g in groups if g[0] & keys]
-        merged: tuple[set[str], list[str]] = (set(keys), [])
-        for group in joined:
-            merged[0].update(group[0])
-            merged[1].extend(group[1])
-            groups.remove(group)
-        merged[1].append(name)
-        groups.append(merged)
-    return [names for _, names in groups]
-
-
-# Loggers of the client libraries (and asyncio) that ``marun`` keeps at WARNING unless
-# the settings give them a level: their INFO lines (a dozen per Kafka consumer start, two
-# per subscription change) are noise in an agent's log.
-QUIET_LOGGERS = ('aiokafka', 'aiormq', 'pamqp', 'redis', 'asyncio')
-
-
-def _configure_logging() -> None:
-    """The logging of ``marun``: INFO to standard output unless the root logger has
-    handlers already; the :data:`QUIET_LOGGERS` at WARNING unless configured."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, stream=sys.stdout,
-            format='%(asctime)s %(levelname)-7s [pid#%(process)d] %(name)s: %(message)s')
-    for name in QUIET_LOGGERS:
-        library = logging.getLogger(name)
-        if library.level == logging.NOTSET:
-            library.setLevel(logging.WARNING)
-
-
-def run_group(modules: list[str], names: list[str], grace: float, label: str | None = None,
-              report: Any = None) -> None:
-    """A process of the group: run the named agents of the settings modules until
-    SIGTERM/SIGINT or until one of them stops; exit 1 if one failed, 3 if a consumer
-    stalled (see :class:`ProcessMonitor`). ``label`` names the process in the log
-    (``worker[2]``); ``report`` is the write end of a pipe to the supervisor (a
-    ``multiprocessing`` connection), given when ``marun --http`` serves its reports."""
-    _configure_logging()
-    if report is not None:
-        enable_handler_timing()
-    configs = dict(cfg for module in modules for cfg in load_configuration(module))
-    sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace, label,
-                                report)))
-
-
-async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
-                 label: str | None = None, report: Any = None) -> int:
-    import signal as signals
-
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-    label = label or ', '.join(name for name, _ in configs)
-    monitor = ProcessMonitor(label, stop, await ReportPipe.open(report) if report else None)
-    monitoring = loop.create_task(monitor.run())
-
-    def request_stop(signum: int) -> None:
-        run_log.info('AgentProc[%s]: caught %s, stopping', label, signals.Signals(signum).name)
-        _resolve(stop)
-
-    for signum in (signals.SIGTERM, signals.SIGINT):
-        loop.add_signal_handler(signum, request_stop, signum)
-    parent = os.getppid()
-    watcher = loop.create_task(_watch_parent(parent, stop))
-    agents: list[MicroAgent] = []
-    failed = False
-    try:
-        for name, (backend, cfg) in configs:
-            agent = init_agent(backend, cfg)
-            agents.append(agent)
-            monitor.agents.append((name, agent))
-            await agent.start()
-            run_log.info('AgentProc[%s]: started on pid#%d', label if len(configs) == 1 else name,
-                         os.getpid())
-        monitor.running()
-        waits = [loop.create_task(agent.wait()) for agent in agents]
-        await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-    except ConnectionError as exc:  # a server is unreachable: the message says which
-        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
-        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
-        failed = True
-        waits = []
-    except Exception:
-        run_log.exception('AgentProc[%s]: failed to start', label)
-        failed = True
-        waits = []
-    monitor.stopping()
-    stopping = asyncio.gather(*(agent.stop(grace) for agent in agents), return_exceptions=True)
-    if monitor.stalled:  # a stalled fetch may never end: then the process goes anyway
-        done, _ = await asyncio.wait([stopping], timeout=grace + 5)
-        if not done:
-            run_log.error('AgentProc[%s]: the stalled agent did not stop within %gs; exit '
-                          '%d now', label, grace + 5, STALLED_EXIT)
-            logging.shutdown()
-            os._exit(STALLED_EXIT)
-    await stopping
-    for task in waits:
-        try:
-            await task
-        except Exception:
-            failed = True
-    for transport in {id(t): t for a in agents for t in (a.bus, a.broker) if t}.values():
-        try:
-            await transport.close()
-        except Exception:
-            run_log.exception('AgentProc[%s]: closing %r failed', label, transport)
-    watcher.cancel()
-    await monitor.close(monitoring)
-    if monitor.stalled:
-        run_log.error('AgentProc[%s]: stopped: a consumer stalled (exit %d)', label,
-                      STALLED_EXIT)
-        return STALLED_EXIT
-    run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
-    return 1 if failed else 0
-
-
-async def _watch_parent(parent: int, stop: asyncio.Future[None]) -> None:
-    while os.getppid() == parent:  # noqa: ASYNC110 - nothing to await: a parent's death is polled
-        await asyncio.sleep(1)
-    run_log.warning('AgentProc: the supervisor (pid#%d) is gone, stopping', parent)
-    _resolve(stop)
-
-
-# =====================================================================================
-# Launcher, fleet supervision: replicas, restarts, health, status and metrics
-# =====================================================================================
-#
-# Under ``marun`` every agent process runs a ProcessMonitor: it checks the consumers for
-# a stall (exit STALLED_EXIT) and, when the supervisor serves ``--http``, writes a report
-# of the process to a pipe every REPORT_INTERVAL (a length-prefixed msgpack ProcessReport:
-# the state, each connection, each consumer's counters and last fetch, timers, signal
-# counts and handler durations). The counters are plain integers that ConsumerPool,
-# the timers and the buses keep anyway; the monitor reads them off the hot path. The
-# supervisor (AgentsManager) keeps the last report of each process and what its ended
-# processes had counted (so a counter never goes down across a restart), restarts
-# processes by their policy, and serves /livez, /readyz, /status and /metrics from a
-# thread (``http.server``; ``prometheus_client`` writes the Prometheus text).
-
-HANDLER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0, 10.0, 30.0, 60.0)
-"""Upper bounds (seconds) of the buckets of ``microagent_handler_seconds``."""
-REPORT_INTERVAL = 0.5  # seconds between two reports of an agent process
-STALE_REPORT = 5.0  # a running process silent that long is not ready
-STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
-_timing = False
-_clock = time.perf_counter  # what handler durations are measured with
-_bucket_of = bisect.bisect_left
-_FIRST_BOUND = HANDLER_BUCKETS[0]  # most calls take less: no search for their bucket
-
-
-class HandlerTimes:
-    """How long the calls of one handler took: ``counts[i]`` calls took at most
-    ``HANDLER_BUCKETS[i]`` seconds (and more than the bound before; the last, longer than
-    every bound), ``total`` their sum. The histogram ``microagent_handler_seconds`` before
-    it is made cumulative: plain numbers, cheap enough for the hot path."""
-
-    __slots__ = ('counts', 'total')
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(HANDLER_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[0 if seconds <= _FIRST_BOUND else _bucket_of(HANDLER_BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def add(self, counts: Iterable[int], total: float) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        self.total += total
-
-
-def enable_handler_timing(enabled: bool = True) -> None:
-    """Time the handler calls (consumers, receivers, timers, RPC calls) of the pools,
-    buses and timers made from now on in this process. ``marun --http`` turns it on in
-    its agent processes; off (the default), a handler call reads no clock."""
-    global _timing
-    _timing = enabled
-
-
-def handler_timing() -> HandlerTimes | None:
-    """A :class:`HandlerTimes` for a new handler, or None when timing is off."""
-    return HandlerTimes() if _timing else None
-
-
-def _observe_call(bus: AbstractSignalBus, name: str, seconds: float) -> None:
-    if _timing:
-        timing = bus.call_timings.get(name)
-        if timing is None:
-            timing = bus.call_timings[name] = HandlerTimes()
-        timing.observe(seconds)
-
-
-# -- what an agent process reports ------------------------------------------------------
-
-class LinkReport(msgspec.Struct, frozen=True):
-    """One connection of a bus or broker: ``transport`` is its class and DSN (no
-    password), ``name`` the link's (``pubsub``, ``consume orders``)."""
-    transport: str
-    name: str
-    connected: bool
-    last_error: str | None
-
-
-class ConsumerReport(msgspec.Struct, frozen=True):
-    """One consumer's counters since its process started."""
-    queue: str
-    handler: str
-    handled: int
-    retried: int
-    dead_lettered: int
-    released: int
-    in_flight: int
-    last_fetch_age: float | None  # seconds since it last took a message; None before
-    waiting: int  # messages it could take, as last measured by the stall check
-    stalled_for: float | None  # seconds it has been stalled (None: it is not)
-
-
-class TimerReport(msgspec.Struct, frozen=True):
-    kind: str  # periodic, cron
-    name: str
-    last_run: float | None  # Unix time
-    last_error: str | None
-    singleton: str | None = None  # its key, when it is a singleton
-
-
-class ServerReport(msgspec.Struct, frozen=True):
-    name: str
-    singleton: str | None  # its key, when it is a singleton
-    holds: bool  # a singleton: this agent holds the lease (its server runs); else True
-
-
-class TimingReport(msgspec.Struct, frozen=True):
-    kind: str  # receiver, consumer, periodic, cron, rpc_call
-    name: str
-    counts: list[int]
-    total: float
-
-
-class AgentReport(msgspec.Struct, frozen=True):
-    name: str  # the AGENT entry
-    links: list[LinkReport]
-    consumers: list[ConsumerReport]
-    timers: list[TimerReport]
-    timings: list[TimingReport]
-    signals_sent: dict[str, int]
-    signals_received: dict[str, int]
-    servers: list[ServerReport] = msgspec.field(default_factory=list)
-
-
-class ProcessReport(msgspec.Struct, frozen=True):
-    state: str  # starting, running, stopping
-    agents: list[AgentReport]
-
-
-_report_encoder = msgspec.msgpack.Encoder()
-_report_decoder = msgspec.msgpack.Decoder(ProcessReport)
-
-
-class ReportPipe:
-    """An agent process's end of its report pipe to the supervisor, written through
-    asyncio so that reporting never blocks the agents' event loop: a report that finds
-    a megabyte still unwritten (a supervisor that does not read) is dropped."""
-
-    LIMIT = 1 << 20
-
-    def __init__(self, transport: asyncio.WriteTransport, closed: asyncio.Future[None]
-                 ) -> None:
-        self._transport = transport
-        self._closed = closed
-
-    @classmethod
-    async def open(cls, connection: Any) -> ReportPipe:
-        """From the write end of a ``multiprocessing`` pipe (which it closes)."""
-        pipe = os.fdopen(os.dup(connection.fileno()), 'wb', buffering=0)
-        connection.close()
-        loop = asyncio.get_running_loop()
-        closed = loop.create_future()
-
-        class Protocol(asyncio.Protocol):
-            def connection_lost(self, exc: Exception | None) -> None:
-                _resolve(closed)
-
-        transport, _ = await loop.connect_write_pipe(Protocol, pipe)
-        return cls(transport, closed)
-
-    def send(self, report: ProcessReport) -> None:
-        transport = self._transport
-        if transport.is_closing() or transport.get_write_buffer_size() > self.LIMIT:
-            return
-        body = _report_encoder.encode(report)
-        transport.write(len(body).to_bytes(4, 'big') + body)
-
-    async def close(self, timeout: float = 2.0) -> None:
-        """Close, once what is buffered is written (within ``timeout``)."""
-        self._transport.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
-        if not self._closed.done():
-            self._transport.abort()
-
-
-def _read_frames(buffer: bytearray) -> bytes | None:
-    """Take the complete frames out of ``buffer``; return the body of the last one."""
-    last = None
-    while len(buffer) >= 4:
-        size = int.from_bytes(buffer[:4], 'big')
-        if len(buffer) < 4 + size:
-            break
-        last = bytes(buffer[4:4 + size])
-        del buffer[:4 + size]
-    return last
-
-
-class _StallWatch:
-    """The stall check of one consumer: since when messages it could take have been
-    waiting while it was connected, had an idle worker and took none."""
-
-    __slots__ = ('logged', 'next_check', 'since', 'waiting')
-
-    def __init__(self) -> None:
-        self.next_check = 0.0
-        self.since: float | None = None
-        self.waiting = 0
-        self.logged = False
-
-
-class ProcessMonitor:
-    """Watches the agents of one process under ``marun``.
-
-    A consumer is **stalled** when its broker is connected, it has room (a worker idle
-    and nothing taken waiting for one), messages it could take wait in the queue
-    (:meth:`AbstractQueueBroker.waiting`), and it took none for ``STALL_TIMEOUT``
-    seconds (a broker setting): that is logged as an error and reported. Still stalled
-    after twice as long, the process stops and exits with :data:`STALLED_EXIT`, for its
-    restart policy (or the orchestrator) to replace it. A broker that is not connected
-    is never stalled: it reconnects by itself.
-
-    With a :class:`ReportPipe`, it also reports the process to the supervisor every
-    :data:`REPORT_INTERVAL` seconds, and at once when its state changes.
-    """
-
-    def __init__(self, label: str, stop: asyncio.Future[None], pipe: ReportPipe | None
-                 ) -> None:
-        self.label = label
-        self.stop = stop
-        self.pipe = pipe
-        self.agents: list[tuple[str, MicroAgent]] = []
-        self.state = 'starting'
-        self.stalled = False
-        self._pools: dict[tuple[str, str], ConsumerPool] = {}  # kept after they close
-        self._watches: dict[ConsumerPool, _StallWatch] = {}
-
-    def running(self) -> None:
-        """Every agent of the process has started."""
-        self.state = 'running'
-        self.report()
-
-    def stopping(self) -> None:
-        self.state = 'stopping'
-        self.report()
-
-    async def run(self) -> None:
-        """Check for stalls and report, until cancelled."""
-        await asyncio.gather(self._check_forever(), self._report_forever())
-
-    async def close(self, task: asyncio.Task[None]) -> None:
-        """Stop ``task`` (:meth:`run`), send the last report and close the pipe."""
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        self.report()
-        if self.pipe is not None:
-            await self.pipe.close()
-
-    async def _report_forever(self) -> None:
-        while True:
-            self.report()
-            await asyncio.sleep(REPORT_INTERVAL)
-
-    async def _check_forever(self) -> None:
-        while True:
-            await asyncio.sleep(REPORT_INTERVAL)
-            if self.state != 'running':
-                continue
-            try:
-                await self._check_stalls()
-            except Exception:
-                run_log.exception('AgentProc[%s]: the stall check failed', self.label)
-
-    # -- stalls ---------------------------------------------------------------------
-
-    async def _check_stalls(self) -> None:
-        for _, agent in self.agents:
-            broker = agent.broker
-            if broker is None:
-                continue
-            for pool in list(broker.pools.values()):
-                await self._check(broker, pool)
-
-    async def _check(self, broker: AbstractQueueBroker, pool: ConsumerPool) -> None:
-        timeout = float(broker.STALL_TIMEOUT)
-        if timeout <= 0:  # the check is off
-            return
-        watch = self._watches.setdefault(pool, _StallWatch())
-        now = time.monotonic()
-        interval = min(max(timeout / 10, REPORT_INTERVAL), 5.0)
-        last_fetch = pool.last_fetch or 0.0
-        took = last_fetch >= watch.since if watch.since is not None else \
-            now - last_fetch < interval
-        if pool.closing or not broker.connected or not pool.has_room or took:
-            self._clear(pool, watch)
-            return
-        if now < watch.next_check:
-            return
-        watch.next_check = now + interval
-        try:
-            watch.waiting = await asyncio.wait_for(broker.waiting(pool.name),
-                                                   max(timeout / 2, 1.0))
-        except Exception:  # unreachable, or too slow to say: not a stall of its own
-            watch.waiting = 0
-        if not watch.waiting or not broker.connected:
-            self._clear(pool, watch)
-            return
-        if watch.since is None:
-            watch.since = now
-        stalled_for = now - watch.since
-        if stalled_for >= timeout and not watch.logged:
-            watch.logged = True
-            run_log.error('AgentProc[%s]: consumer %s of %s is stalled: connected, with '
-                          'room, %d messages waiting and none taken for %.0fs',
-                          self.label, pool.consumer.key, pool.name, watch.waiting,
-                          stalled_for)
-        if stalled_for >= 2 * timeout and not self.stalled:
-            run_log.error('AgentProc[%s]: consumer %s of %s still stalled after %.0fs: '
-                          'stopping the process (exit %d)', self.label, pool.consumer.key,
-                          pool.name, stalled_for, STALLED_EXIT)
-            self.stalled = True
-            _resolve(self.stop)
-
-    def _clear(self, pool: ConsumerPool, watch: _StallWatch) -> None:
-        if watch.logged:
-            run_log.info('AgentProc[%s]: consumer %s of %s takes messages again',
-                         self.label, pool.consumer.key, pool.name)
-        watch.since, watch.waiting, watch.logged = None, 0, False
-
-    def _stalled_for(self, pool: ConsumerPool, now: float) -> float | None:
-        watch = self._watches.get(pool)
-        if watch is None or watch.since is None:
-            return None
-        stalled_for = now - watch.since
-        return stalled_for if stalled_for >= pool.broker.STALL_TIMEOUT else None
-
-    # -- reports --------------------------------------------------------------------
-
-    def report(self) -> None:
-        """Send the process's report now (when there is a pipe)."""
-        if self.pipe is None:
-            return
-        try:
-            now = time.monotonic()
-            agents = [self._agent_report(name, agent, now) for name, agent in self.agents]
-            self.pipe.send(ProcessReport(self.state, agents))
-        except Exception:
-            run_log.exception('AgentProc[%s]: reporting to the supervisor failed', self.label)
-
-    def _agent_report(self, name: str, agent: MicroAgent, now: float) -> AgentReport:
-        links = [LinkReport(f'{type(t).__name__} {redact_dsn(t.dsn)}', link.name,
-                            link.connected, link.last_error)
-                 for t in (agent.bus, agent.broker) if t is not None
-                 for link in list(t.links.values())]
-        if agent.broker is not None:
-            for pool in list(agent.broker.pools.values()):
-                if pool.consumer.agent is agent:
-                    self._pools[(name, pool.name)] = pool
-        pools = [pool for (owner, _), pool in self._pools.items() if owner == name]
-        timings: dict[tuple[str, str], HandlerTimes] = {}
-
-        def add(kind: str, key: str, timing: HandlerTimes | None) -> None:
-            if timing is not None:
-                timings.setdefault((kind, key), HandlerTimes()).add(timing.counts,
-                                                                    timing.total)
-
-        for pool in pools:
-            add('consumer', pool.consumer.key, pool.timing)
-        for receiver in agent.receivers:
-            add('receiver', receiver.key, receiver.timing)
-        timers = [(kind, timer) for kind, group in (('periodic', agent.periodic_tasks),
-                                                    ('cron', agent.cron_tasks))
-                  for timer in group]
-        for kind, timer in timers:
-            add(kind, _handler_key(agent, timer.handler), timer.timing)
-        bus = agent.bus
-        for signal, timing in (bus.call_timings.items() if bus is not None else ()):
-            add('rpc_call', signal, timing)
-        return AgentReport(
-            name=name, links=links,
-            consumers=[self._consumer_report(pool, now) for pool in pools],
-            timers=[TimerReport(kind, _handler_key(agent, timer.handler), timer.last_run,
-                                timer.last_error, timer.singleton) for kind, timer in timers],
-            servers=[_server_report(agent, server) for server in agent.hooks['server']],
-            timings=[TimingReport(kind, key, list(t.counts), t.total)
-                     for (kind, key), t in timings.items()],
-            signals_sent=dict(bus.signals_sent) if bus is not None else {},
-            signals_received=dict(bus.signals_received) if bus is not None else {})
-
-    def _consumer_report(self, pool: ConsumerPool, now: float) -> ConsumerReport:
-        watch = self._watches.get(pool)
-        return ConsumerReport(
-            queue=pool.name, handler=pool.consumer.key, handled=pool.handled,
-            retried=pool.retried, dead_lettered=pool.dead_lettered, released=pool.released,
-            in_flight=pool.in_flight,
-            last_fetch_age=None if pool.last_fetch is None else now - pool.last_fetch,
-            waiting=watch.waiting if watch is not None else 0,
-            stalled_for=self._stalled_for(pool, now))
-
-
-def _server_report(agent: MicroAgent, server: Callable[..., Any]) -> ServerReport:
-    leased = agent.leased_servers.get(server.__name__)
-    if leased is None:
-        return ServerReport(_handler_key(agent, server), None, True)
-    return ServerReport(_handler_key(agent, server), leased.key, leased.token is not None)
-
-
-def _handler_key(agent: MicroAgent, handler: Callable[..., Any]) -> str:
-    return f'{type(agent).__name__}.{handler.__name__}'
-
-
-# -- what the supervisor keeps ----------------------------------------------------------
-
-MESSAGE_OUTCOMES = ('acked', 'retried', 'dead_lettered', 'released')
-_PASSWORD = re.compile(r'(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s/]+@', re.IGNORECASE)
-
-
-def _scrub(text: str) -> str:
-    """``text`` with any DSN password in it replaced by ``***``."""
-    return _PASSWORD.sub(r'\1***@', text)
-
-
-class _Counts:
-    """Counters of agent processes added up: those that the ended processes of one
-    replica had counted, or the group's totals for ``/metrics``."""
-
-    def __init__(self) -> None:
-        self.messages: dict[tuple[str, str], list[int]] = {}  # (agent, queue): outcomes
-        self.timings: dict[tuple[str, str, str], HandlerTimes] = {}  # (agent, kind, name)
-        self.sent: dict[tuple[str, str], int] = {}  # (agent, signal)
-        self.received: dict[tuple[str, str], int] = {}
-
-    def add_report(self, report: ProcessReport) -> None:
-        for agent in report.agents:
-            for c in agent.consumers:
-                self._add_messages((agent.name, c.queue),
-                                   (c.handled, c.retried, c.dead_lettered, c.released))
-            for t in agent.timings:
-                self._timing((agent.name, t.kind, t.name)).add(t.counts, t.total)
-            for table, counts in ((self.sent, agent.signals_sent),
-                                  (self.received, agent.signals_received)):
-                for signal, count in counts.items():
-                    table[(agent.name, signal)] = table.get((agent.name, signal), 0) + count
-
-    def add(self, other: _Counts) -> None:
-        for key, values in other.messages.items():
-            self._add_messages(key, values)
-        for key3, timing in other.timings.items():
-            self._timing(key3).add(timing.counts, timing.total)
-        for table, counts in ((self.sent, other.sent), (self.received, other.received)):
-            for key, count in counts.items():
-                table[key] = table.get(key, 0) + count
-
-    def _add_messages(self, key: tuple[str, str], values: Iterable[int]) -> None:
-        totals = self.messages.setdefault(key, [0] * len(MESSAGE_OUTCOMES))
-        for index, value in enumerate(values):
-            totals[index] += value
-
-    def _timing(self, key: tuple[str, str, str]) -> HandlerTimes:
-        timing = self.timings.get(key)
-        if timing is None:
-            timing = self.timings[key] = HandlerTimes()
-        return timing
-
-
-def _exit_text(code: int | None) -> str:
-    """``exit 1``, ``exit 3, a consumer stalled``, ``killed by SIGKILL``."""
-    import signal as signals
-    if code is None:
-        return 'still running'
-    if code < 0:
-        try:
-            return f'killed by {signals.Signals(-code).name}'
-        except ValueError:
-            return f'killed by signal {-code}'
-    return f'exit {code}' + (', a consumer stalled' if code == STALLED_EXIT else '')
-
-
-class ManagedProcess:
-    """One agent process of the group as the supervisor keeps it across restarts: its
-    agents, replica number, restart policy and backoff, the last report of its current
-    process and what its ended processes had counted.
-
-    ``state``: ``starting`` (spawned; its agents are starting), ``running`` (every
-    agent's ``start()`` returned), ``stopping``, ``restarting`` (ended, to be started
-    again after ``delay``), ``stopped`` (ended cleanly, or stopped with the group),
-    ``failed`` (ended with a failure and not started again).
-    """
-
-    def __init__(self, label: str, names: list[str], replica: int, replicas: int,
-                 policy: str) -> None:
-        self.label = label
-        self.names = names
-        self.replica = replica
-        self.suffix = f'[{replica}]' if replicas > 1 else ''
-        self.policy = policy
-        self.process: Any = None  # the current (or last) multiprocessing.Process
-        self.state = 'starting'
-        self.restarts = 0
-        self.restart_times: deque[float] = deque()  # monotonic times of recent restarts
-        self.delay = 0.0  # before the next restart
-        self.started = 0.0
-        self.restart_at = 0.0
-        self.exitcode: int | None = None
-        self.report: ProcessReport | None = None  # the current process's last
-        self.reported = 0.0  # monotonic time it came
-        self.kept = _Counts()  # what the ended processes had counted
-        self._reader: Any = None
-        self._buffer = bytearray()
-
-    def __repr__(self) -> str:
-        return f'<ManagedProcess {self.label} {self.state}>'
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.exitcode is None
-
-    def attach(self, process: Any, reader: Any) -> None:
-        """A new process of this replica was started (``reader``: its report pipe)."""
-        self.process, self._reader = process, reader
-        self._buffer.clear()
-        self.report, self.exitcode, self.state = None, None, 'starting'
-        self.started = self.reported = time.monotonic()
-
-    def waitables(self) -> list[Any]:
-        """What :func:`multiprocessing.connection.wait` should watch for it."""
-        found = [self.process.sentinel] if self.alive else []
-        return found + ([self._reader] if self._reader is not None else [])
-
-    def read(self) -> None:
-        """Take what the process reported since the last call (never blocks)."""
-        if self._reader is None:
-            return
-        while True:
-            try:
-                chunk = os.read(self._reader.fileno(), 1 << 16)
-            except BlockingIOError:
-                break
-            except OSError:
-                chunk = b''
-            if not chunk:
-                self._reader.close()
-                self._reader = None
-                break
-            self._buffer += chunk
-        body = _read_frames(self._buffer)
-        if body is None:
-            return
-        try:
-            report = _report_decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            run_log.warning('AgentsManager: unreadable report from %s: %s', self.label, exc)
-            return
-        self.report, self.reported = report, time.monotonic()
-        if self.state in ('starting', 'running') and report.state != 'starting':
-            self.state = report.state
-
-    def ended(self) -> int | None:
-        """The process ended: read its last report, keep what it counted."""
-        self.read()
-        if self.report is not None:
-            self.kept.add_report(self.report)
-        self.report = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        self.exitcode = self.process.exitcode
-        return self.exitcode
-
-    def totals(self) -> _Counts:
-        counts = _Counts()
-        counts.add(self.kept)
-        if self.report is not None:
-            counts.add_report(self.report)
-        return counts
-
-    def current(self, name: str) -> AgentReport | None:
-        """The last report of agent ``name`` by the current process, while it runs."""
-        if self.report is None or not self.alive:
-            return None
-        return next((agent for agent in self.report.agents if agent.name == name), None)
-
-
-class FleetView:
-    """What ``marun --http`` serves, read from the supervisor's processes under its lock:
-    ``/status``, the reasons of ``/readyz`` and the metric families of ``/metrics``."""
-
-    def __init__(self, fleet: list[ManagedProcess], stopping: Callable[[], bool]) -> None:
-        self.fleet = fleet
-        self.stopping = stopping
-
-    def status(self) -> JSONObject:
-        now = time.monotonic()
-        agents = [self._agent_status(managed, name, now)
-                  for managed in self.fleet for name in managed.names]
-        agents.sort(key=lambda agent: (agent['name'], agent['replica']))
-        return {'agents': agents}
-
-    def _agent_status(self, managed: ManagedProcess, name: str, now: float) -> JSONObject:
-        current = managed.current(name)
-        consumers: dict[str, JSONObject] = {}
-        for (agent, queue), values in managed.kept.messages.items():
-            if agent == name:
-                consumers[queue] = _consumer_status(queue, values, 0, None)
-        late = now - managed.reported
-        for c in current.consumers if current is not None else ():
-            kept = consumers.get(c.queue, {})
-            consumers[c.queue] = _consumer_status(
-                c.queue, [kept.get(key, 0) + value for key, value in zip(
-                    ('handled', 'retried', 'dead_lettered', 'released'),
-                    (c.handled, c.retried, c.dead_lettered, c.released), strict=True)],
-                c.in_flight, None if c.last_fetch_age is None else c.last_fetch_age + late)
-        return {
-            'name': name, 'replica': managed.replica,
-            'pid': managed.process.pid if managed.alive else None,
-            'state': managed.state, 'restarts': managed.restarts,
-            'connected': current is not None and all(link.connected for link in current.links),
-            'consumers': [consumers[queue] for queue in sorted(consumers)],
-            'timers': [{'name': t.name, 'kind': t.kind, 'last_run': t.last_run,
-                        'last_error': _scrub(t.last_error) if t.last_error else None,
-                        'singleton': t.singleton}
-                       for t in (current.timers if current is not None else ())],
-            'servers': [{'name': s.name, 'singleton': s.singleton, 'holds': s.holds}
-                        for s in (current.servers if current is not None else ())],
-        }
-
-    def reasons(self) -> list[str]:
-        """Why the group is not ready (empty when it is)."""
-        now = time.monotonic()
-        reasons = ['the group is stopping'] if self.stopping() else []
-        for managed in self.fleet:
-            if managed.state != 'running':
-                reasons.append(f'{managed.label}: {managed.state}{_state_detail(managed, now)}')
-                continue
-            if now - managed.reported > STALE_REPORT:
-                reasons.append(f'{managed.label}: no report for {now - managed.reported:.0f}s '
-                               f'(is its event loop blocked?)')
-            for agent in managed.report.agents if managed.report is not None else ():
-                who = f'{agent.name}{managed.suffix}'
-                for link in agent.links:
-                    if not link.connected:
-                        why = f' ({link.last_error})' if link.last_error else ''
-                        reasons.append(_scrub(f'{who}: {link.transport}: connection '
-                                              f'{link.name!r} is down{why}'))
-                for c in agent.consumers:
-                    if c.stalled_for is not None:
-                        reasons.append(f'{who}: consumer {c.handler} of queue {c.queue!r} is '
-                                       f'stalled: {c.waiting} messages waiting, none taken '
-                                       f'for {c.stalled_for:.0f}s')
-        return reasons
-
-    def metric_families(self) -> list[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
-        totals = _Counts()
-        in_flight: dict[tuple[str, str], int] = {}
-        restarts: dict[str, int] = {}
-        up = GaugeMetricFamily('microagent_up', '1 while the process of this replica runs '
-                               '(its agents started), else 0', labels=['agent', 'replica'])
-        connected = GaugeMetricFamily(
-            'microagent_connected', '1 while every connection of this replica is up',
-            labels=['agent', 'replica'])
-        for managed in self.fleet:
-            totals.add(managed.totals())
-            for name in managed.names:
-                current = managed.current(name)
-                restarts[name] = restarts.get(name, 0) + managed.restarts
-                labels = [name, str(managed.replica)]
-                up.add_metric(labels, 1 if managed.state == 'running' else 0)
-                connected.add_metric(labels, 1 if current is not None and all(
-                    link.connected for link in current.links) else 0)
-                for c in current.consumers if current is not None else ():
-                    key = (name, c.queue)
-                    in_flight[key] = in_flight.get(key, 0) + c.in_flight
-        messages = CounterMetricFamily(
-            'microagent_messages', 'Queue messages by outcome: acked (handled), retried (a '
-            'failed attempt, tried again), dead_lettered, released (given back at a stop)',
-            labels=['agent', 'queue', 'outcome'])
-        gauge = GaugeMetricFamily('microagent_in_flight', 'Consumer handlers running now',
-                                  labels=['agent', 'queue'])
-        for (name, queue), values in sorted(totals.messages.items()):
-            for outcome, value in zip(MESSAGE_OUTCOMES, values, strict=True):
-                messages.add_metric([name, queue, outcome], value)
-            gauge.add_metric([name, queue], in_flight.get((name, queue), 0))
-        handler = HistogramMetricFamily(
-            'microagent_handler_seconds', 'Duration of handler calls (kind: receiver, '
-            'consumer, periodic, cron, rpc_call)', labels=['agent', 'kind', 'name'])
-        for handler_labels, timing in sorted(totals.timings.items()):
-            buckets, seen = [], 0
-            for bound, count in zip((*HANDLER_BUCKETS, float('inf')), timing.counts,
-                                    strict=True):
-                seen += count
-                buckets.append(('+Inf' if bound == float('inf') else repr(bound), seen))
-            handler.add_metric(list(handler_labels), buckets, timing.total)
-        families = [messages, handler]
-        for metric, text, table in (
-                ('microagent_signals_sent', 'Signals published (sends and RPC requests)',
-                 totals.sent),
-                ('microagent_signals_received', 'Signals received (with receivers here)',
-                 totals.received)):
-            family = CounterMetricFamily(metric, text, labels=['agent', 'signal'])
-            for (name, signal), count in sorted(table.items()):
-                family.add_metric([name, signal], count)
-            families.append(family)
-        restarted = CounterMetricFamily('microagent_restarts', 'Processes of the agent '
-                                        'started again by the restart policy', labels=['agent'])
-        for name, count in sorted(restarts.items()):
-            restarted.add_metric([name], count)
-        return [*families, gauge, restarted, up, connected]
-
-
-def _consumer_status(queue: str, counts: list[int], in_flight: int,
-                     last_fetch_age: float | None) -> JSONObject:
-    handled, retried, dead_lettered, _ = counts
-    return {'queue': queue, 'handled': handled, 'retried': retried,
-            'dead_lettered': dead_lettered, 'in_flight': in_flight,
-            'last_fetch_age': None if last_fetch_age is None else round(last_fetch_age, 3)}
-
-
-def _state_detail(managed: ManagedProcess, now: float) -> str:
-    if managed.state == 'restarting':
-        return (f' ({_exit_text(managed.exitcode)}; starting again in '
-                f'{max(0.0, managed.restart_at - now):.0f}s)')
-    if managed.state in ('stopped', 'failed'):
-        return f' ({_exit_text(managed.exitcode)})'
-    return ''
-
-
-def _http_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9000`` for IPv6) of ``marun --http``."""
-    import argparse
-    host, _, port = text.rpartition(':')
-    host = host.strip('[]') if host.startswith('[') else host
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f'{text!r} is not HOST:PORT (e.g. 127.0.0.1:9000)')
-    return host, int(port)
-
-
-def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
-    """Serve ``view`` on ``host:port`` from a thread of its own; the server object (its
-    ``shutdown()`` stops it). Raises OSError when the address cannot be bound, and
-    ImportError without prometheus_client."""
-    import http.server
-    import socket
-    import socketserver
-    import threading
-
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-    from prometheus_client.registry import Collector
-
-    class FleetCollector(Collector):
-        def collect(self) -> Iterable[Any]:
-            with lock:
-                return view.metric_families()
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector())
-    text, json_type = 'text/plain; charset=utf-8', 'application/json'
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        server_version = f'marun/{__version__}'
-
-        def do_GET(self) -> None:
-            path = self.path.partition('?')[0]
-            if path == '/livez':
-                self._reply(200, b'ok\n', text)
-            elif path == '/readyz':
-                with lock:
-                    reasons = view.reasons()
-                body = {'ready': False, 'reasons': reasons} if reasons else {'ready': True}
-                self._reply(503 if reasons else 200, msgspec.json.encode(body), json_type)
-            elif path == '/status':
-                with lock:
-                    status = view.status()
-                self._reply(200, msgspec.json.encode(status), json_type)
-            elif path == '/metrics':
-                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            else:
-                self._reply(404, b'not found: /livez, /readyz, /status, /metrics\n', text)
-
-        def _reply(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header('Content-Type', content_type)
-            self.send_header('Content-Length', str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            run_log.debug('http: ' + format, *args)
-
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
-
-        def server_bind(self) -> None:  # without HTTPServer's reverse DNS lookup
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = host, self.server_address[1]
-
-    server = Server((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name='marun-http', daemon=True).start()
-    return server
-
-
-class AgentsManager:
-    """The ``marun`` supervisor: starts the agents of the settings modules, each in its
-    own process (agents sharing a memory backend in one; ``replicas: N`` processes of an
-    agent), keeps the group together and restarts processes by their policy.
-
-    ``restart`` is the policy of the AGENT entries without a ``restart`` key: ``'no'``
-    (1.x: one process ending stops the group), ``'on-failure'`` (a process that failed
-    or was killed is started again; one that exits 0 stays stopped) or ``'always'``.
-    A restart waits :attr:`RESTART_DELAY` seconds, doubled after each restart up to
-    :attr:`RESTART_DELAY_MAX`, back to the first once a process ran
-    :attr:`RESTART_RESET` seconds; a process that would be restarted more than
-    :attr:`RESTART_LIMIT` times within :attr:`RESTART_WINDOW` seconds is given up: the
-    group stops and :meth:`start` returns 1.
-
-    SIGTERM/SIGINT stop every agent gracefully and restart nothing (in-flight work
-    finishes within ``grace`` seconds, then a process is killed). :meth:`start` returns
-    the exit status: 0, or 1 if an agent failed. After :meth:`listen`, the supervisor
-    serves ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` over HTTP.
-    """
-
-    RESTART_DELAY: ClassVar[float] = 1.0
-    RESTART_DELAY_MAX: ClassVar[float] = 30.0
-    RESTART_RESET: ClassVar[float] = 60.0
-    RESTART_LIMIT: ClassVar[int] = 5
-    RESTART_WINDOW: ClassVar[float] = 60.0
-
-    def __init__(self, cfg: list[tuple[str, BackendConfig]], grace: float = DEFAULT_GRACE,
-                 modules: list[str] | None = None, restart: str = 'no') -> None:
-        import threading
-
-        if restart not in RESTART_POLICIES:
-            raise ValueError(f"restart must be 'no', 'on-failure' or 'always', not {restart!r}")
-        self.cfg = cfg
-        self.grace = grace
-        self.modules = modules or []
-        self.restart = restart
-        self.fleet = self._plan()
-        self.processes: dict[str, Any] = {}  # label -> its current multiprocessing.Process
-        self.view = FleetView(self.fleet, lambda: self._stop_requested)
-        self._lock = threading.RLock()
-        self._http: Any = None
-        self._stop_requested = False
-        self._gave_up = False
-        self._context: Any = None
-
-    def _plan(self) -> list[ManagedProcess]:
-        """The processes of the group: one per agent (``replicas`` of it), agents on a
-        shared memory backend together (they must agree on their restart policy)."""
-        entries = dict(self.cfg)
-        fleet = []
-        for names in group_agents(self.cfg):
-            policies = {name: entries[name][1].get('restart', self.restart) for name in names}
-            if len(set(policies.values())) > 1:
-                given = ', '.join(f'{name}: {policy!r}' for name, policy in policies.items())
-                raise SettingsError(f'agents sharing a memory:// process need one restart '
-                                    f'policy, not {given}')
-            policy = policies[names[0]]
-            replicas = entries[names[0]][1].get('replicas', 1) if len(names) == 1 else 1
-            for replica in range(1, replicas + 1):
-                label = f'{names[0]}[{replica}]' if replicas > 1 else ', '.join(names)
-                fleet.append(ManagedProcess(label, names, replica, replicas, policy))
-        return fleet
-
-    def listen(self, host: str, port: int) -> None:
-        """Serve ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` on ``host:port``
-        from now on (agent processes started afterwards report to the supervisor).
-        Raises OSError when the address is in use, ImportError without prometheus_client.
-        """
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            raise ImportError('needs prometheus_client: pip install prometheus_client, or '
-                              "the checkout's extra: pip install '.[metrics]'") from None
-        self._http = _http_server(self.view, self._lock, host, port)
-        bound = self._http.server_address
-        run_log.info('AgentsManager: serving /livez /readyz /status /metrics on http://%s:%s',
-                     f'[{bound[0]}]' if ':' in bound[0] else bound[0], bound[1])
-
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        import signal as signals
-        run_log.info('AgentsManager: caught %s, stopping the group',
-                     signals.Signals(signum).name)
-        self._stop_requested = True
-
-    def start(self) -> int:
-        import multiprocessing
-        import signal as signals
-
-        self._context = multiprocessing.get_context('spawn')
-        for signum in (signals.SIGTERM, signals.SIGINT):
-            signals.signal(signum, self._request_stop)
-        for managed in self.fleet:
-            if len(managed.names) > 1:
-                run_log.info('AgentsManager: %s share a memory:// bus or broker and run in '
-                             'one process', managed.label)
-            managed.delay = self.RESTART_DELAY
-            self._spawn(managed)
-        self._supervise()
-        return self.close()
-
-    def _spawn(self, managed: ManagedProcess) -> None:
-        reader = writer = None
-        if self._http is not None:
-            reader, writer = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=run_group, name=managed.label, daemon=False,
-            args=(self.modules, managed.names, self.grace, managed.label, writer))
-        process.start()
-        if reader is not None and writer is not None:
-            writer.close()
-            os.set_blocking(reader.fileno(), False)
-        with self._lock:
-            managed.attach(process, reader)
-        self.processes[managed.label] = process
-        run_log.info('AgentsManager: %s %s on pid#%s',
-                     'restarted' if managed.restarts else 'started', managed.label, process.pid)
-
-    def _supervise(self) -> None:
-        """Watch the processes until the group stops: a stop was requested, a process
-        ended under policy ``no``, one was given up, or none is left."""
-        import multiprocessing.connection
-
-        while not self._stop_requested:
-            waitables = [w for managed in self.fleet for w in managed.waitables()]
-            multiprocessing.connection.wait(waitables, timeout=self._timeout())
-            with self._lock:
-                for managed in self.fleet:
-                    managed.read()
-                for managed in self.fleet:
-                    if managed.process is not None and managed.exitcode is None \
-                            and not managed.alive and self._ended(managed):
-                        return
-                if all(managed.state in ('stopped', 'failed') for managed in self.fleet):
-                    run_log.info('AgentsManager: no process left to run')
-                    return
-            for managed in self.fleet:
-                if managed.state == 'restarting' and time.monotonic() >= managed.restart_at \
-                        and not self._stop_requested:
-                    managed.restarts += 1
-                    managed.restart_times.append(time.monotonic())
-                    self._spawn(managed)
-
-    def _timeout(self) -> float:
-        due = [m.restart_at - time.monotonic() for m in self.fleet if m.state == 'restarting']
-        return max(0.0, min([0.2, *due]))
-
-    def _ended(self, managed: ManagedProcess) -> bool:
-        """A process ended by itself: apply its policy; True when the group must stop."""
-        code = managed.ended()
-        how = _exit_text(code)
-        if managed.policy == 'no':
-            managed.state = 'stopped' if code == 0 else 'failed'
-            run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
-                         managed.label, code)
-            return True
-        if code == 0 and managed.policy == 'on-failure':
-            managed.state = 'stopped'
-            run_log.info('AgentsManager: %s ended (exit 0); restart: on-failure leaves it '
-                         'stopped', managed.label)
-            return False
-        now = time.monotonic()
-        if now - managed.started >= self.RESTART_RESET:
-            managed.delay = self.RESTART_DELAY
-        while managed.restart_times and now - managed.restart_times[0] > self.RESTART_WINDOW:
-            managed.restart_times.popleft()
-        if len(managed.restart_times) >= self.RESTART_LIMIT:
-            managed.state = 'failed'
-            self._gave_up = True
-            run_log.error('AgentsManager: giving up on %s: it ended again (%s) after %d '
-                          'restarts within %gs (restart: %s); stopping the group',
-                          managed.label, how, len(managed.restart_times), self.RESTART_WINDOW,
-                          managed.policy)
-            return True
-        managed.state, managed.restart_at = 'restarting', now + managed.delay
-        run_log.warning('AgentsManager: %s ended (%s); restarting it in %gs (restart: %s)',
-                        managed.label, how, managed.delay, managed.policy)
-        managed.delay = min(managed.delay * 2, self.RESTART_DELAY_MAX)
-        return False
-
-    def close(self) -> int:
-        """Stop every process (SIGTERM, then SIGKILL after the grace period); the exit
-        status: 1 when a process failed or was given up, else 0."""
-        import multiprocessing.connection
-        import signal as signals
-
-        with self._lock:
-            for managed in self.fleet:
-                if managed.alive:
-                    managed.state = 'stopping'
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(managed.process.pid, signals.SIGTERM)
-        deadline = time.monotonic() + self.grace + 5
-        while any(m.alive for m in self.fleet) and time.monotonic() < deadline:
-            waitables = [w for managed in self.fleet for w in managed.waitables()]
-            multiprocessing.connection.wait(
-                waitables, timeout=min(0.2, max(0.0, deadline - time.monotonic())))
-            with self._lock:
-                for managed in self.fleet:
-                    managed.read()
-        for managed in self.fleet:
-            if managed.alive:
-                run_log.error('AgentsManager: %s did not stop in time, killing it',
-                              managed.label)
-                managed.process.kill()
-                managed.process.join()
-        clean = (0, -signals.SIGTERM, -signals.SIGINT) if self._stop_requested else (0,)
-        failed = []
-        with self._lock:
-            for managed in self.fleet:
-                if managed.process is not None and managed.exitcode is None:
-                    managed.ended()
-                if managed.exitcode not in clean and managed.process is not None:
-                    failed.append(managed)
-                    managed.state = 'failed'
-                elif managed.state != 'failed':
-                    managed.state = 'stopped'
-        for managed in failed:
-            run_log.error('AgentsManager: %s failed (%s)', managed.label,
-                          _exit_text(managed.exitcode))
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        run_log.info('AgentsManager: stopped')
-        return 1 if failed or self._gave_up else 0
-
 
 def main(argv: list[str] | None = None) -> int:
     """``marun``: run the agents of settings modules (see :class:`AgentsManager`)."""

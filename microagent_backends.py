@@ -48,6 +48,7 @@ from microagent import (
     QueueNotFound,
     _resolve,
     cancel_and_wait,
+    error_text,
     redact_dsn,
     trace_headers,
 )
@@ -133,7 +134,7 @@ class _Transport:
         unreachable: {why}``) or, when the server refused, :class:`QueueException`."""
         if isinstance(error, (_Unreachable, QueueException)):
             return error
-        where, why = redact_dsn(self.dsn), str(error) or type(error).__name__
+        where, why = redact_dsn(self.dsn), error_text(error)
         if self._refused(error):
             return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
         return _Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
@@ -510,7 +511,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
                 self._pubsub = None
                 self._subscribed_once = False
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await link.pause()
 
     async def _subscribe_and_read(self, pubsub: PubSub, link: Link) -> NoReturn:
@@ -2247,7 +2248,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                     self.log.warning(
                         'Committing offsets of %s (group %s) failed; retrying (their records '
                         'are delivered again if it never succeeds): %s', consumption.name,
-                        consumption.group_id, str(exc) or type(exc).__name__)
+                        consumption.group_id, error_text(exc))
             else:
                 consumption.committed(offsets)
                 if consumption.commit_failing:
@@ -2292,7 +2293,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             await asyncio.wait_for(consumption.consumer.stop(), self.CLOSE_TIMEOUT)
         except Exception as exc:
             self.log.warning('Stopping the Kafka consumer of %s failed: %s',
-                             name, str(exc) or type(exc).__name__)
+                             name, error_text(exc))
 
     def partitions(self, name: str) -> frozenset[int]:
         """The partitions of queue ``name`` that this broker's consumer holds now (empty
@@ -2407,4 +2408,4 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                 await asyncio.wait_for(_stop(client), self.CLOSE_TIMEOUT)
             except Exception as exc:
                 self.log.warning('Stopping the Kafka %s failed: %s', what,
-                                 str(exc) or type(exc).__name__)
+                                 error_text(exc))
