@@ -56,9 +56,9 @@ __version__ = '2.0.0'
 
 __all__ = [
     'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
-    'BrokerMock', 'BusMock', 'ConsumerOptions', 'GraphRenderError', 'GroupInterrupt', 'Link',
-    'LinkState', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent', 'Queue', 'QueueException',
-    'QueueNotFound',
+    'BrokerMock', 'BusMock', 'ConsumerOptions', 'DeadLetter', 'GraphRenderError',
+    'GroupInterrupt', 'Link', 'LinkState', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent',
+    'Queue', 'QueueException', 'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
     'Topology', 'build_graph', 'check_topology', 'check_transports', 'consumer', 'cron',
     'init_agent', 'load_configuration', 'load_queues', 'load_signals', 'load_stuff', 'on',
@@ -2195,6 +2195,23 @@ class BoundSignal:
 # Broker: durable queues, consumed by a bounded pool with retries and dead letters
 # =====================================================================================
 
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A message that could not be handled, as it waits in ``{queue}.dead``.
+
+    ``id`` is a handle for :meth:`AbstractQueueBroker.replay` and
+    :meth:`~AbstractQueueBroker.purge_dead`, stable while the letter is there; ``body``
+    the original message bytes; ``error``, ``attempts``, ``consumer`` and ``failed_at``
+    (Unix time) what the consumer recorded when it gave up."""
+
+    id: str
+    queue: str
+    body: bytes
+    error: str
+    attempts: int
+    consumer: str | None
+    failed_at: float
+
+
 class Delivery:
     """One message taken from a queue by a backend, until it is acknowledged.
 
@@ -2380,6 +2397,32 @@ class AbstractQueueBroker(_Connections, abc.ABC):
     async def unbound(self, name: str) -> None:
         """The consumer of ``name`` has drained (everything acknowledged or released):
         release what consuming it held (a channel, a consumer group membership)."""
+
+    # -- what operators act on: dead letters, delayed messages ----------------------
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters of ``queue`` (in ``{queue}.dead``), oldest first, at most
+        ``limit``; reading them removes nothing."""
+        raise NotImplementedError(f'{type(self).__name__} cannot list dead letters yet')
+
+    async def dead_count(self, queue: str) -> int:
+        """How many dead letters ``queue`` has."""
+        raise NotImplementedError(f'{type(self).__name__} cannot count dead letters yet')
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        """Send the dead letters named by ``ids`` (else the oldest ``limit``, else all)
+        back to ``queue`` with their original body; return how many. A letter leaves
+        the dead-letter queue only after its message is stored in ``queue``."""
+        raise NotImplementedError(f'{type(self).__name__} cannot replay dead letters yet')
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        """Remove the dead letters named by ``ids`` (all when None); return how many."""
+        raise NotImplementedError(f'{type(self).__name__} cannot purge dead letters yet')
+
+    async def delayed_count(self, queue: str) -> int:
+        """How many messages sent to ``queue`` with a delay are not due yet."""
+        raise NotImplementedError(f'{type(self).__name__} cannot count delayed messages yet')
 
     # -- closing --------------------------------------------------------------------
 
