@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 
 import microagent
+from conftest import eventually
 from microagent import (
     AgentNode,
     BrokerMock,
@@ -63,15 +64,6 @@ ROOT = Path(__file__).resolve().parent
 WAIT = 5.0  # seconds any single awaited event may take before the test fails
 
 
-async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
-    """Wait until ``predicate()`` is true, checking at every loop turn (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'condition not met within {timeout}s')
-        await asyncio.sleep(0.002)
-
-
 class Recorder:
     """Collects calls and lets a test await the n-th one."""
 
@@ -84,7 +76,7 @@ class Recorder:
         self._event.set()
 
     async def wait(self, count: int = 1, timeout: float = WAIT) -> list[dict[str, Any]]:
-        await wait_for(lambda: len(self.calls) >= count, timeout)
+        await eventually(lambda: len(self.calls) >= count, timeout=timeout, changed=self._event)
         return self.calls
 
 
@@ -448,7 +440,7 @@ async def test_start_flags_and_hooks_order(names: Any, memory: Any) -> None:
     agent = Agent(bus=bus, broker=broker)
     await agent.start()
     assert list(bus.receivers) == [names.s] and list(broker.pools) == [names.q]
-    await wait_for(lambda: 'server' in events)
+    await eventually(lambda: 'server' in events)
     await agent.stop()
     assert events == ['pre_start', 'post_start', 'server', 'pre_stop']
     assert bus.receivers == {} and broker.pools == {}
@@ -666,7 +658,7 @@ async def test_failing_and_malformed_messages_go_to_the_dead_letter_queue(
         await broker.send(names.q, b'{not json')
         await broker.send(names.q, b'{"order_id": 3}')  # does not fit the DTO
         await getattr(broker, names.q).send({'order_id': 4, 'total': 1})
-        await wait_for(lambda: {'order_id': 4} in handled.calls)
+        await eventually(lambda: {'order_id': 4} in handled.calls)
         envelopes = await dead_letters(broker, names.q, 4)
     by_body = {e['body']: e for e in envelopes}
     assert set(by_body) == {'{"order_id":1,"total":1}', '{"order_id":2,"total":1}',
@@ -721,8 +713,8 @@ async def test_concurrency_is_bounded_and_one_keeps_order(names: Any, memory: An
         await getattr(broker, names.wide).send({'i': i})
         await getattr(broker, names.narrow).send({'i': i})
     async with Agent(broker=broker):
-        await wait_for(lambda: len(order) == 40 and running[0] == 0)
-        await wait_for(lambda: broker.pools[names.wide]._to_ack == [])
+        await eventually(lambda: len(order) == 40 and running[0] == 0)
+        await eventually(lambda: broker.pools[names.wide]._to_ack == [])
     assert peak[0] == 4
     assert order == list(range(40))
 
@@ -803,7 +795,7 @@ async def test_backpressure_bounds_what_a_consumer_takes(names: Any, memory: Any
     agent = Agent(broker=broker)
     await agent.start()
     pool = broker.pools[names.q]
-    await wait_for(lambda: pool.in_flight == 2)
+    await eventually(lambda: pool.in_flight == 2)
     taken = 1000 - await broker.queue_length(names.q)
     assert taken <= pool.capacity + broker.FETCH_BATCH + 2
     release.set()
@@ -1201,7 +1193,7 @@ async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
         await getattr(broker, names.q).send({})
         await attempts.wait(2)
         assert time.monotonic() - began < 1
-        await wait_for(lambda: broker.pools[names.q].in_flight == 0)
+        await eventually(lambda: broker.pools[names.q].in_flight == 0)
     assert len(attempts.calls) == 2
     assert await broker.queue_length(f'{names.q}.dead') == 0
 
@@ -2639,7 +2631,7 @@ async def test_singleton_tick_noticed_late_is_skipped_not_run_twice(
     agent.periodic_tasks[0].clock = lambda: time.time() + offset[0]  # type: ignore[method-assign]
     await agent.start()
     try:
-        await wait_for(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
+        await eventually(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
         offset[0] = 0.15  # the next tick is noticed 0.15 s late: more than half of 0.2
         await asyncio.sleep(0.5)
     finally:
@@ -2662,7 +2654,7 @@ async def test_singleton_tick_is_skipped_with_one_warning_while_the_bus_fails(
         assert agent_class.runs == []  # type: ignore[attr-defined]
         assert caplog.text.count('claiming it on the bus failed (the bus is cut)') == 1
         agent.bus.cut = False
-        await wait_for(lambda: len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
+        await eventually(lambda: len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
     finally:
         await agent.stop()
     assert re.search(r'claims ticks again, after [4-6] skipped', caplog.text)
@@ -2716,7 +2708,7 @@ async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
     for agent in agents:
         await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         for _ in range(30):  # 0.6 s, several renewals
             assert len(running) == 1
             await asyncio.sleep(0.02)
@@ -2726,7 +2718,7 @@ async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
         assert [a.lease_token('lead') for a in agents if a is not holder] == [None, None]
         stopped = time.monotonic()
         await holder.stop()
-        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
+        await eventually(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
         took_over = agent_class.events[-1]  # type: ignore[attr-defined]
         assert took_over[0] == 'start' and took_over[2] - stopped <= 0.1 + 0.1
         [successor] = [a for a in agents if id(a) in running]
@@ -2750,7 +2742,7 @@ async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
     for agent in agents:
         await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         [holder] = [a for a in agents if id(a) in running]
         assert holder.bus is not None
 
@@ -2759,7 +2751,7 @@ async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
         holder.bus.release_lease = vanish  # type: ignore[method-assign]
         died = time.monotonic()
         await holder.stop()
-        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
+        await eventually(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
         took_over = agent_class.events[-1][2] - died  # type: ignore[attr-defined]
         assert ttl - ttl / 3 <= took_over <= ttl + ttl / 3 + 0.1
     finally:
@@ -2778,17 +2770,17 @@ async def test_singleton_server_cut_from_its_bus_stops_before_its_lease_ends(
     others = [agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=ttl))
               for _ in range(2)]
     try:
-        await wait_for(lambda: id(first) in running)
+        await eventually(lambda: id(first) in running)
         for agent in others:
             await agent.start()
         await asyncio.sleep(0.25)
         assert isinstance(first.bus, CutBus)
         expiry = microagent._BusHub.hubs[unique].leases[first.leased_servers['lead'].key][1]
         first.bus.cut = True
-        await wait_for(lambda: id(first) not in running, timeout=ttl)
+        await eventually(lambda: id(first) not in running, timeout=ttl, interval=0.002)
         assert time.monotonic() < expiry - ttl / 3 + 0.1  # cancelled well before it expired
         assert first.lease_token('lead') is None
-        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
+        await eventually(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
         assert time.monotonic() >= expiry  # nobody took it before it expired
         first.bus.cut = False  # back: it waits as a candidate, it does not run twice
         await asyncio.sleep(0.5)
@@ -2807,13 +2799,13 @@ async def test_singleton_server_that_lost_its_lease_is_cancelled(
     agent = agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3))
     await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         key = agent.leased_servers['lead'].key
         microagent._BusHub.hubs[unique].leases[key] = ('99:someone', time.monotonic() + 9)
-        await wait_for(lambda: not running, timeout=0.1 + 0.05)
+        await eventually(lambda: not running, timeout=0.1 + 0.05)
         assert 'its lease was lost to another agent' in caplog.text
         del microagent._BusHub.hubs[unique].leases[key]
-        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.05)
+        await eventually(lambda: len(running) == 1, timeout=0.1 + 0.05)
         assert agent.lease_token('lead') == 2  # a new lease: the next fencing token
     finally:
         await agent.stop()
@@ -3066,13 +3058,6 @@ def test_fleet_run_keys_are_not_passed_to_the_agent(names: Any) -> None:
 
 
 # -- in one process: the counters, the handler times, the stall check -------------------
-
-async def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, 'timed out'
-        await asyncio.sleep(0.01)
-
 
 @pytest.fixture
 def handler_timing() -> Iterator[None]:

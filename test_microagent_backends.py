@@ -15,13 +15,11 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import inspect
 import itertools
 import json
 import logging
 import os
 import re
-import reprlib
 import shutil
 import signal
 import subprocess
@@ -46,6 +44,7 @@ from conftest import (
     TansuServer,
     address,
     child_process,
+    eventually,
     free_port,
     tansu_available,
 )
@@ -68,35 +67,6 @@ from tests_support.faultproxy import FaultProxy
 
 WAIT = 15.0  # seconds any single expectation may take before the test fails
 STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'stuck_consumer.py'
-TRUTHY = object()  # what eventually() waits for when it is given no value
-
-
-async def eventually(check: Callable[[], Any], expected: Any = TRUTHY, timeout: float = WAIT,
-                     changed: asyncio.Event | None = None) -> Any:
-    """Check ``check()`` (awaited when it gives an awaitable) until it gives ``expected``,
-    or a truthy value when no ``expected`` is given; return that, or fail after
-    ``timeout`` seconds with the last value. Between checks, wait for ``changed`` (set by
-    whatever changes the state) when given, at most 0.2 s; otherwise, for a state on a
-    server that no event tells about, poll every 20 ms."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if changed is not None:
-            changed.clear()
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result == expected if expected is not TRUTHY else result:
-            return result
-        if time.monotonic() > deadline:
-            wanted = 'true' if expected is TRUTHY else reprlib.repr(expected)
-            raise AssertionError(f'{reprlib.repr(result)}, not {wanted}, after {timeout}s')
-        if changed is None:
-            await asyncio.sleep(0.02)
-        else:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), 0.2)
-
-
 @contextlib.asynccontextmanager
 async def running(*agents: MicroAgent, start_timeout: float = WAIT,
                   then_close: tuple[Any, ...] = ()) -> AsyncIterator[None]:
@@ -2655,10 +2625,7 @@ async def test_fleet_sigkilled_replica_is_restarted_and_nothing_is_lost(
         assert consumer_of(replica)['handled'] >= consumer_of(victim)['handled']
         # at-least-once: what the killed replica held comes back after VISIBILITY_TIMEOUT
         # (its counts of the last half second before the kill were never reported)
-        deadline = time.monotonic() + WAIT
-        while await handled_ids(raw, unique) != set(range(3000)):
-            assert time.monotonic() < deadline, 'messages lost'
-            await asyncio.sleep(0.2)
+        await eventually(lambda: handled_ids(raw, unique), set(range(3000)), interval=0.2)
         await fleet.wait_async(lambda: fleet.total('microagent_in_flight') == 0, WAIT, 'idle')
         assert fleet.total('microagent_messages', outcome='acked') >= acked
         assert await asyncio.to_thread(fleet.stop) == 0

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from conftest import KAFKA_DSN
+from conftest import KAFKA_DSN, eventually
 from microagent import (
     MemoryBroker,
     MemorySignalBus,
@@ -73,12 +73,13 @@ class Spans:
 
     async def wait(self, name: str, count: int = 1) -> list[ReadableSpan]:
         """The ``count`` finished spans called ``name``, once there are that many."""
-        deadline = time.monotonic() + WAIT
-        while len(found := self.named(name)) < count:
-            if time.monotonic() > deadline:
-                names = [span.name for span in self.exporter.get_finished_spans()]
-                raise AssertionError(f'{count} spans {name!r} not finished; finished: {names}')
-            await asyncio.sleep(0.01)
+        try:
+            await eventually(lambda: len(self.named(name)) >= count, timeout=WAIT)
+        except AssertionError:
+            names = [span.name for span in self.exporter.get_finished_spans()]
+            raise AssertionError(f'{count} spans {name!r} not finished; finished: {names}'
+                                 ) from None
+        found = self.named(name)
         assert len(found) == count, [span.name for span in found]
         return found
 
