@@ -844,7 +844,7 @@ async def test_periodic_skips_a_tick_while_the_previous_run_goes_on(
 
     agent = Agent()
     await agent.start()
-    await asyncio.sleep(0.15)
+    await eventually(lambda: len(runs.calls) >= 2 and 'skipped a run' in caplog.text)
     await agent.stop()
     assert 1 <= len(runs.calls) <= 3
     assert 'skipped a run' in caplog.text
@@ -2633,7 +2633,8 @@ async def test_singleton_tick_noticed_late_is_skipped_not_run_twice(
     try:
         await eventually(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
         offset[0] = 0.15  # the next tick is noticed 0.15 s late: more than half of 0.2
-        await asyncio.sleep(0.5)
+        await eventually(lambda: 'skipped the tick of' in caplog.text
+                         and len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
     finally:
         await agent.stop()
     assert re.search(r'skipped the tick of \S+: it came 0\.1[45]\ds late', caplog.text)

@@ -2392,6 +2392,12 @@ def assert_servers_never_overlap(events: list[tuple[str, int, float]],
         assert end <= start, f'{pid} ran until {end}, {other} started at {start}'
 
 
+async def runs_after(replicas: Replicas, first: int, count: int) -> list[tuple[int, int]]:
+    """All the timer runs so far once ``count`` followed the first ``first``; else none."""
+    runs = await replicas.runs()
+    return runs if len(runs) - first >= count else []
+
+
 PERIOD = 0.5
 
 
@@ -2399,8 +2405,7 @@ async def test_redis_singleton_periodic_runs_each_tick_once_on_three_processes(
         replicas: Replicas) -> None:
     await replicas.start('periodic', 3, PERIOD=PERIOD)
     first = len(await replicas.runs())
-    await asyncio.sleep(6)
-    runs = await replicas.runs()
+    runs = await eventually(lambda: runs_after(replicas, first, 9), timeout=6)
     assert_each_tick_once(runs)
     assert len(runs) - first >= 9, runs  # 12 ticks in 6 s: at least 9
     _, runner = runs[-1]
@@ -2425,8 +2430,7 @@ async def test_redis_singleton_cron_runs_each_second_once_on_three_processes(
         replicas: Replicas) -> None:
     await replicas.start('cron', 3)
     first = len(await replicas.runs())
-    await asyncio.sleep(4.2)
-    runs = await replicas.runs()
+    runs = await eventually(lambda: runs_after(replicas, first, 3), timeout=4.2)
     assert_each_tick_once(runs)
     assert len(runs) - first >= 3, runs
 
@@ -2438,8 +2442,7 @@ async def test_redis_singleton_tick_is_not_run_twice_by_a_skewed_clock(
     await replicas.start('periodic', PERIOD=PERIOD, OFFSET=0)
     await replicas.start('periodic', PERIOD=PERIOD, OFFSET=-0.12)
     first = len(await replicas.runs())
-    await asyncio.sleep(5)
-    runs = (await replicas.runs())[first:]
+    runs = (await eventually(lambda: runs_after(replicas, first, 8), timeout=5))[first:]
     assert_each_tick_once(await replicas.runs())
     assert len(runs) >= 8, runs
     # the replica whose clock is ahead claims first: the offset did apply

@@ -632,6 +632,7 @@ from microagent import consumer, encode_json, on, periodic, receiver
 
 assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported opentelemetry'
 from opentelemetry import trace  # the API alone: its default provider makes nothing
+from conftest import eventually
 
 looked_up = []
 get_tracer_provider = trace.get_tracer_provider
@@ -668,7 +669,7 @@ async def main():
     await broker.send('jobs', encode_json({'n': 100, '_trace': carrier}))  # a traced peer
     await bus.send('PUBSUB:happened:peer', encode_json({'n': 100, '_trace': carrier}))
     assert await bus.happened.call('me', n=101, timeout=5) == {'Worker.heard': 1}
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(got) >= 2 * 101 + 1)
     await agent.stop()
     assert microagent._tracing.on is False
     assert len(looked_up) == lookups, 'looked for a provider per message'
@@ -690,7 +691,8 @@ async def main():
     agent = Late(bus=bus, broker=broker)
     await agent.start()
     await broker.jobs.send({'n': 0})
-    await asyncio.sleep(0.1)
+    await eventually(lambda: {'publish jobs', 'process jobs'}
+                     <= {span.name for span in exporter.get_finished_spans()})
     await agent.stop()
     names = {span.name for span in exporter.get_finished_spans()}
     assert {'publish jobs', 'process jobs'} <= names, names
