@@ -1,4 +1,4 @@
-"""Tests of the OpenTelemetry tracing (issue 14): spans, their parents across agents, and
+"""Tests of the OpenTelemetry tracing: spans, their parents across agents, and
 the trace context on the wire (AMQP and Kafka headers; Redis and memory payloads only
 with ``TRACE_CONTEXT=True``).
 
