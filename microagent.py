@@ -5358,13 +5358,18 @@ def _node_ids(topology: Topology) -> dict[str, str]:
     used: set[str] = set()
     for key in keys:
         kind, _, name = key.partition(':')
-        base = f'{kind}_{_UNSAFE_ID_CHARS.sub("_", name)}'
-        candidate, number = base, 2
-        while candidate in used:
-            candidate, number = f'{base}_{number}', number + 1
-        used.add(candidate)
-        ids[key] = candidate
+        ids[key] = _unused(f'{kind}_{_UNSAFE_ID_CHARS.sub("_", name)}', used, '_')
     return ids
+
+
+def _unused(base: str, used: set[str], separator: str) -> str:
+    """``base``, or ``base`` numbered (``_2``, ``-3``...) when it is in ``used``
+    already; the name returned is added to ``used``."""
+    candidate, number = base, 2
+    while candidate in used:
+        candidate, number = f'{base}{separator}{number}', number + 1
+    used.add(candidate)
+    return candidate
 
 
 # -- DOT (graphviz) ------------------------------------------------------------------
@@ -5502,12 +5507,7 @@ def _unique_keys(wanted: Iterable[tuple[_Key, str]]) -> dict[_Key, str]:
     keys: dict[_Key, str] = {}
     used: set[str] = set()
     for item, text in wanted:
-        base = _document_key(text)
-        candidate, number = base, 2
-        while candidate in used:
-            candidate, number = f'{base}-{number}', number + 1
-        used.add(candidate)
-        keys[item] = candidate
+        keys[item] = _unused(_document_key(text), used, '-')
     return keys
 
 
