@@ -34,6 +34,7 @@ import enum
 import functools
 import importlib
 import inspect
+import itertools
 import keyword
 import logging
 import math
@@ -2802,6 +2803,81 @@ def _original_body(body: Any) -> dict[str, str]:
         return {'body_base64': base64.b64encode(body).decode('ascii')}
 
 
+UNKNOWN_ENVELOPE = 'unknown envelope'  # the error of a dead letter that is not ours
+
+
+class _Envelope(msgspec.Struct):
+    """A dead letter as :meth:`ConsumerPool._dead_letter` writes it."""
+    error: str
+    attempts: int
+    failed_at: float
+    body: str | None = None
+    body_base64: str | None = None
+    consumer: str | None = None
+
+
+def _read_dead_letter(letter_id: str, queue: str, raw: bytes, failed_at: float = 0.0
+                      ) -> DeadLetter:
+    """The :class:`DeadLetter` stored as ``raw``. A letter that is not an envelope of
+    ours (a 1.x peer's, or written by hand) is what can be read of it: its raw bytes as
+    the body, ``error`` :data:`UNKNOWN_ENVELOPE`, ``failed_at`` as the backend knows it."""
+    import base64
+    import binascii
+
+    raw = bytes(raw)
+    try:
+        envelope = msgspec.json.decode(raw, type=_Envelope)
+        if envelope.body is not None:
+            body = envelope.body.encode()
+        elif envelope.body_base64 is not None:
+            body = base64.b64decode(envelope.body_base64, validate=True)
+        else:
+            raise ValueError('no body')
+    except (msgspec.DecodeError, ValueError, binascii.Error):
+        return DeadLetter(letter_id, queue, raw, UNKNOWN_ENVELOPE, 0, None, failed_at)
+    return DeadLetter(letter_id, queue, body, envelope.error, envelope.attempts,
+                      envelope.consumer, envelope.failed_at)
+
+
+def _content_ids(letters: Iterable[bytes], seen: dict[str, int] | None = None) -> list[str]:
+    """Ids of dead letters kept in a list without ids of their own (memory, Redis,
+    RabbitMQ), read from the head: ``{digest}-{n}``, the first 16 hex digits of the SHA-1
+    of the letter's bytes and how many identical letters come before it. An id stays
+    the same while its letter is there, whatever is added behind it or removed (only
+    removing an identical letter before it renumbers it: identical letters are
+    interchangeable). ``seen`` carries the counts over from the pages read before."""
+    import hashlib
+
+    seen = {} if seen is None else seen
+    ids = []
+    for letter in letters:
+        digest = hashlib.sha1(letter).hexdigest()[:16]
+        occurrence = seen.get(digest, 0)
+        seen[digest] = occurrence + 1
+        ids.append(f'{digest}-{occurrence}')
+    return ids
+
+
+def _read_dead_letters(queue: str, letters: list[bytes], seen: dict[str, int] | None = None
+                       ) -> list[DeadLetter]:
+    """The letters of a list read from its head (``seen``: see :func:`_content_ids`)."""
+    return [_read_dead_letter(letter_id, queue, letter)
+            for letter_id, letter in zip(_content_ids(letters, seen), letters, strict=True)]
+
+
+def _wanted_ids(ids: Iterable[str] | None) -> set[str] | None:
+    """The ids given to ``replay`` or ``purge_dead`` as a set (a lone str is one id)."""
+    if ids is None:
+        return None
+    return {ids} if isinstance(ids, str) else {str(i) for i in ids}
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 0):
+        raise ValueError(f'limit must be an int >= 0 or None, not {limit!r}')
+
+
 def _log_failure(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
     """Log a failed broker operation: one warning line for a lost connection (the
     backend says how it recovers), the traceback only for an unexpected error."""
@@ -3369,6 +3445,50 @@ class MemoryBroker(AbstractQueueBroker):
 
     async def queue_length(self, name: str) -> int:
         return len(self._hub.queue(name).items)
+
+    # -- dead letters: ids are content ids (see _content_ids), as on Redis ------------
+
+    def _dead(self, queue: str) -> deque[bytes]:
+        return self._hub.queue(f'{queue}.dead').items
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        _check_limit(limit)
+        letters = list(itertools.islice(self._dead(queue), limit))
+        return _read_dead_letters(queue, letters)
+
+    async def dead_count(self, queue: str) -> int:
+        return len(self._dead(queue))
+
+    def _chosen(self, queue: str, ids: Iterable[str] | None, limit: int | None
+                ) -> list[int]:
+        """Positions in ``{queue}.dead`` of the letters named by ``ids``, else the first
+        ``limit``, else all."""
+        _check_limit(limit)
+        dead, wanted = self._dead(queue), _wanted_ids(ids)
+        if wanted is None:
+            return list(range(len(dead) if limit is None else min(limit, len(dead))))
+        return [i for i, letter_id in enumerate(_content_ids(dead)) if letter_id in wanted]
+
+    def _remove_dead(self, queue: str, positions: list[int]) -> None:
+        dead, removed = self._dead(queue), set(positions)
+        kept = [letter for i, letter in enumerate(dead) if i not in removed]
+        dead.clear()
+        dead.extend(kept)
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        positions = self._chosen(queue, ids, limit)
+        dead = self._dead(queue)
+        bodies = [_read_dead_letter('', queue, dead[i]).body for i in positions]
+        if bodies:
+            await self.send_many(queue, bodies)
+            self._remove_dead(queue, positions)
+        return len(bodies)
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        positions = self._chosen(queue, ids, None)
+        self._remove_dead(queue, positions)
+        return len(positions)
 
     async def disconnect(self) -> None:
         for name in list(self._fetchers):
