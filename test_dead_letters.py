@@ -6,7 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +31,7 @@ from test_microagent_backends import (  # noqa: F401  (fixtures)
     raw_producer,
     running,
 )
+from conftest import free_port
 from tests_support.faultproxy import FaultProxy
 
 NOT_UTF8 = b'\xff\xfe not text \x80'
@@ -184,3 +191,122 @@ async def test_a_queue_without_dead_letters(kind: BrokerKind) -> None:
     assert await broker.purge_dead(name) == 0
     with pytest.raises(ValueError, match='limit'):
         await broker.replay(name, limit=-1)
+
+
+# -- marun SETTINGS --dead --------------------------------------------------------------
+
+ROOT = Path(__file__).parent
+
+
+def settings_module(directory: Path, unique: str, dsn: str) -> str:
+    """A settings module whose agent consumes ``{unique}`` and ``{unique}_other``."""
+    name = f'dead_settings_{unique}'
+    (directory / f'{name}.py').write_text(textwrap.dedent(f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        class Worker(MicroAgent):
+            @consumer(Queue({unique!r}))
+            async def work(self, n: int) -> None: ...
+
+            @consumer(Queue({unique + '_other'!r}))
+            async def other(self, n: int) -> None: ...
+
+        BROKER = {{'main': {{'backend': 'microagent_backends.RedisBroker', 'dsn': {dsn!r}}}}}
+        AGENT = {{'worker': {{'backend': {name + '.Worker'!r}, 'broker': 'main'}}}}
+    '''))
+    return name
+
+
+def marun(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+    return subprocess.run([sys.executable, '-m', 'microagent', *args], cwd=directory, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+async def dead_settings(tmp_path: Path, redis_dsn: str, unique: str, raw: Any,
+                        closing: list[Any], request: pytest.FixtureRequest
+                        ) -> AsyncIterator[tuple[Path, str, RedisBroker]]:
+    """A settings module on Redis, whose queue ``unique`` has four dead letters (the
+    fixtures the broker kind takes are set up first: async ones cannot be taken later)."""
+    kind = BROKER_KINDS['redis'](request)
+    await put_letters(kind, unique, [envelope(unique, 1), envelope(unique, 2, body=NOT_UTF8),
+                                     b'{"n": 3}', envelope(unique, 4)])
+    yield tmp_path, settings_module(tmp_path, unique, redis_dsn), kind.broker()
+
+
+async def test_marun_dead_overview_lists_each_queue_with_its_count(
+        dead_settings: tuple[Path, str, RedisBroker], unique: str) -> None:
+    directory, settings, _ = dead_settings
+    done = await asyncio.to_thread(marun, directory, settings, '--dead')
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[:3] == [unique, '4', 'dead']
+    assert lines[1].split()[:3] == [f'{unique}_other', '0', 'dead']
+    assert 'main (RedisBroker redis://' in lines[0]
+
+
+async def test_marun_dead_queue_lists_its_letters_as_text_and_json(
+        dead_settings: tuple[Path, str, RedisBroker], unique: str) -> None:
+    directory, settings, broker = dead_settings
+    letters = await broker.dead_letters(unique)
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', unique)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [letter.id for letter in letters]
+    assert lines[0].split('  ')[1:] == ['2023-11-14T22:13:21.000+00:00', '3', 'Worker.work',
+                                        'ValueError: broken 1', '{"n":1}']
+    assert f'(binary, {len(NOT_UTF8)} bytes)' in lines[1] and 'unknown envelope' in lines[2]
+    assert '4 of 4 dead letter(s)' in done.stderr
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', unique, '--json',
+                                   '--limit', '3')
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [entry['id'] for entry in entries] == [letter.id for letter in letters[:3]]
+    assert entries[0] == {'id': letters[0].id, 'queue': unique, 'failed_at': 1_700_000_001.0,
+                          'attempts': 3, 'consumer': 'Worker.work',
+                          'error': 'ValueError: broken 1', 'body': '{"n":1}'}
+    assert base64.b64decode(entries[1]['body_base64']) == NOT_UTF8
+    assert entries[2]['body'] == '{"n": 3}' and entries[2]['error'] == 'unknown envelope'
+
+
+async def test_marun_dead_replays_and_purges(
+        dead_settings: tuple[Path, str, RedisBroker], unique: str) -> None:
+    directory, settings, broker = dead_settings
+    letters = await broker.dead_letters(unique)
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', unique, '--replay',
+                                   '--id', letters[2].id, '--id', letters[3].id)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'replayed 2 dead letter(s) of {unique} on main')
+    assert await broker.queue_length(unique) == 2
+    assert await broker.dead_letters(unique) == letters[:2]
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', unique, '--purge')
+    assert done.returncode == 2 and '--yes' in done.stderr
+    assert await broker.dead_count(unique) == 2
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', unique, '--purge',
+                                   '--yes')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'purged 2 dead letter(s) of {unique}')
+    assert await broker.dead_count(unique) == 0
+
+
+async def test_marun_dead_refuses_an_unknown_queue_and_names_the_known_ones(
+        dead_settings: tuple[Path, str, RedisBroker], unique: str) -> None:
+    directory, settings, broker = dead_settings
+    done = await asyncio.to_thread(marun, directory, settings, '--dead', 'nosuchqueue')
+    assert done.returncode == 2 and done.stdout == ''
+    assert done.stderr.strip() == (f"marun: error: no agent of the settings consumes "
+                                   f"'nosuchqueue'; the queues are: {unique}, {unique}_other")
+    assert await broker.dead_count(unique) == 4
+
+
+async def test_marun_dead_with_an_unreachable_server_is_one_line_without_password(
+        tmp_path: Path, unique: str) -> None:
+    dsn = f'redis://user:s3cret@127.0.0.1:{free_port()}/0'
+    settings = settings_module(tmp_path, unique, dsn)
+    for args in (['--dead'], ['--dead', unique], ['--dead', unique, '--replay']):
+        done = await asyncio.to_thread(marun, tmp_path, settings, *args)
+        assert done.returncode == 1, done
+        assert len(done.stderr.splitlines()) == 1 and 'unreachable' in done.stderr
+        assert 's3cret' not in done.stderr + done.stdout
