@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from conftest import address, free_port
 from microagent import DeadLetter, MicroAgent, Queue, consumer, encode_json
-from microagent_backends import AMQPBroker, RedisBroker
+from microagent_backends import RedisBroker
 from test_microagent_backends import (  # noqa: F401  (fixtures)
     BROKER_KINDS,
     WAIT,
@@ -31,7 +32,6 @@ from test_microagent_backends import (  # noqa: F401  (fixtures)
     raw_producer,
     running,
 )
-from conftest import free_port
 from tests_support.faultproxy import FaultProxy
 
 NOT_UTF8 = b'\xff\xfe not text \x80'
@@ -225,7 +225,8 @@ def marun(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 async def dead_settings(tmp_path: Path, redis_dsn: str, unique: str, raw: Any,
-                        closing: list[Any], request: pytest.FixtureRequest
+                        closing: list[Any],  # noqa: F811
+                        request: pytest.FixtureRequest
                         ) -> AsyncIterator[tuple[Path, str, RedisBroker]]:
     """A settings module on Redis, whose queue ``unique`` has four dead letters (the
     fixtures the broker kind takes are set up first: async ones cannot be taken later)."""
@@ -310,3 +311,81 @@ async def test_marun_dead_with_an_unreachable_server_is_one_line_without_passwor
         assert done.returncode == 1, done
         assert len(done.stderr.splitlines()) == 1 and 'unreachable' in done.stderr
         assert 's3cret' not in done.stderr + done.stdout
+
+
+# -- a connection cut mid-replay --------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['redis'], indirect=True)
+async def test_redis_replay_whose_replies_are_lost_loses_and_repeats_nothing(
+        kind: BrokerKind, redis_dsn: str) -> None:
+    """The reply of the first script is lost twice (redis-py's own second send too): the
+    replay fails; what the script did stays done, and a second replay does the rest."""
+    queue = Queue(kind.unique)
+    count = 3000  # two scripts of 2,000 and 1,000 letters
+    await put_many(kind, queue.name, count)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        broker = kind.broker(f'redis://127.0.0.1:{proxy.port}/0', COMMAND_TIMEOUT=2)
+        proxy.drop_reply(b'microagent:taken:', times=2)
+        with pytest.raises(ConnectionError):
+            await broker.replay(queue.name)
+        assert proxy.replies_dropped == 2
+        assert await broker.dead_count(queue.name) == 1000
+        assert await broker.replay(queue.name) == 1000
+    raw = kind.raw  # type: ignore[attr-defined]
+    bodies = await raw.lrange(queue.name, 0, -1)
+    assert sorted(json.loads(body)['n'] for body in bodies) == list(range(count))
+
+
+@pytest.mark.parametrize('kind', ['redis'], indirect=True)
+async def test_redis_replay_whose_reply_is_lost_once_is_sent_again_harmlessly(
+        kind: BrokerKind, redis_dsn: str) -> None:
+    queue = Queue(kind.unique)
+    await put_many(kind, queue.name, 10)
+    async with FaultProxy(address(redis_dsn, 6379)[1]) as proxy:
+        broker = kind.broker(f'redis://127.0.0.1:{proxy.port}/0', COMMAND_TIMEOUT=2)
+        letters = await broker.dead_letters(queue.name)
+        proxy.drop_reply(b'microagent:taken:')
+        # the second send finds the letters gone: it counts none of them
+        assert await broker.replay(queue.name, ids=[letter.id for letter in letters[:4]]) == 0
+        assert proxy.replies_dropped == 1
+        assert await broker.dead_letters(queue.name) == letters[4:]
+    assert await kind.raw.lrange(queue.name, 0, -1) == [  # type: ignore[attr-defined]
+        letter.body for letter in letters[:4]]
+
+
+@pytest.mark.parametrize('kind', ['amqp'], indirect=True)
+async def test_amqp_replay_cut_mid_publish_loses_nothing_and_repeats_one_batch_at_most(
+        kind: BrokerKind, amqp_dsn: str) -> None:
+    queue = Queue(kind.unique)
+    count, batch = 1000, 100
+    await put_many(kind, queue.name, count)
+    host, port = address(amqp_dsn, 5672)
+    async with FaultProxy(port) as proxy:
+        dsn = amqp_dsn.replace(f'{host}:{port}', f'127.0.0.1:{proxy.port}')
+        broker = kind.broker(dsn, REPLAY_BATCH=batch, CONNECT_TIMEOUT=5)
+        proxy.drop_reply(encode_json({'n': 450}))  # its confirmation never comes
+        with pytest.raises(ConnectionError):
+            await broker.replay(queue.name)
+        assert proxy.replies_dropped == 1
+        await broker.replay(queue.name)
+        assert await broker.dead_count(queue.name) == 0
+    client = kind.rabbit  # type: ignore[attr-defined]
+    got = [json.loads(message.body)['n'] for message in await client.take_all(queue.name)]
+    assert set(got) == set(range(count))  # nothing lost
+    twice = [n for n in set(got) if got.count(n) > 1]
+    assert len(got) - count == len(twice) <= batch  # at most the batch in flight, once more
+    assert all(400 <= n < 500 for n in twice)
+
+
+async def put_many(kind: BrokerKind, queue: str, count: int) -> None:
+    """``count`` dead letters of messages ``{'n': 0}``... in ``{queue}.dead``."""
+    dead, letters = f'{queue}.dead', [envelope(queue, n) for n in range(count)]
+    if kind.name == 'redis':
+        await kind.raw.rpush(dead, *letters)  # type: ignore[attr-defined]
+    else:
+        await kind.rabbit.declare(dead, durable=True)  # type: ignore[attr-defined]
+        channel = await kind.rabbit.channel()  # type: ignore[attr-defined]
+        for letter in letters:
+            await channel.basic_publish(letter, routing_key=dead)
+        await channel.close()
+    await eventually(lambda: kind.broker().dead_count(queue), count)
