@@ -1441,6 +1441,15 @@ class _AMQPConsumption(_Consumption):
         self.feeder: asyncio.Task[None] | None = None
 
 
+class _Walk(msgspec.Struct):
+    """A walk over the dead letters of ``queue``: the channel they come on, the letters
+    delivered and not looked at yet, how many it takes at most."""
+    queue: str
+    channel: Any
+    arrived: asyncio.Queue[Any]
+    left: int
+
+
 class _AMQPOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
     """The consumer options of :class:`AMQPBroker`: the common ones, and ``prefetch``
     (RabbitMQ's ``prefetch_count``, default the pool's capacity) and ``declare_queue``
@@ -1492,6 +1501,9 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
     REPLAY_BATCH: ClassVar[int] = 500
     """Dead letters a replay takes before publishing their messages together: a lost
     connection may store that many twice."""
+    DEAD_WAIT: ClassVar[float] = 1.0
+    """Seconds a listing, replay or purge waits for the next dead letter RabbitMQ
+    delivers before it takes the queue for empty (others took letters meanwhile)."""
     HEARTBEAT: ClassVar[int] = 3
     """AMQP heartbeat timeout in seconds, unless the DSN gives ``heartbeat=``: a
     connection that carries nothing for ``(HEARTBEAT + 1) * 3`` seconds (12 s) is taken
@@ -1624,7 +1636,8 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                 raise error
 
     # -- dead letters -------------------------------------------------------------------
-    # Letters are taken from ``{queue}.dead`` by basic.get without auto-ack: a letter is
+    # Letters are consumed from ``{queue}.dead`` without auto-ack (prefetch: as many as
+    # the walk takes, as basic.get would, without a round trip per letter): a letter is
     # acknowledged only after its message was published to the queue and confirmed; a
     # letter not chosen is given back (nack with requeue: RabbitMQ puts it back in its
     # place) and so is everything held when the channel is lost. Ids are content ids
@@ -1694,45 +1707,59 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
         if not left:
             return
         channel = await self._amqp.channel(publisher_confirms=False)
+        arrived: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         try:
-            seen: dict[str, int] = {}
-            last_kept: int | None = None
-            while left > 0 and not done():
-                messages = await self._get_letters(channel, dead, min(left, self.REPLAY_BATCH))
-                if not messages:
-                    break
-                left -= len(messages)
-                ids = _content_ids([message.body for message in messages], seen)
-                chosen = []
-                for letter_id, message in zip(ids, messages, strict=True):
-                    letter = _read_dead_letter(letter_id, queue, message.body,
-                                               _timestamp(message))
-                    if choose(letter) and take is not None:
-                        chosen.append((letter, _tag(message)))
-                    else:
-                        last_kept = _tag(message)
-                if take is not None and chosen:
-                    await take([letter for letter, _ in chosen])
-                    for _, tag in chosen:
-                        await channel.basic_ack(tag)
-            if last_kept is not None:
-                await channel.basic_nack(last_kept, multiple=True, requeue=True)
+            timeout = self.OPERATION_TIMEOUT
+            await channel.basic_qos(prefetch_count=min(left, MAX_PREFETCH), timeout=timeout)
+            consuming = await channel.basic_consume(dead, arrived.put, no_ack=False,
+                                                    timeout=timeout)
+            highest = await self._walk_batches(_Walk(queue, channel, arrived, left),
+                                               choose, take, done)
+            await channel.basic_cancel(consuming.consumer_tag or '', timeout=timeout)
+            while not arrived.empty():
+                highest = max(highest, _tag(arrived.get_nowait()))
+            if highest:  # the letters not acknowledged go back, in their places
+                await channel.basic_nack(highest, multiple=True, requeue=True)
         finally:
             with contextlib.suppress(*self._failures, asyncio.TimeoutError):
                 await asyncio.wait_for(channel.close(), self.OPERATION_TIMEOUT)
 
-    async def _get_letters(self, channel: AbstractChannel, dead: str, count: int
-                           ) -> list[DeliveredMessage]:
-        """Up to ``count`` messages of ``dead``, unacknowledged (fewer when it is empty)."""
-        from pamqp.commands import Basic
-
-        messages = []
-        for _ in range(count):
-            message = await channel.basic_get(dead, no_ack=False,
-                                              timeout=self.OPERATION_TIMEOUT)
-            if isinstance(message.delivery, Basic.GetEmpty):
+    async def _walk_batches(self, walk: _Walk, choose: Callable[[DeadLetter], Any],
+                            take: Callable[[list[DeadLetter]], Awaitable[None]] | None,
+                            done: Callable[[], bool]) -> int:
+        """The loop of :meth:`_walk_dead` over the letters RabbitMQ delivers (prefetch:
+        no more than it walks); returns the highest delivery tag seen."""
+        seen: dict[str, int] = {}
+        highest, left = 0, walk.left
+        while left > 0 and not done():
+            messages = await self._next_letters(walk.arrived, min(left, self.REPLAY_BATCH))
+            if not messages:
                 break
-            messages.append(message)
+            left -= len(messages)
+            highest = max(highest, *(_tag(message) for message in messages))
+            ids = _content_ids([message.body for message in messages], seen)
+            chosen = []
+            for letter_id, message in zip(ids, messages, strict=True):
+                letter = _read_dead_letter(letter_id, walk.queue, message.body,
+                                           _timestamp(message))
+                if choose(letter) and take is not None:
+                    chosen.append((letter, _tag(message)))
+            if take is not None and chosen:
+                await take([letter for letter, _ in chosen])
+                for _, tag in chosen:
+                    await walk.channel.basic_ack(tag)
+        return highest
+
+    async def _next_letters(self, arrived: asyncio.Queue[DeliveredMessage], count: int
+                            ) -> list[DeliveredMessage]:
+        """Up to ``count`` delivered letters: fewer when none came for ``DEAD_WAIT``
+        seconds (the queue emptied meanwhile: others took letters)."""
+        messages: list[DeliveredMessage] = []
+        while len(messages) < count:
+            try:
+                messages.append(await asyncio.wait_for(arrived.get(), self.DEAD_WAIT))
+            except asyncio.TimeoutError:
+                break
         return messages
 
     # -- consuming ----------------------------------------------------------------------
