@@ -34,6 +34,7 @@ import enum
 import functools
 import importlib
 import inspect
+import itertools
 import keyword
 import logging
 import math
@@ -2802,6 +2803,81 @@ def _original_body(body: Any) -> dict[str, str]:
         return {'body_base64': base64.b64encode(body).decode('ascii')}
 
 
+UNKNOWN_ENVELOPE = 'unknown envelope'  # the error of a dead letter that is not ours
+
+
+class _Envelope(msgspec.Struct):
+    """A dead letter as :meth:`ConsumerPool._dead_letter` writes it."""
+    error: str
+    attempts: int
+    failed_at: float
+    body: str | None = None
+    body_base64: str | None = None
+    consumer: str | None = None
+
+
+def _read_dead_letter(letter_id: str, queue: str, raw: bytes, failed_at: float = 0.0
+                      ) -> DeadLetter:
+    """The :class:`DeadLetter` stored as ``raw``. A letter that is not an envelope of
+    ours (a 1.x peer's, or written by hand) is what can be read of it: its raw bytes as
+    the body, ``error`` :data:`UNKNOWN_ENVELOPE`, ``failed_at`` as the backend knows it."""
+    import base64
+    import binascii
+
+    raw = bytes(raw)
+    try:
+        envelope = msgspec.json.decode(raw, type=_Envelope)
+        if envelope.body is not None:
+            body = envelope.body.encode()
+        elif envelope.body_base64 is not None:
+            body = base64.b64decode(envelope.body_base64, validate=True)
+        else:
+            raise ValueError('no body')
+    except (msgspec.DecodeError, ValueError, binascii.Error):
+        return DeadLetter(letter_id, queue, raw, UNKNOWN_ENVELOPE, 0, None, failed_at)
+    return DeadLetter(letter_id, queue, body, envelope.error, envelope.attempts,
+                      envelope.consumer, envelope.failed_at)
+
+
+def _content_ids(letters: Iterable[bytes], seen: dict[str, int] | None = None) -> list[str]:
+    """Ids of dead letters kept in a list without ids of their own (memory, Redis,
+    RabbitMQ), read from the head: ``{digest}-{n}``, the first 16 hex digits of the SHA-1
+    of the letter's bytes and how many identical letters come before it. An id stays
+    the same while its letter is there, whatever is added behind it or removed (only
+    removing an identical letter before it renumbers it: identical letters are
+    interchangeable). ``seen`` carries the counts over from the pages read before."""
+    import hashlib
+
+    seen = {} if seen is None else seen
+    ids = []
+    for letter in letters:
+        digest = hashlib.sha1(letter).hexdigest()[:16]
+        occurrence = seen.get(digest, 0)
+        seen[digest] = occurrence + 1
+        ids.append(f'{digest}-{occurrence}')
+    return ids
+
+
+def _read_dead_letters(queue: str, letters: list[bytes], seen: dict[str, int] | None = None
+                       ) -> list[DeadLetter]:
+    """The letters of a list read from its head (``seen``: see :func:`_content_ids`)."""
+    return [_read_dead_letter(letter_id, queue, letter)
+            for letter_id, letter in zip(_content_ids(letters, seen), letters, strict=True)]
+
+
+def _wanted_ids(ids: Iterable[str] | None) -> set[str] | None:
+    """The ids given to ``replay`` or ``purge_dead`` as a set (a lone str is one id)."""
+    if ids is None:
+        return None
+    return {ids} if isinstance(ids, str) else {str(i) for i in ids}
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 0):
+        raise ValueError(f'limit must be an int >= 0 or None, not {limit!r}')
+
+
 def _log_failure(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
     """Log a failed broker operation: one warning line for a lost connection (the
     backend says how it recovers), the traceback only for an unexpected error."""
@@ -3369,6 +3445,50 @@ class MemoryBroker(AbstractQueueBroker):
 
     async def queue_length(self, name: str) -> int:
         return len(self._hub.queue(name).items)
+
+    # -- dead letters: ids are content ids (see _content_ids), as on Redis ------------
+
+    def _dead(self, queue: str) -> deque[bytes]:
+        return self._hub.queue(f'{queue}.dead').items
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        _check_limit(limit)
+        letters = list(itertools.islice(self._dead(queue), limit))
+        return _read_dead_letters(queue, letters)
+
+    async def dead_count(self, queue: str) -> int:
+        return len(self._dead(queue))
+
+    def _chosen(self, queue: str, ids: Iterable[str] | None, limit: int | None
+                ) -> list[int]:
+        """Positions in ``{queue}.dead`` of the letters named by ``ids``, else the first
+        ``limit``, else all."""
+        _check_limit(limit)
+        dead, wanted = self._dead(queue), _wanted_ids(ids)
+        if wanted is None:
+            return list(range(len(dead) if limit is None else min(limit, len(dead))))
+        return [i for i, letter_id in enumerate(_content_ids(dead)) if letter_id in wanted]
+
+    def _remove_dead(self, queue: str, positions: list[int]) -> None:
+        dead, removed = self._dead(queue), set(positions)
+        kept = [letter for i, letter in enumerate(dead) if i not in removed]
+        dead.clear()
+        dead.extend(kept)
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        positions = self._chosen(queue, ids, limit)
+        dead = self._dead(queue)
+        bodies = [_read_dead_letter('', queue, dead[i]).body for i in positions]
+        if bodies:
+            await self.send_many(queue, bodies)
+            self._remove_dead(queue, positions)
+        return len(bodies)
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        positions = self._chosen(queue, ids, None)
+        self._remove_dead(queue, positions)
+        return len(positions)
 
     async def disconnect(self) -> None:
         for name in list(self._fetchers):
@@ -6195,6 +6315,144 @@ def _contract_findings(path: str, topology: Topology) -> list[Finding]:
 
 
 # =====================================================================================
+# Dead letters: marun SETTINGS --dead [QUEUE] [--replay | --purge --yes]
+# =====================================================================================
+# What an operator does with the dead letters of the settings' queues, through each
+# queue's broker (the broker of the AGENT entries that consume it), without starting
+# any agent.
+
+DEAD_PREVIEW = 60  # characters of a body that a listing shows
+
+
+class DeadTarget(msgspec.Struct, frozen=True):
+    """A consumed queue of a settings module and the broker entry that holds it."""
+    queue: str
+    broker_key: str
+    backend: str
+    params: dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        """The broker as a listing shows it: entry, class and DSN without password."""
+        dsn = redact_dsn(str(self.params.get('dsn', '')))
+        return f'{self.broker_key} ({self.backend.rpartition(".")[2]} {dsn})'
+
+    def broker(self) -> AbstractQueueBroker:
+        broker: AbstractQueueBroker = import_backend(self.backend)(**self.params)
+        return broker
+
+
+def dead_targets(modules: Iterable[str]) -> list[DeadTarget]:
+    """Every queue consumed by the agents of the settings modules, with its broker, in
+    the order of the settings (a queue on two brokers is there twice)."""
+    targets: dict[tuple[str, str], DeadTarget] = {}
+    for module in modules:
+        entries = getattr(importlib.import_module(module), 'AGENT', {})
+        for name, (backend, cfg) in load_configuration(module):
+            broker = cfg.get('broker')
+            if broker is None:
+                continue
+            key = str(entries.get(name, {}).get('broker'))
+            for declarations in import_backend(backend).declarations.values():
+                for declaration in declarations:
+                    if isinstance(declaration, ConsumerArgs):
+                        queue = declaration.queue.name
+                        targets.setdefault((queue, key), DeadTarget(
+                            queue, key, resolve_backend(broker[0]), dict(broker[1])))
+    return list(targets.values())
+
+
+def _dead_json(letter: DeadLetter) -> str:
+    """One JSON object a line: the body as text when it is UTF-8, else base64."""
+    entry: JSONObject = {'id': letter.id, 'queue': letter.queue, 'failed_at': letter.failed_at,
+                         'attempts': letter.attempts, 'consumer': letter.consumer,
+                         'error': letter.error}
+    entry.update(_original_body(letter.body))
+    return encode_json(entry).decode()
+
+
+def _dead_line(letter: DeadLetter) -> str:
+    """A letter as a listing line: id, failed_at, attempts, consumer, error, body."""
+    try:
+        preview = letter.body.decode()
+    except UnicodeDecodeError:
+        preview = f'(binary, {len(letter.body)} bytes)'
+    if len(preview) > DEAD_PREVIEW:
+        preview = preview[:DEAD_PREVIEW - 1] + '…'
+    failed = _utc(letter.failed_at) if letter.failed_at else '-'
+    return '  '.join((letter.id, failed, str(letter.attempts), letter.consumer or '-',
+                      _printable(letter.error), _printable(preview)))
+
+
+async def _dead_overview(targets: list[DeadTarget]) -> int:
+    width = max(len(t.queue) for t in targets)
+    for target in targets:
+        broker = target.broker()
+        try:
+            count = await broker.dead_count(target.queue)
+        finally:
+            await broker.close()
+        print(f'{target.queue:<{width}}  {count:>6} dead  {target.where}')
+    return 0
+
+
+async def _dead_action(target: DeadTarget, action: str | None, ids: list[str] | None,
+                       limit: int | None, as_json: bool) -> int:
+    broker = target.broker()
+    try:
+        if action == 'replay':
+            count = await broker.replay(target.queue, ids=ids, limit=limit)
+            print(f'replayed {count} dead letter(s) of {target.queue} on {target.where}')
+        elif action == 'purge':
+            count = await broker.purge_dead(target.queue, ids=ids)
+            print(f'purged {count} dead letter(s) of {target.queue} on {target.where}')
+        else:
+            letters = await broker.dead_letters(target.queue, 100 if limit is None else limit)
+            for letter in letters:
+                print(_dead_json(letter) if as_json else _dead_line(letter))
+            if not as_json:
+                total = await broker.dead_count(target.queue)
+                print(f'{len(letters)} of {total} dead letter(s) of {target.queue} on '
+                      f'{target.where}', file=sys.stderr)
+    finally:
+        await broker.close()
+    return 0
+
+
+def dead_command(modules: Iterable[str], queue: str | None, action: str | None = None, *,
+                 ids: list[str] | None = None, limit: int | None = None,
+                 as_json: bool = False) -> int:
+    """``marun SETTINGS --dead [QUEUE] [--replay | --purge --yes] [--id ID ...] [--limit
+    N] [--json]``: without ``queue``, each consumed queue's dead-letter count and broker;
+    with it, list its letters (or replay or purge them). Exit 2 for settings that cannot
+    be used or a queue they do not consume, 1 when a server cannot be reached."""
+    logging.getLogger('microagent').addHandler(logging.NullHandler())  # errors: one line
+    try:
+        targets = dead_targets(modules)
+    except SettingsError as exc:
+        print(f'marun: error: {exc}', file=sys.stderr)
+        return 2
+    if not targets:
+        print('marun: error: the agents of the settings consume no queue', file=sys.stderr)
+        return 2
+    chosen = [t for t in targets if queue is None or t.queue == queue]
+    if not chosen:
+        known = ', '.join(sorted({t.queue for t in targets}))
+        print(f'marun: error: no agent of the settings consumes {queue!r}; the queues '
+              f'are: {known}', file=sys.stderr)
+        return 2
+    try:
+        if queue is None:
+            return asyncio.run(_dead_overview(chosen))
+        for target in chosen:
+            asyncio.run(_dead_action(target, action, ids, limit, as_json))
+    except (ConnectionError, QueueException, OSError) as exc:
+        print(f'marun: error: {redact_dsn(str(exc))}', file=sys.stderr)
+        return 1
+    return 0
+
+
+# =====================================================================================
 # Command line: marun
 # =====================================================================================
 
@@ -6224,6 +6482,22 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument('--check', action='store_true',
                       help='check the topology of the modules instead of running them: one '
                            'line per finding; exit 1 on an error')
+    mode.add_argument('--dead', nargs='?', const='', metavar='QUEUE',
+                      help='dead letters instead of running the agents: alone, each '
+                           "consumed queue's dead-letter count; with QUEUE, its letters "
+                           '(or --replay, --purge --yes); nothing is started')
+    dead_action = parser.add_mutually_exclusive_group()
+    dead_action.add_argument('--replay', action='store_true',
+                        help='with --dead QUEUE: send the dead letters back to the queue')
+    dead_action.add_argument('--purge', action='store_true',
+                        help='with --dead QUEUE and --yes: remove the dead letters')
+    parser.add_argument('--yes', action='store_true', help='confirm --purge')
+    parser.add_argument('--id', dest='ids', action='append', metavar='ID',
+                        help='with --replay or --purge: only this letter (repeatable)')
+    parser.add_argument('--limit', type=int, metavar='N',
+                        help='with --dead QUEUE: list (default 100) or replay at most N')
+    parser.add_argument('--json', action='store_true',
+                        help='with --dead QUEUE: one JSON object a line')
     parser.add_argument('-o', '--output', metavar='FILE',
                         help='with --graph: write to FILE instead of standard output')
     parser.add_argument('--against', metavar='FILE',
@@ -6236,12 +6510,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--against goes with --check')
     if (args.graph or args.check) and (args.http or args.restart != 'no'):
         parser.error('--http and --restart go with running agents, not --graph or --check')
+    _check_dead_arguments(parser, args)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if args.graph:
         return graph_command(args.modules, args.graph, args.output)
     if args.check:
         return check_command(args.modules, args.against)
+    if args.dead is not None:
+        action = 'replay' if args.replay else 'purge' if args.purge else None
+        return dead_command(args.modules, args.dead or None, action, ids=args.ids,
+                            limit=args.limit, as_json=args.json)
     _configure_logging()
     try:
         configs = [cfg for module in args.modules for cfg in load_configuration(module)]
@@ -6269,6 +6548,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f'marun: error: --http {host}:{port}: {why}', file=sys.stderr)
             return 2
     return manager.start()
+
+
+def _check_dead_arguments(parser: Any, args: Any) -> None:
+    """The options of ``--dead`` go together as documented (else exit 2)."""
+    dead = args.dead
+    if dead is None:
+        if args.replay or args.purge or args.yes or args.ids or args.limit is not None \
+                or args.json:
+            parser.error('--replay, --purge, --yes, --id, --limit and --json go with --dead')
+        return
+    if args.http or args.restart != 'no':
+        parser.error('--http and --restart go with running agents, not --dead')
+    if not dead and (args.replay or args.purge or args.ids or args.limit is not None
+                     or args.json):
+        parser.error('--replay, --purge, --id, --limit and --json need --dead QUEUE')
+    if args.purge and not args.yes:
+        parser.error('--purge removes dead letters for good: add --yes to confirm')
+    if args.yes and not args.purge:
+        parser.error('--yes goes with --purge')
+    if args.ids and not (args.replay or args.purge):
+        parser.error('--id goes with --replay or --purge')
+    if args.json and (args.replay or args.purge):
+        parser.error('--json goes with listing, not --replay or --purge')
+    if args.limit is not None and (args.limit < 0 or args.purge):
+        parser.error('--limit takes N >= 0, with listing or --replay')
 
 
 def _importing_the_main_module_of_a_child() -> bool:

@@ -41,12 +41,18 @@ from microagent import (
     AbstractSignalBus,
     ConsumerOptions,
     ConsumerPool,
+    DeadLetter,
     Delivery,
     Link,
     Queue,
     QueueException,
     QueueNotFound,
+    _check_limit,
+    _content_ids,
+    _read_dead_letter,
+    _read_dead_letters,
     _resolve,
+    _wanted_ids,
     cancel_and_wait,
     error_text,
     redact_dsn,
@@ -673,6 +679,43 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
+# KEYS: dead-letter list, then the queue (none for a purge). ARGV: a marker that no letter
+# equals, then pairs of a letter's id (see microagent._content_ids) and the message to
+# push for it. Walks the list from the head, computing each letter's id, until every
+# id is found: pushes the message of each one found to the queue (RPUSH), then removes
+# its letter (LSET to the marker, LREM of the markers), all in one step. An id that is
+# no longer there is skipped: sent twice (a lost reply), the script does nothing more.
+_TAKE_DEAD = """
+local wanted, left = {}, 0
+for i = 2, #ARGV, 2 do
+    if wanted[ARGV[i]] == nil then left = left + 1 end
+    wanted[ARGV[i]] = ARGV[i + 1]
+end
+local seen, found, position = {}, 0, 0
+while left > 0 do
+    local items = redis.call('LRANGE', KEYS[1], position, position + 999)
+    if #items == 0 then break end
+    for i = 1, #items do
+        local digest = string.sub(redis.sha1hex(items[i]), 1, 16)
+        local n = seen[digest] or 0
+        seen[digest] = n + 1
+        local id = digest .. '-' .. n
+        local body = wanted[id]
+        if body then
+            wanted[id] = nil
+            left = left - 1
+            if KEYS[2] then redis.call('RPUSH', KEYS[2], body) end
+            redis.call('LSET', KEYS[1], position + i - 1, ARGV[1])
+            found = found + 1
+            if left == 0 then break end
+        end
+    end
+    position = position + #items
+end
+if found > 0 then redis.call('LREM', KEYS[1], 0, ARGV[1]) end
+return found
+"""
+
 _PUSH_CHUNK = 10_000  # messages per RPUSH in send_many
 _LUA_CHUNK = 2_000  # most messages per script call: Lua's unpack() takes ~8,000 values
 
@@ -690,6 +733,7 @@ class _Scripts:
         self.ack: AsyncScript = client.register_script(_ACK)
         self.release: AsyncScript = client.register_script(_RELEASE)
         self.dead: AsyncScript = client.register_script(_DEAD)
+        self.take_dead: AsyncScript = client.register_script(_TAKE_DEAD)
 
 
 class _RedisConsumption(_Consumption):
@@ -930,6 +974,88 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
             self.log.warning('A message of %s to dead-letter was no longer in flight (its '
                              'deadline passed); it is delivered again', name)
 
+    # -- dead letters -----------------------------------------------------------------
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The first ``limit`` letters of the list ``{queue}.dead`` (LRANGE: nothing is
+        removed); ids as :func:`microagent._content_ids` makes them."""
+        _check_limit(limit)
+        if limit == 0:
+            return []
+        async with self._failing(f'reading dead letters of {queue}', self.link('commands')):
+            letters = await self._dead_page(queue, 0, limit)
+        return _read_dead_letters(queue, letters)
+
+    async def dead_count(self, queue: str) -> int:
+        async with self._failing(f'counting dead letters of {queue}', self.link('commands')):
+            return await self._command_client().llen(f'{queue}.dead')
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        """Push the chosen letters' messages to the list ``queue`` and remove the
+        letters, in scripts of up to 2,000 letters, each one step (see ``_TAKE_DEAD``):
+        a lost connection loses no letter, and a script sent again replays nothing twice
+        (its count may then miss the letters of the first send)."""
+        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        """Remove the chosen letters, by the same script as :meth:`replay`."""
+        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
+
+    async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
+                         push: bool) -> int:
+        _check_limit(limit)
+        what = f'{"replaying" if push else "purging"} dead letters of {queue}'
+        async with self._failing(what, self.link('commands')):
+            if wanted is None:
+                return await self._take_head(queue, limit, push)
+            chosen = await self._find_dead(queue, wanted)
+            return await self._take_chosen(queue, chosen, push)
+
+    async def _take_head(self, queue: str, limit: int | None, push: bool) -> int:
+        """Take the first ``limit`` letters (all there are now when None), a chunk at a
+        time from the head."""
+        client, dead = self._command_client(), f'{queue}.dead'
+        left = await client.llen(dead) if limit is None else limit
+        taken = 0
+        while left > 0:
+            letters = await self._dead_page(queue, 0, min(left, _LUA_CHUNK))
+            if not letters:
+                break
+            left -= len(letters)
+            taken += await self._take_chosen(queue, _read_dead_letters(queue, letters), push)
+        return taken
+
+    async def _find_dead(self, queue: str, wanted: set[str]) -> list[DeadLetter]:
+        """The letters of ``{queue}.dead`` whose ids are wanted, read a page at a time."""
+        found: list[DeadLetter] = []
+        seen: dict[str, int] = {}
+        position, page = 0, _LUA_CHUNK
+        while len(found) < len(wanted):
+            letters = await self._dead_page(queue, position, page)
+            if not letters:
+                break
+            position += len(letters)
+            found.extend(letter for letter in _read_dead_letters(queue, letters, seen)
+                         if letter.id in wanted)
+        return found
+
+    async def _dead_page(self, queue: str, start: int, count: int) -> list[bytes]:
+        letters: list[bytes] = await self._command_client().lrange(
+            f'{queue}.dead', start, start + count - 1)  # type: ignore[assignment]
+        return letters
+
+    async def _take_chosen(self, queue: str, chosen: list[DeadLetter], push: bool) -> int:
+        keys = [f'{queue}.dead', queue] if push else [f'{queue}.dead']
+        marker = f'microagent:taken:{uuid.uuid4().hex}'
+        taken = 0
+        for start in range(0, len(chosen), _LUA_CHUNK):
+            args: list[str | bytes] = [marker]
+            for letter in chosen[start:start + _LUA_CHUNK]:
+                args += [letter.id, letter.body if push else b'']
+            taken += await self._commands().take_dead(keys=keys, args=args)
+        return taken
+
     def _forget(self, name: str, deliveries: Sequence[Delivery]) -> list[bytes]:
         """Stop the heartbeat of these messages (even if acknowledging them fails: they
         are then delivered again after the visibility timeout)."""
@@ -1035,6 +1161,19 @@ def _with_trace_context(properties: Mapping[str, Any] | None) -> Mapping[str, An
         return properties or {}
     properties = properties or {}
     return {**properties, 'headers': {**(properties.get('headers') or {}), **carrier}}
+
+
+def _tag(message: DeliveredMessage) -> int:
+    """The delivery tag of a message got with basic.get (it always has one)."""
+    tag = message.delivery_tag
+    assert tag is not None
+    return tag
+
+
+def _timestamp(message: DeliveredMessage) -> float:
+    """The Unix time of a message's ``timestamp`` property, 0.0 when it has none."""
+    stamp = message.header.properties.timestamp
+    return stamp.timestamp() if stamp is not None else 0.0
 
 
 def _declaration(name: str) -> Queue | None:
@@ -1302,6 +1441,15 @@ class _AMQPConsumption(_Consumption):
         self.feeder: asyncio.Task[None] | None = None
 
 
+class _Walk(msgspec.Struct):
+    """A walk over the dead letters of ``queue``: the channel they come on, the letters
+    delivered and not looked at yet, how many it takes at most."""
+    queue: str
+    channel: Any
+    arrived: asyncio.Queue[Any]
+    left: int
+
+
 class _AMQPOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
     """The consumer options of :class:`AMQPBroker`: the common ones, and ``prefetch``
     (RabbitMQ's ``prefetch_count``, default the pool's capacity) and ``declare_queue``
@@ -1337,7 +1485,7 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
     Settings (class attributes, or keyword arguments): ``ROLLBACK_ATTEMPTS``,
     ``RETRY_BACKOFF``, ``PREFETCH`` (see :class:`AbstractQueueBroker`), ``CONNECT_TIMEOUT``,
     ``CONFIRM_TIMEOUT``, ``OPERATION_TIMEOUT`` (seconds), ``PUBLISH_BATCH`` (messages of a
-    ``send_many`` awaiting their confirmations at once), ``HEARTBEAT``. Links:
+    ``send_many`` awaiting their confirmations at once), ``REPLAY_BATCH``, ``HEARTBEAT``. Links:
     ``connection``, and ``consume {queue}`` per consumed queue.
     """
 
@@ -1350,6 +1498,12 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
     OPERATION_TIMEOUT: ClassVar[float] = 10
     """Seconds for a declaration, a subscription, a channel to open or close."""
     PUBLISH_BATCH: ClassVar[int] = 1000
+    REPLAY_BATCH: ClassVar[int] = 500
+    """Dead letters a replay takes before publishing their messages together: a lost
+    connection may store that many twice."""
+    DEAD_WAIT: ClassVar[float] = 1.0
+    """Seconds a listing, replay or purge waits for the next dead letter RabbitMQ
+    delivers before it takes the queue for empty (others took letters meanwhile)."""
     HEARTBEAT: ClassVar[int] = 3
     """AMQP heartbeat timeout in seconds, unless the DSN gives ``heartbeat=``: a
     connection that carries nothing for ``(HEARTBEAT + 1) * 3`` seconds (12 s) is taken
@@ -1480,6 +1634,133 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                 if isinstance(error, asyncio.CancelledError):  # its channel closed, not us
                     raise ConnectionError('the channel closed before RabbitMQ confirmed')
                 raise error
+
+    # -- dead letters -------------------------------------------------------------------
+    # Letters are consumed from ``{queue}.dead`` without auto-ack (prefetch: as many as
+    # the walk takes, as basic.get would, without a round trip per letter): a letter is
+    # acknowledged only after its message was published to the queue and confirmed; a
+    # letter not chosen is given back (nack with requeue: RabbitMQ puts it back in its
+    # place) and so is everything held when the channel is lost. Ids are content ids
+    # (see microagent._content_ids), read from the head of the queue.
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The first ``limit`` letters (taken, then all given back in their place)."""
+        _check_limit(limit)
+        letters: list[DeadLetter] = []
+        async with self._failing(f'reading dead letters of {queue}'):
+            await self._walk_dead(queue, limit, letters.append)
+        return letters
+
+    async def dead_count(self, queue: str) -> int:
+        """The letters ready in ``{queue}.dead`` (not those a listing or replay holds)."""
+        return await self.queue_length(f'{queue}.dead')
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        """Publish the chosen letters' messages to ``queue``, ``REPLAY_BATCH`` at a time,
+        and acknowledge the letters once RabbitMQ confirmed their messages. A connection
+        lost meanwhile returns the batch's letters: their messages that were stored
+        already are then there twice (at most one batch)."""
+        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        """Acknowledge the chosen letters (all when ``ids`` is None)."""
+        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
+
+    async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
+                         push: bool) -> int:
+        _check_limit(limit)
+        chosen: list[DeadLetter] = []
+
+        def choose(letter: DeadLetter) -> bool:
+            if wanted is not None and letter.id not in wanted:
+                return False
+            chosen.append(letter)
+            return True
+
+        async def take(letters: list[DeadLetter]) -> None:
+            if push and letters:
+                await self.send_many(queue, [letter.body for letter in letters])
+
+        def done() -> bool:
+            return wanted is not None and len(chosen) >= len(wanted)
+
+        what = f'{"replaying" if push else "purging"} dead letters of {queue}'
+        async with self._failing(what):
+            await self._walk_dead(queue, limit, choose, take, done)
+        return len(chosen)
+
+    async def _walk_dead(self, queue: str, limit: int | None,
+                         choose: Callable[[DeadLetter], Any],
+                         take: Callable[[list[DeadLetter]], Awaitable[None]] | None = None,
+                         done: Callable[[], bool] = lambda: False) -> None:
+        """Get the letters of ``{queue}.dead`` from its head (at most ``limit``, and no
+        more than were there at the start) a batch at a time on a channel of their own;
+        for each batch, ``take`` the letters ``choose`` accepts, then acknowledge them
+        (without ``take``, nothing is acknowledged); give the others back at the end."""
+        dead = f'{queue}.dead'
+        async with self._amqp.admin_lock:
+            info = await self._amqp.passive_declare(dead)
+        left = int(info.message_count or 0) if info is not None else 0
+        if limit is not None:
+            left = min(left, limit)
+        if not left:
+            return
+        channel = await self._amqp.channel(publisher_confirms=False)
+        arrived: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        try:
+            timeout = self.OPERATION_TIMEOUT
+            await channel.basic_qos(prefetch_count=min(left, MAX_PREFETCH), timeout=timeout)
+            consuming = await channel.basic_consume(dead, arrived.put, no_ack=False,
+                                                    timeout=timeout)
+            highest = await self._walk_batches(_Walk(queue, channel, arrived, left),
+                                               choose, take, done)
+            await channel.basic_cancel(consuming.consumer_tag or '', timeout=timeout)
+            while not arrived.empty():
+                highest = max(highest, _tag(arrived.get_nowait()))
+            if highest:  # the letters not acknowledged go back, in their places
+                await channel.basic_nack(highest, multiple=True, requeue=True)
+        finally:
+            with contextlib.suppress(*self._failures, asyncio.TimeoutError):
+                await asyncio.wait_for(channel.close(), self.OPERATION_TIMEOUT)
+
+    async def _walk_batches(self, walk: _Walk, choose: Callable[[DeadLetter], Any],
+                            take: Callable[[list[DeadLetter]], Awaitable[None]] | None,
+                            done: Callable[[], bool]) -> int:
+        """The loop of :meth:`_walk_dead` over the letters RabbitMQ delivers (prefetch:
+        no more than it walks); returns the highest delivery tag seen."""
+        seen: dict[str, int] = {}
+        highest, left = 0, walk.left
+        while left > 0 and not done():
+            messages = await self._next_letters(walk.arrived, min(left, self.REPLAY_BATCH))
+            if not messages:
+                break
+            left -= len(messages)
+            highest = max(highest, *(_tag(message) for message in messages))
+            ids = _content_ids([message.body for message in messages], seen)
+            chosen = []
+            for letter_id, message in zip(ids, messages, strict=True):
+                letter = _read_dead_letter(letter_id, walk.queue, message.body,
+                                           _timestamp(message))
+                if choose(letter) and take is not None:
+                    chosen.append((letter, _tag(message)))
+            if take is not None and chosen:
+                await take([letter for letter, _ in chosen])
+                for _, tag in chosen:
+                    await walk.channel.basic_ack(tag)
+        return highest
+
+    async def _next_letters(self, arrived: asyncio.Queue[DeliveredMessage], count: int
+                            ) -> list[DeliveredMessage]:
+        """Up to ``count`` delivered letters: fewer when none came for ``DEAD_WAIT``
+        seconds (the queue emptied meanwhile: others took letters)."""
+        messages: list[DeliveredMessage] = []
+        while len(messages) < count:
+            try:
+                messages.append(await asyncio.wait_for(arrived.get(), self.DEAD_WAIT))
+            except asyncio.TimeoutError:
+                break
+        return messages
 
     # -- consuming ----------------------------------------------------------------------
 
