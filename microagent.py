@@ -3961,10 +3961,12 @@ class ProcessMonitor:
         """Every :data:`COUNT_INTERVAL`, read the depth, delayed and dead-letter counts
         of each consumed queue (off the hot path: one small request each)."""
         while True:
-            if self.state == 'running':
-                for _, agent in self.agents:
-                    for pool in list(agent.broker.pools.values()) if agent.broker else ():
-                        self._counts[pool] = await _queue_counts(pool.broker, pool.name)
+            if self.state != 'running':
+                await asyncio.sleep(REPORT_INTERVAL)
+                continue
+            for _, agent in self.agents:
+                for pool in list(agent.broker.pools.values()) if agent.broker else ():
+                    self._counts[pool] = await _queue_counts(pool.broker, pool.name)
             await asyncio.sleep(COUNT_INTERVAL)
 
     # -- stalls ---------------------------------------------------------------------
@@ -6388,6 +6390,7 @@ PAGE_REFRESH = 800  # milliseconds between two reads of /status by the page
 _FLEET_PAGE = r'''<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>marun: __TITLE__</title>
 <meta name="viewport" content="width=device-width,initial-scale=1">
+<link rel="icon" href="data:,">
 <style>
 body{font:13px Helvetica,Arial,sans-serif;margin:0;color:#0f172a;background:#f8fafc}
 header{padding:8px 16px;background:#1e293b;color:#f8fafc;display:flex;gap:16px}
@@ -6413,7 +6416,10 @@ const FILL = {running: "#bbf7d0", starting: "#fde68a", restarting: "#fde68a",
   stopping: "#e2e8f0", stopped: "#e2e8f0", failed: "#fecaca"};
 const WORST = ["failed", "restarting", "starting", "stopping", "stopped", "running"];
 const SVG = "http://www.w3.org/2000/svg";
-const els = {agent: {}, queue: {}, signal: {}};
+const els = {agent: {}, queue: {}, signal: {}}, svg = document.querySelector("#graph svg");
+if (svg && svg.viewBox.baseVal) {  // room for the notes under the lowest nodes
+  svg.viewBox.baseVal.height += 14; svg.removeAttribute("height");
+}
 for (const g of document.querySelectorAll("#graph g.node")) {
   const t = g.querySelector("title"), node = t && NODES[t.textContent];
   if (!node) continue;

@@ -11,6 +11,7 @@ writes answers and events on its fd 4, each a JSON text ended by a NUL byte).
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +31,14 @@ FLAGS = ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-
 
 def chromium_path() -> str | None:
     return shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+def _above_4(fd: int) -> int:
+    """``fd`` moved above 4 (closed), so that bash's ``3<&N 4>&M`` never clobbers
+    one of the two ends it gives the browser."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
 
 
 class DevToolsError(RuntimeError):
@@ -52,18 +61,15 @@ class Chromium:
         self._closed = False
 
     def __enter__(self) -> Chromium:
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
+        to_browser_r, self._to_browser = map(_above_4, os.pipe())
+        self._from_browser, from_browser_w = map(_above_4, os.pipe())
 
-        def give_fds() -> None:  # the browser's fd 3 reads commands, fd 4 writes answers
-            reading, writing = os.dup(to_browser_r), os.dup(from_browser_w)  # not 3 or 4
-            os.dup2(reading, 3)
-            os.dup2(writing, 4)
-
+        # the browser reads commands on its fd 3 and writes answers on its fd 4
         self.process = subprocess.Popen(
-            [self.path, *FLAGS, f'--user-data-dir={self._profile.name}',
+            ['bash', '-c', f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}',
+             self.path, *FLAGS, f'--user-data-dir={self._profile.name}',
              '--remote-debugging-pipe', 'about:blank'],
-            preexec_fn=give_fds, close_fds=False, stdin=subprocess.DEVNULL,
+            pass_fds=(to_browser_r, from_browser_w), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)
