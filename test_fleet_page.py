@@ -103,6 +103,21 @@ def test_status_gives_each_consumer_depth_delayed_dead_and_rate(
     assert {s['signal'] for s in ticker['signals']} == {'fleet_tick'}
 
 
+def test_status_gives_null_counts_when_the_broker_cannot_say(
+        redis_dsn: str, queue: str) -> None:
+    env = fleet_env(redis_dsn, queue, replicas='1', page_broker='SpeechlessRedisBroker')
+    with Marun([SETTINGS], env=env) as fleet:
+        fleet.ready(WAIT)
+        send(redis_dsn, queue, *jobs(0, 20))
+        fleet.wait_for(lambda: consumers_of(fleet.status(), queue)[0]['rate'] > 0, WAIT,
+                       'a rate')
+        (consumer,) = consumers_of(fleet.status(), queue)
+        assert (consumer['depth'], consumer['delayed'], consumer['dead']) == (None,) * 3
+        assert fleet.total('microagent_dead_letters') == 0  # no sample at all
+        assert 'microagent_dead_letters{' not in fleet.get('/metrics')[1].decode()
+        assert fleet.readyz()[0] == 200
+
+
 def test_page_is_made_once_when_first_asked_for(fleet: Marun) -> None:
     """Nobody opens the page: it costs nothing (not even made); then made once, kept."""
     assert 'made the page of /' not in fleet.output

@@ -53,7 +53,8 @@ class Chromium:
         if path is None:
             raise RuntimeError('chromium is not installed: apt-get install -y chromium')
         self.path, self.timeout = path, timeout
-        self._profile = tempfile.TemporaryDirectory(prefix='chromium-')
+        self._profile = tempfile.TemporaryDirectory(prefix='chromium-',
+                                                    ignore_cleanup_errors=True)
         self._answers: dict[int, dict[str, Any]] = {}
         self._events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
