@@ -4612,15 +4612,20 @@ def _link_status(managed: ManagedProcess, name: str, link: LinkReport) -> JSONOb
 
 def _signal_status(managed: ManagedProcess, name: str, current: AgentReport | None,
                    now: float) -> list[JSONObject]:
-    """The signals an agent sent or received: totals and per-second rates."""
-    if current is None:
-        return []
-    return [{'signal': signal,
-             'sent': current.signals_sent.get(signal, 0),
-             'received': current.signals_received.get(signal, 0),
+    """The signals an agent sent or received: totals over the restarts of the replica
+    and per-second rates."""
+    kept = managed.kept
+    sent = {signal: count for (agent, signal), count in kept.sent.items() if agent == name}
+    received = {signal: count for (agent, signal), count in kept.received.items()
+                if agent == name}
+    for table, counts in ((sent, current.signals_sent if current else {}),
+                          (received, current.signals_received if current else {})):
+        for signal, count in counts.items():
+            table[signal] = table.get(signal, 0) + count
+    return [{'signal': signal, 'sent': sent.get(signal, 0), 'received': received.get(signal, 0),
              'sent_rate': managed.rates.rate(('sent', name, signal), now),
              'received_rate': managed.rates.rate(('received', name, signal), now)}
-            for signal in sorted({*current.signals_sent, *current.signals_received})]
+            for signal in sorted({*sent, *received})]
 
 
 def _state_detail(managed: ManagedProcess, now: float) -> str:
@@ -4683,6 +4688,8 @@ def _http_server(view: FleetView, lock: Any, host: str, port: int,
     registry.register(FleetCollector())
     text, json_type = 'text/plain; charset=utf-8', 'application/json'
     served = _Page(page) if page is not None else None
+    not_found = (f'not found: {"/, " if served else ""}/livez, /readyz, /status, '
+                 '/metrics\n').encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = f'marun/{__version__}'
@@ -4711,7 +4718,7 @@ def _http_server(view: FleetView, lock: Any, host: str, port: int,
             elif path == '/metrics':
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:
-                self._reply(404, b'not found: /livez, /readyz, /status, /metrics\n', text)
+                self._reply(404, not_found, text)
 
         def _reply(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)

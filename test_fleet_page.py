@@ -97,10 +97,14 @@ def test_status_gives_each_consumer_depth_delayed_dead_and_rate(
     # RedisBroker cannot count delayed messages yet (another issue): null, "cannot say"
     assert all(c['delayed'] is None or c['delayed'] == 0 for c in consumers), consumers
     assert fleet.total('microagent_dead_letters', queue=queue) == 1
+    fleet.wait_for(lambda: sum(c['rate'] for c in consumers_of(fleet.status(), queue)) == 0,
+                   WAIT, 'the rate back to 0, 10 s after the traffic')
     ticker = next(a for a in fleet.status()['agents'] if a['name'] == 'ticker')
     assert ticker['uptime'] > 0 and ticker['connections']
     assert all(c['connected'] and c['since'] for c in ticker['connections'])
-    assert {s['signal'] for s in ticker['signals']} == {'fleet_tick'}
+    (tick,) = ticker['signals']
+    assert tick['signal'] == 'fleet_tick' and tick['sent'] > 0 and tick['received'] > 0
+    assert 1 < tick['sent_rate'] < 20, tick  # a send and a call every 0.2 s: ~10/s
 
 
 def test_status_gives_null_counts_when_the_broker_cannot_say(
