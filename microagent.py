@@ -6629,9 +6629,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default), 'on-failure' starts it again after a failure, "
                              "'always' after any end; an AGENT entry's 'restart' overrides it")
     parser.add_argument('--http', metavar='HOST:PORT', type=_http_address,
-                        help='serve /livez, /readyz, /status and /metrics (Prometheus) on '
-                             'HOST:PORT; no authentication: bind 127.0.0.1 or a private '
-                             'interface')
+                        help='serve the fleet page (/), /livez, /readyz, /status and '
+                             '/metrics (Prometheus) on HOST:PORT; no authentication: bind '
+                             '127.0.0.1 or a private interface')
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--graph', choices=GRAPH_FORMATS, metavar='FORMAT',
                       help='write the topology graph of the modules instead of running them '

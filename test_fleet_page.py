@@ -215,12 +215,12 @@ def test_page_without_graphviz_lists_agents_and_queues(
 
 
 @needs_chromium
-def test_screenshot_of_the_examples_fleet(redis_dsn: str, browser: Chromium,
-                                          queue: str) -> None:
-    """docs/fleet-page.png: the examples' fleet on Redis (examples.settings_redis) with a
-    few users created, as the README shows it. Written only with FLEET_PAGE_SCREENSHOT=1
-    (to keep the file stable), checked to be a PNG either way."""
-    env = {'MICROAGENT_REDIS_DSN': redis_dsn}
+def test_screenshot_of_the_examples_fleet(private_redis: Any, browser: Chromium) -> None:
+    """docs/fleet-page.png: the examples' fleet on Redis (examples.settings_redis, on a
+    private redis-server: their queue and signals have fixed names), as the README shows
+    it. Written only with FLEET_PAGE_SCREENSHOT=1 (to keep the file stable), checked to be
+    a PNG either way."""
+    env = {'MICROAGENT_REDIS_DSN': private_redis.dsn}
     with Marun(['examples.settings_redis'], env=env) as fleet:
         fleet.ready(WAIT)
         page = browser.open(f'http://127.0.0.1:{fleet.port}/', width=1280, height=900)
