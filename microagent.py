@@ -2921,6 +2921,15 @@ class _Timer:
     def __repr__(self) -> str:
         return f'<{type(self).__name__} {handler_key(type(self.agent), self.handler)}>'
 
+    @property
+    def next_run(self) -> float | None:
+        """The Unix time of the next scheduled run; None while none is scheduled."""
+        if self._timer is None:
+            return None
+        if self.singleton:
+            return self._tick_at
+        return time.time() + self._timer.when() - asyncio.get_running_loop().time()
+
     def first_delay(self) -> float:
         return self.next_delay()
 
@@ -3858,6 +3867,8 @@ def _configure_logging() -> None:
 # the timers and the buses keep anyway; the monitor reads them off the hot path.
 
 REPORT_INTERVAL = 0.5  # seconds between two reports of an agent process
+COUNT_INTERVAL = 5.0  # seconds between two readings of each consumed queue's counts
+COUNT_TIMEOUT = 2.0  # a broker that does not answer a count in time cannot say
 STALE_REPORT = 5.0  # a running process silent that long is not ready
 STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
 
@@ -3883,6 +3894,9 @@ class ConsumerReport(msgspec.Struct, frozen=True):
     last_fetch_age: float | None  # seconds since it last took a message; None before
     waiting: int  # messages it could take, as last measured by the stall check
     stalled_for: float | None  # seconds it has been stalled (None: it is not)
+    depth: int | None = None  # the queue's counts as last read (None: cannot say)
+    delayed: int | None = None
+    dead: int | None = None
 
 
 class TimerReport(msgspec.Struct, frozen=True):
@@ -3891,6 +3905,7 @@ class TimerReport(msgspec.Struct, frozen=True):
     last_run: float | None  # Unix time
     last_error: str | None
     singleton: str | None = None  # its key, when it is a singleton
+    next_run: float | None = None  # Unix time
 
 
 class ServerReport(msgspec.Struct, frozen=True):
@@ -4019,6 +4034,7 @@ class ProcessMonitor:
         self.stalled = False
         self._pools: dict[tuple[str, str], ConsumerPool] = {}  # kept after they close
         self._watches: dict[ConsumerPool, _StallWatch] = {}
+        self._counts: dict[ConsumerPool, tuple[int | None, int | None, int | None]] = {}
 
     def running(self) -> None:
         """Every agent of the process has started."""
@@ -4030,8 +4046,11 @@ class ProcessMonitor:
         self.report()
 
     async def run(self) -> None:
-        """Check for stalls and report, until cancelled."""
-        await asyncio.gather(self._check_forever(), self._report_forever())
+        """Check for stalls, read the queues' counts and report, until cancelled."""
+        tasks = [self._check_forever(), self._report_forever()]
+        if self.pipe is not None:
+            tasks.append(self._count_forever())
+        await asyncio.gather(*tasks)
 
     async def close(self, task: asyncio.Task[None]) -> None:
         """Stop ``task`` (:meth:`run`), send the last report and close the pipe."""
@@ -4055,6 +4074,20 @@ class ProcessMonitor:
                 await self._check_stalls()
             except Exception:
                 run_log.exception('AgentProc[%s]: the stall check failed', self.label)
+
+    # -- queue counts ---------------------------------------------------------------
+
+    async def _count_forever(self) -> None:
+        """Every :data:`COUNT_INTERVAL`, read the depth, delayed and dead-letter counts
+        of each consumed queue (off the hot path: one small request each)."""
+        while True:
+            if self.state != 'running':
+                await asyncio.sleep(REPORT_INTERVAL)
+                continue
+            for _, agent in self.agents:
+                for pool in list(agent.broker.pools.values()) if agent.broker else ():
+                    self._counts[pool] = await _queue_counts(pool.broker, pool.name)
+            await asyncio.sleep(COUNT_INTERVAL)
 
     # -- stalls ---------------------------------------------------------------------
 
@@ -4165,7 +4198,8 @@ class ProcessMonitor:
             name=name, links=links,
             consumers=[self._consumer_report(pool, now) for pool in pools],
             timers=[TimerReport(kind, handler_key(type(agent), timer.handler), timer.last_run,
-                                timer.last_error, timer.singleton) for kind, timer in timers],
+                                timer.last_error, timer.singleton, timer.next_run)
+                    for kind, timer in timers],
             servers=[_server_report(agent, server) for server in agent.hooks['server']],
             timings=[TimingReport(kind, key, list(t.counts), t.total)
                      for (kind, key), t in timings.items()],
@@ -4174,13 +4208,31 @@ class ProcessMonitor:
 
     def _consumer_report(self, pool: ConsumerPool, now: float) -> ConsumerReport:
         watch = self._watches.get(pool)
+        depth, delayed, dead = self._counts.get(pool, (None, None, None))
         return ConsumerReport(
             queue=pool.name, handler=pool.consumer.key, handled=pool.handled,
             retried=pool.retried, dead_lettered=pool.dead_lettered, released=pool.released,
             in_flight=pool.in_flight,
             last_fetch_age=None if pool.last_fetch is None else now - pool.last_fetch,
             waiting=watch.waiting if watch is not None else 0,
-            stalled_for=self._stalled_for(pool, now))
+            stalled_for=self._stalled_for(pool, now), depth=depth, delayed=delayed, dead=dead)
+
+
+async def _queue_counts(broker: AbstractQueueBroker, queue: str
+                        ) -> tuple[int | None, int | None, int | None]:
+    """(depth, delayed, dead) of ``queue``; None for a count the broker cannot give
+    (not implemented, an error, or no answer within :data:`COUNT_TIMEOUT`)."""
+    async def count(read: Callable[[str], Awaitable[int]]) -> int | None:
+        try:
+            return int(await asyncio.wait_for(read(queue), COUNT_TIMEOUT))
+        except NotImplementedError:
+            return None
+        except Exception as exc:
+            run_log.debug('Counting %s of %s failed: %s', read.__name__, queue, exc)
+            return None
+
+    return (await count(broker.queue_length), await count(broker.delayed_count),
+            await count(broker.dead_count))
 
 
 def _server_report(agent: MicroAgent, server: Callable[..., Any]) -> ServerReport:
@@ -4292,6 +4344,30 @@ async def _watch_parent(parent: int, stop: asyncio.Future[None]) -> None:
 # thread (``http.server``; ``prometheus_client`` writes the Prometheus text).
 
 MESSAGE_OUTCOMES = ('acked', 'retried', 'dead_lettered', 'released')
+RATE_WINDOW = 10.0  # seconds over which /status gives a rate
+
+
+class _Rates:
+    """Per-second rates of growing totals over the last :data:`RATE_WINDOW` seconds,
+    from the samples of successive reports."""
+
+    def __init__(self) -> None:
+        self._samples: dict[tuple[str, ...], deque[tuple[float, int]]] = {}
+
+    def add(self, key: tuple[str, ...], now: float, total: int) -> None:
+        samples = self._samples.setdefault(key, deque())
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+
+    def rate(self, key: tuple[str, ...], now: float) -> float:
+        """The growth per second since the oldest sample of the window (0 without two)."""
+        samples = [s for s in self._samples.get(key, ()) if now - s[0] <= RATE_WINDOW]
+        if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+            return 0.0
+        (start, first), (end, last) = samples[0], samples[-1]
+        return round(max(0, last - first) / (end - start), 3)
+
 class _Counts:
     """Counters of agent processes added up: those that the ended processes of one
     replica had counted, or the group's totals for ``/metrics``."""
@@ -4377,6 +4453,8 @@ class ManagedProcess:
         self.report: ProcessReport | None = None  # the current process's last
         self.reported = 0.0  # monotonic time it came
         self.kept = _Counts()  # what the ended processes had counted
+        self.rates = _Rates()  # of handled messages and signals, from the reports
+        self.links_since: dict[tuple[str, str, str], tuple[bool, float]] = {}  # Unix time
         self._reader: Any = None
         self._buffer = bytearray()
 
@@ -4393,6 +4471,7 @@ class ManagedProcess:
         self._buffer.clear()
         self.report, self.exitcode, self.state = None, None, 'starting'
         self.started = self.reported = time.monotonic()
+        self.links_since.clear()
 
     def waitables(self) -> list[Any]:
         """What :func:`multiprocessing.connection.wait` should watch for it."""
@@ -4424,8 +4503,28 @@ class ManagedProcess:
             run_log.warning('AgentsManager: unreadable report from %s: %s', self.label, exc)
             return
         self.report, self.reported = report, time.monotonic()
+        self._sample(report)
         if self.state in ('starting', 'running') and report.state != 'starting':
             self.state = report.state
+
+    def _sample(self, report: ProcessReport) -> None:
+        """Feed the rates with the totals of a new report; note when links changed."""
+        now, wall = self.reported, time.time()
+        kept = self.kept
+        for agent in report.agents:
+            for c in agent.consumers:
+                handled = kept.messages.get((agent.name, c.queue), [0])[0] + c.handled
+                self.rates.add(('queue', agent.name, c.queue), now, handled)
+            for kind, table, counts in (('sent', kept.sent, agent.signals_sent),
+                                        ('received', kept.received, agent.signals_received)):
+                for signal, count in counts.items():
+                    self.rates.add((kind, agent.name, signal), now,
+                                   table.get((agent.name, signal), 0) + count)
+            for link in agent.links:
+                key = (agent.name, link.transport, link.name)
+                seen = self.links_since.get(key)
+                if seen is None or seen[0] != link.connected:
+                    self.links_since[key] = (link.connected, wall)
 
     def ended(self) -> int | None:
         """The process ended: read its last report, keep what it counted."""
@@ -4471,9 +4570,11 @@ class FleetView:
     def _agent_status(self, managed: ManagedProcess, name: str, now: float) -> JSONObject:
         current = managed.current(name)
         consumers: dict[str, JSONObject] = {}
+        rates = managed.rates
         for (agent, queue), values in managed.kept.messages.items():
             if agent == name:
                 consumers[queue] = _consumer_status(queue, values, 0, None)
+                consumers[queue]['rate'] = rates.rate(('queue', name, queue), now)
         late = now - managed.reported
         for c in current.consumers if current is not None else ():
             kept = consumers.get(c.queue, {})
@@ -4481,16 +4582,22 @@ class FleetView:
                 c.queue, [kept.get(key, 0) + value for key, value in zip(
                     ('handled', 'retried', 'dead_lettered', 'released'),
                     (c.handled, c.retried, c.dead_lettered, c.released), strict=True)],
-                c.in_flight, None if c.last_fetch_age is None else c.last_fetch_age + late)
+                c.in_flight, None if c.last_fetch_age is None else c.last_fetch_age + late,
+                (c.depth, c.delayed, c.dead))
+            consumers[c.queue]['rate'] = rates.rate(('queue', name, c.queue), now)
         return {
             'name': name, 'replica': managed.replica,
             'pid': managed.process.pid if managed.alive else None,
             'state': managed.state, 'restarts': managed.restarts,
+            'uptime': round(now - managed.started, 1) if managed.alive else None,
             'connected': current is not None and all(link.connected for link in current.links),
+            'connections': [_link_status(managed, name, link)
+                            for link in (current.links if current is not None else ())],
             'consumers': [consumers[queue] for queue in sorted(consumers)],
+            'signals': _signal_status(managed, name, current, now),
             'timers': [{'name': t.name, 'kind': t.kind, 'last_run': t.last_run,
                         'last_error': redact_dsn(t.last_error) if t.last_error else None,
-                        'singleton': t.singleton}
+                        'singleton': t.singleton, 'next_run': t.next_run}
                        for t in (current.timers if current is not None else ())],
             'servers': [{'name': s.name, 'singleton': s.singleton, 'holds': s.holds}
                         for s in (current.servers if current is not None else ())],
@@ -4529,6 +4636,7 @@ class FleetView:
         )
         totals = _Counts()
         in_flight: dict[tuple[str, str], int] = {}
+        queue_counts: dict[str, tuple[int | None, int | None]] = {}  # queue: delayed, dead
         restarts: dict[str, int] = {}
         up = GaugeMetricFamily('microagent_up', '1 while the process of this replica runs '
                                '(its agents started), else 0', labels=['agent', 'replica'])
@@ -4547,6 +4655,8 @@ class FleetView:
                 for c in current.consumers if current is not None else ():
                     key = (name, c.queue)
                     in_flight[key] = in_flight.get(key, 0) + c.in_flight
+                    if c.delayed is not None or c.dead is not None:
+                        queue_counts[c.queue] = (c.delayed, c.dead)
         messages = CounterMetricFamily(
             'microagent_messages', 'Queue messages by outcome: acked (handled), retried (a '
             'failed attempt, tried again), dead_lettered, released (given back at a stop)',
@@ -4581,15 +4691,61 @@ class FleetView:
                                         'started again by the restart policy', labels=['agent'])
         for name, count in sorted(restarts.items()):
             restarted.add_metric([name], count)
-        return [*families, gauge, restarted, up, connected]
+        return [*families, gauge, restarted, up, connected, *_queue_gauges(queue_counts)]
+
+
+def _queue_gauges(counts: dict[str, tuple[int | None, int | None]]) -> list[Any]:
+    """The gauges of the queues' delayed messages and dead letters, as last read by an
+    agent process (a queue whose broker cannot say has no sample)."""
+    from prometheus_client.core import GaugeMetricFamily
+    delayed = GaugeMetricFamily('microagent_delayed_messages', 'Messages sent to the '
+                                'queue with a delay that are not due yet', labels=['queue'])
+    dead = GaugeMetricFamily('microagent_dead_letters', 'Dead letters of the queue',
+                             labels=['queue'])
+    for queue, (delayed_count, dead_count) in sorted(counts.items()):
+        if delayed_count is not None:
+            delayed.add_metric([queue], delayed_count)
+        if dead_count is not None:
+            dead.add_metric([queue], dead_count)
+    return [delayed, dead]
 
 
 def _consumer_status(queue: str, counts: list[int], in_flight: int,
-                     last_fetch_age: float | None) -> JSONObject:
+                     last_fetch_age: float | None,
+                     queue_counts: tuple[int | None, int | None, int | None] = (None,) * 3
+                     ) -> JSONObject:
     handled, retried, dead_lettered, _ = counts
+    depth, delayed, dead = queue_counts
     return {'queue': queue, 'handled': handled, 'retried': retried,
             'dead_lettered': dead_lettered, 'in_flight': in_flight,
-            'last_fetch_age': None if last_fetch_age is None else round(last_fetch_age, 3)}
+            'last_fetch_age': None if last_fetch_age is None else round(last_fetch_age, 3),
+            'depth': depth, 'delayed': delayed, 'dead': dead}
+
+
+def _link_status(managed: ManagedProcess, name: str, link: LinkReport) -> JSONObject:
+    """A connection of ``/status``: up or down since when (Unix time), its last error."""
+    _, since = managed.links_since.get((name, link.transport, link.name), (None, None))
+    return {'transport': redact_dsn(link.transport), 'name': link.name,
+            'connected': link.connected, 'since': since,
+            'last_error': redact_dsn(link.last_error) if link.last_error else None}
+
+
+def _signal_status(managed: ManagedProcess, name: str, current: AgentReport | None,
+                   now: float) -> list[JSONObject]:
+    """The signals an agent sent or received: totals over the restarts of the replica
+    and per-second rates."""
+    kept = managed.kept
+    sent = {signal: count for (agent, signal), count in kept.sent.items() if agent == name}
+    received = {signal: count for (agent, signal), count in kept.received.items()
+                if agent == name}
+    for table, counts in ((sent, current.signals_sent if current else {}),
+                          (received, current.signals_received if current else {})):
+        for signal, count in counts.items():
+            table[signal] = table.get(signal, 0) + count
+    return [{'signal': signal, 'sent': sent.get(signal, 0), 'received': received.get(signal, 0),
+             'sent_rate': managed.rates.rate(('sent', name, signal), now),
+             'received_rate': managed.rates.rate(('received', name, signal), now)}
+            for signal in sorted({*sent, *received})]
 
 
 def _state_detail(managed: ManagedProcess, now: float) -> str:
@@ -4611,9 +4767,29 @@ def _http_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
+class _Page:
+    """An HTML page served at ``GET /``, made by ``make`` the first time it is asked
+    for (so that it costs nothing until then) and kept."""
+
+    def __init__(self, make: Callable[[], bytes]) -> None:
+        import threading
+        self._make = make
+        self._body: bytes | None = None
+        self._lock = threading.Lock()
+
+    def body(self) -> bytes:
+        with self._lock:
+            if self._body is None:
+                self._body = self._make()
+                run_log.info('AgentsManager: made the page of / (%d bytes)', len(self._body))
+            return self._body
+
+
+def _http_server(view: FleetView, lock: Any, host: str, port: int,
+                 page: Callable[[], bytes] | None = None) -> Any:
     """Serve ``view`` on ``host:port`` from a thread of its own; the server object (its
-    ``shutdown()`` stops it). Raises OSError when the address cannot be bound, and
+    ``shutdown()`` stops it); ``page`` makes the HTML of ``GET /`` (called once, at
+    the first request). Raises OSError when the address cannot be bound, and
     ImportError without prometheus_client."""
     import http.server
     import socket
@@ -4631,13 +4807,24 @@ def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector())
     text, json_type = 'text/plain; charset=utf-8', 'application/json'
+    served = _Page(page) if page is not None else None
+    not_found = (f'not found: {"/, " if served else ""}/livez, /readyz, /status, '
+                 '/metrics\n').encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = f'marun/{__version__}'
 
         def do_GET(self) -> None:
             path = self.path.partition('?')[0]
-            if path == '/livez':
+            if path == '/' and served is not None:
+                try:
+                    html = served.body()
+                except Exception:
+                    run_log.exception('AgentsManager: making the page of / failed')
+                    self._reply(500, b'the page could not be made: see the log\n', text)
+                    return
+                self._reply(200, html, 'text/html; charset=utf-8')
+            elif path == '/livez':
                 self._reply(200, b'ok\n', text)
             elif path == '/readyz':
                 with lock:
@@ -4651,12 +4838,13 @@ def _http_server(view: FleetView, lock: Any, host: str, port: int) -> Any:
             elif path == '/metrics':
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:
-                self._reply(404, b'not found: /livez, /readyz, /status, /metrics\n', text)
+                self._reply(404, not_found, text)
 
         def _reply(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)
             self.send_header('Content-Type', content_type)
             self.send_header('Content-Length', str(len(body)))
+            self.send_header('Cache-Control', 'no-store')
             self.end_headers()
             self.wfile.write(body)
 
@@ -4739,9 +4927,10 @@ class AgentsManager:
                 fleet.append(ManagedProcess(label, names, replica, replicas, policy))
         return fleet
 
-    def listen(self, host: str, port: int) -> None:
+    def listen(self, host: str, port: int, page: Callable[[], bytes] | None = None) -> None:
         """Serve ``/livez``, ``/readyz``, ``/status`` and ``/metrics`` on ``host:port``
-        from now on (agent processes started afterwards report to the supervisor).
+        from now on (agent processes started afterwards report to the supervisor), and
+        ``GET /`` with the HTML that ``page`` makes (called once, when first asked for).
         Raises OSError when the address is in use, ImportError without prometheus_client.
         """
         try:
@@ -4749,7 +4938,7 @@ class AgentsManager:
         except ImportError:
             raise ImportError('needs prometheus_client: pip install prometheus_client, or '
                               "the checkout's extra: pip install '.[metrics]'") from None
-        self._http = _http_server(self.view, self._lock, host, port)
+        self._http = _http_server(self.view, self._lock, host, port, page)
         bound = self._http.server_address
         run_log.info('AgentsManager: serving /livez /readyz /status /metrics on http://%s:%s',
                      f'[{bound[0]}]' if ':' in bound[0] else bound[0], bound[1])
@@ -6453,6 +6642,232 @@ def dead_command(modules: Iterable[str], queue: str | None, action: str | None =
 
 
 # =====================================================================================
+# Fleet page: the live topology that ``marun --http`` serves at ``/``
+# =====================================================================================
+#
+# One HTML document, its CSS and script inline (no request leaves the supervisor): the
+# graph drawn by Graphviz as in ``--graph svg`` (or lists of agents and edges without
+# it), brought to life by a script that reads ``/status`` and ``/readyz`` every
+# PAGE_REFRESH milliseconds. Made once, the first time someone opens it.
+
+PAGE_REFRESH = 800  # milliseconds between two reads of /status by the page
+
+_FLEET_PAGE = r'''<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>marun: __TITLE__</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<link rel="icon" href="data:,">
+<style>
+body{font:13px Helvetica,Arial,sans-serif;margin:0;color:#0f172a;background:#f8fafc}
+header{padding:8px 16px;background:#1e293b;color:#f8fafc;display:flex;gap:16px}
+header b{margin-right:auto}.stale header{background:#b91c1c}
+#ready{font-weight:bold}main{padding:8px 16px}
+#graph svg{max-width:100%;height:auto;background:#fff;border:1px solid #cbd5e1}
+.st{font-size:9px;fill:#0f172a}li .st{color:#334155;margin-left:8px}
+.proc{display:inline-block;vertical-align:top;margin:8px 8px 0 0;padding:6px;
+background:#fff;border:1px solid #cbd5e1;border-radius:6px}
+table{border-collapse:collapse}td,th{padding:1px 6px;text-align:left;font-size:12px}
+th{color:#475569;font-weight:normal}h3{margin:2px 0;font-size:14px}
+.running{color:#15803d}.starting,.restarting,.stopping{color:#b45309}
+.failed,.down{color:#b91c1c}.reasons{color:#b91c1c}
+</style></head>
+<body data-updated="">
+<header><b>marun fleet: __TITLE__</b><span id="ready">…</span><span id="clock"></span></header>
+<main><div id="graph">__GRAPH__</div><div id="reasons" class="reasons"></div>
+<div id="procs"></div></main>
+<script>
+"use strict";
+const NODES = __NODES__, REFRESH = __REFRESH__;
+const FILL = {running: "#bbf7d0", starting: "#fde68a", restarting: "#fde68a",
+  stopping: "#e2e8f0", stopped: "#e2e8f0", failed: "#fecaca"};
+const WORST = ["failed", "restarting", "starting", "stopping", "stopped", "running"];
+const SVG = "http://www.w3.org/2000/svg";
+const els = {agent: {}, queue: {}, signal: {}}, svg = document.querySelector("#graph svg");
+if (svg && svg.viewBox.baseVal) {  // room for the notes under the lowest nodes
+  svg.viewBox.baseVal.height += 14; svg.removeAttribute("height");
+}
+for (const g of document.querySelectorAll("#graph g.node")) {
+  const t = g.querySelector("title"), node = t && NODES[t.textContent];
+  if (!node) continue;
+  g.setAttribute("data-" + node[0], node[1]);
+}
+for (const kind of Object.keys(els))
+  for (const el of document.querySelectorAll("[data-" + kind + "]"))
+    els[kind][el.getAttribute("data-" + kind)] = el;
+function note(el, text) {
+  if (!el.st) {
+    if (el instanceof SVGElement) {
+      const box = el.getBBox();
+      el.st = document.createElementNS(SVG, "text");
+      el.st.setAttribute("x", box.x + box.width / 2);
+      el.st.setAttribute("y", box.y + box.height + 9);
+      el.st.setAttribute("text-anchor", "middle");
+      el.appendChild(el.st);
+    } else {
+      el.st = document.createElement("span");
+      el.appendChild(el.st);
+    }
+    el.st.setAttribute("class", "st");
+  }
+  el.st.textContent = text;
+}
+function set(el, attrs) {
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute("data-" + k, v == null ? "" : v);
+}
+const show = v => v == null ? "?" : String(v);
+const until = t => t ? "in " + Math.max(0, Math.round(t - Date.now() / 1000)) + "s" : "-";
+const age = t => t ? Math.max(0, Math.round(Date.now() / 1000 - t)) + "s ago" : "-";
+function cell(row, text, cls) {
+  const td = row.insertCell(); td.textContent = text == null ? "-" : text;
+  if (cls) td.className = cls;
+}
+function make(tag, text) {
+  const el = document.createElement(tag); el.textContent = text; return el;
+}
+function table(parent, head, rows) {
+  if (!rows.length) return;
+  const t = document.createElement("table"), h = t.createTHead().insertRow();
+  for (const name of head) h.appendChild(make("th", name));
+  for (const r of rows) { const row = t.insertRow(); for (const v of r) cell(row, v); }
+  parent.appendChild(t);
+}
+function render(status, reasons) {
+  const agents = {}, queues = {}, signals = {}, holders = {};
+  for (const a of status.agents) {
+    (agents[a.name] = agents[a.name] || []).push(a);
+    for (const c of a.consumers) {
+      const q = queues[c.queue] = queues[c.queue] ||
+        {rate: 0, "in-flight": 0, depth: null, delayed: null, dead: null};
+      q.rate += c.rate || 0; q["in-flight"] += c.in_flight;
+      for (const k of ["depth", "delayed", "dead"])
+        if (c[k] != null) q[k] = Math.max(q[k] || 0, c[k]);
+    }
+    for (const s of a.signals || []) {
+      const g = signals[s.signal] = signals[s.signal] || {sent: 0, received: 0};
+      g.sent += s.sent_rate; g.received = Math.max(g.received, s.received_rate);
+    }
+    for (const t of a.timers || []) if (t.singleton && t.last_run &&
+        (!holders[t.singleton] || holders[t.singleton][0] < t.last_run))
+      holders[t.singleton] = [t.last_run, a.name + "[" + a.replica + "]"];
+  }
+  for (const [name, el] of Object.entries(els.agent)) {
+    const list = agents[name] || [];
+    const states = list.map(a => a.state);
+    const state = WORST.find(s => states.includes(s)) || "stopped";
+    const up = states.filter(s => s === "running").length;
+    set(el, {state: state, "replicas-up": up, replicas: list.length});
+    note(el, state + " " + up + "/" + list.length);
+    const shape = el.querySelector("path,polygon");
+    if (shape) shape.setAttribute("fill", FILL[state] || "#fff");
+  }
+  for (const [name, el] of Object.entries(els.queue)) {
+    const q = queues[name] || {rate: 0, "in-flight": 0};
+    q.rate = Math.round(q.rate * 100) / 100;
+    set(el, q);
+    note(el, "depth " + show(q.depth) + " · in flight " + q["in-flight"] + " · " + q.rate +
+      "/s · delayed " + show(q.delayed) + " · dead " + show(q.dead));
+  }
+  for (const [name, el] of Object.entries(els.signal)) {
+    const g = signals[name] || {sent: 0, received: 0};
+    const rate = Math.round((g.sent || g.received) * 100) / 100;
+    set(el, {rate: rate}); note(el, rate + "/s");
+  }
+  const procs = document.getElementById("procs"); procs.textContent = "";
+  for (const a of status.agents) {
+    const box = document.createElement("div"); box.className = "proc";
+    box.setAttribute("data-process", a.name + "[" + a.replica + "]");
+    box.appendChild(make("h3", a.name + "[" + a.replica + "]"));
+    const t = document.createElement("table"), row = t.insertRow();
+    cell(row, "pid " + show(a.pid)); cell(row, a.state, a.state);
+    cell(row, "up " + (a.uptime == null ? "-" : Math.round(a.uptime) + "s"));
+    cell(row, "restarts " + a.restarts);
+    box.appendChild(t);
+    table(box, ["connection", "", "since", "last error"], (a.connections || []).map(c =>
+      [c.transport + " " + c.name, c.connected ? "up" : "down", age(c.since), c.last_error]));
+    table(box, ["queue", "handled", "retried", "dead-lettered", "in flight", "depth",
+      "delayed", "dead", "rate/s", "last fetch"], a.consumers.map(c => [c.queue, c.handled,
+      c.retried, c.dead_lettered, c.in_flight, show(c.depth), show(c.delayed), show(c.dead),
+      c.rate, c.last_fetch_age == null ? "-" : c.last_fetch_age.toFixed(1) + "s"]));
+    table(box, ["timer", "last run", "next run", "last error", "singleton holder"],
+      (a.timers || []).map(t => [t.kind + " " + t.name, age(t.last_run), until(t.next_run),
+        t.last_error, t.singleton ? (holders[t.singleton] || [0, "?"])[1] : ""]));
+    table(box, ["server", "singleton", "holds"],
+      (a.servers || []).map(s => [s.name, s.singleton, s.holds ? "yes" : "no"]));
+    procs.appendChild(box);
+  }
+  const ready = document.getElementById("ready");
+  ready.textContent = reasons.length ? "not ready" : "ready";
+  ready.className = reasons.length ? "failed" : "running";
+  const list = document.getElementById("reasons"); list.textContent = "";
+  for (const r of reasons) list.appendChild(make("div", r));
+}
+async function read(path) {
+  const response = await fetch(path, {cache: "no-store", signal: AbortSignal.timeout(REFRESH * 2)});
+  if (path === "/status" && !response.ok) throw new Error(path + ": " + response.status);
+  return response.json();
+}
+async function refresh() {
+  try {
+    const [status, ready] = await Promise.all([read("/status"), read("/readyz")]);
+    render(status, ready.reasons || []);
+    document.body.classList.remove("stale");
+    document.body.setAttribute("data-stale", "false");
+    document.body.setAttribute("data-updated", (Date.now() / 1000).toFixed(3));
+    document.getElementById("clock").textContent = new Date().toLocaleTimeString();
+  } catch (err) {
+    document.body.classList.add("stale");
+    document.body.setAttribute("data-stale", "true");
+    document.getElementById("ready").textContent = "stale: the supervisor does not answer";
+  }
+  setTimeout(refresh, REFRESH);
+}
+refresh();
+</script></body></html>
+'''
+
+
+def fleet_page(modules: list[str]) -> bytes:
+    """The HTML of ``marun --http``'s ``GET /`` for the settings ``modules``: their
+    topology drawn by Graphviz (as lists of agents and edges when Graphviz is missing)
+    and the script that keeps it up to date from ``/status``."""
+    import html
+    import json
+    topology = build_graph(*modules)
+    ids = _node_ids(topology)
+    try:
+        svg = topology.render('svg').decode()
+        graph = svg[svg.index('<svg'):]
+    except (GraphRenderError, ImportError) as exc:
+        graph_log.info('The fleet page shows the topology as lists: %s', exc)
+        graph = _topology_lists(topology)
+    nodes = {node_id: key.split(':', 1) for key, node_id in ids.items()}
+    title = html.escape(' '.join(modules))
+    return (_FLEET_PAGE.replace('__TITLE__', title).replace('__GRAPH__', graph)
+            .replace('__NODES__', json.dumps(nodes).replace('</', '<\\/'))
+            .replace('__REFRESH__', str(PAGE_REFRESH)).encode())
+
+
+def _topology_lists(topology: Topology) -> str:
+    """The topology as HTML lists (agents with their edges, queues, signals)."""
+    import html
+
+    def item(kind: str, name: str, edges: str = '') -> str:
+        quoted = html.escape(name, quote=True)
+        return f'<li data-{kind}="{quoted}"><b>{quoted}</b>{edges}</li>'
+
+    def edges(agent: AgentNode) -> str:
+        me = f'agent:{agent.name}'
+        lines = [f'{edge.kind} {edge.target if edge.source == me else edge.source}'
+                 for edge in agent.edges()]
+        return '<ul>' + ''.join(f'<li>{html.escape(line)}</li>' for line in lines) + '</ul>'
+
+    return ''.join([
+        '<h3>Agents</h3><ul>', *(item('agent', a.name, edges(a)) for a in topology.agents),
+        '</ul><h3>Queues</h3><ul>', *(item('queue', name) for name in topology.queues),
+        '</ul><h3>Signals</h3><ul>', *(item('signal', name) for name in topology.signals),
+        '</ul>'])
+
+
+# =====================================================================================
 # Command line: marun
 # =====================================================================================
 
@@ -6472,9 +6887,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default), 'on-failure' starts it again after a failure, "
                              "'always' after any end; an AGENT entry's 'restart' overrides it")
     parser.add_argument('--http', metavar='HOST:PORT', type=_http_address,
-                        help='serve /livez, /readyz, /status and /metrics (Prometheus) on '
-                             'HOST:PORT; no authentication: bind 127.0.0.1 or a private '
-                             'interface')
+                        help='serve the fleet page (/), /livez, /readyz, /status and '
+                             '/metrics (Prometheus) on HOST:PORT; no authentication: bind '
+                             '127.0.0.1 or a private interface')
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument('--graph', choices=GRAPH_FORMATS, metavar='FORMAT',
                       help='write the topology graph of the modules instead of running them '
@@ -6542,7 +6957,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.http:
         host, port = args.http
         try:
-            manager.listen(host, port)
+            manager.listen(host, port, functools.partial(fleet_page, args.modules))
         except (ImportError, OSError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             print(f'marun: error: --http {host}:{port}: {why}', file=sys.stderr)

@@ -2896,8 +2896,9 @@ from tests_support.fleet_marun import Marun  # noqa: E402
 
 FLEET_MEMORY = 'tests_support.fleet_memory_settings'
 STATUS_KEYS = {'name', 'replica', 'pid', 'state', 'restarts', 'connected', 'consumers',
-               'timers', 'servers'}
-CONSUMER_KEYS = {'queue', 'handled', 'retried', 'dead_lettered', 'in_flight', 'last_fetch_age'}
+               'timers', 'servers', 'uptime', 'connections', 'signals'}
+CONSUMER_KEYS = {'queue', 'handled', 'retried', 'dead_lettered', 'in_flight', 'last_fetch_age',
+                 'depth', 'delayed', 'dead', 'rate'}
 
 
 def test_fleet_http_serves_livez_readyz_status_metrics_and_404() -> None:
@@ -2927,7 +2928,7 @@ def test_fleet_http_serves_livez_readyz_status_metrics_and_404() -> None:
         assert timer['name'] == 'Ticker.tick' and timer['kind'] == 'periodic'
         assert timer['last_run'] > time.time() - 5 and timer['last_error'] is None
         assert timer['singleton'] is None and ticker['servers'] == []
-        for path in ('/', '/nope', '/status/x', '/metricsz'):
+        for path in ('/nope', '/status/x', '/metricsz', '/index.html'):
             assert fleet.get(path)[0] == 404
         assert fleet.stop() == 0
     assert 'Traceback' not in fleet.output
