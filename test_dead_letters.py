@@ -35,7 +35,7 @@ from test_microagent_backends import (  # noqa: F401  (fixtures)
 from tests_support.faultproxy import FaultProxy
 
 NOT_UTF8 = b'\xff\xfe not text \x80'
-KINDS = ['memory', 'redis', 'amqp']
+KINDS = ['memory', 'redis', 'amqp', 'kafka']
 
 
 @pytest.fixture(params=KINDS)
