@@ -441,3 +441,36 @@ async def put_many(kind: BrokerKind, queue: str, count: int) -> None:
             await channel.basic_publish(letter, routing_key=dead)
         await channel.close()
     await eventually(lambda: kind.broker().dead_count(queue), count)
+
+
+@pytest.mark.parametrize('kind', ['kafka'], indirect=True)
+async def test_marun_dead_on_kafka_uses_the_consumer_s_own_group(
+        kind: BrokerKind, tmp_path: Path, kafka_dsn: str) -> None:
+    """A consumer with ``group_id=G`` has its dead letters handled by the group
+    ``G.dead``: what marun purges for it, the default group still lists."""
+    unique = kind.unique
+    await put_letters(kind, unique, [envelope(unique, n) for n in range(3)])
+    name = f'dead_kafka_settings_{unique}'
+    (tmp_path / f'{name}.py').write_text(textwrap.dedent(f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        class Audit(MicroAgent):
+            @consumer(Queue({unique!r}), group_id={unique + '-audit'!r})
+            async def work(self, n: int, **kafka: object) -> None: ...
+
+        BROKER = {{'main': {{'backend': 'microagent_backends.KafkaBroker', 'dsn': {kafka_dsn!r}}}}}
+        AGENT = {{'audit': {{'backend': {name + '.Audit'!r}, 'broker': 'main'}}}}
+    '''))
+    listed = await kind.broker().dead_letters(unique)
+    done = await asyncio.to_thread(marun, tmp_path, name, '--dead', unique, '--purge', '--yes',
+                                   '--id', listed[0].id)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'purged 1 dead letter(s) of {unique}')
+    done = await asyncio.to_thread(marun, tmp_path, name, '--dead', unique, '--json')
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)['id'] for line in done.stdout.splitlines()] == [
+        letter.id for letter in listed[1:]]
+    audit = kind.broker()
+    audit.dead_group_ids[unique] = f'{unique}-audit'
+    assert await audit.dead_letters(unique) == listed[1:]
+    assert await kind.broker().dead_letters(unique) == listed  # the default group's
