@@ -2337,6 +2337,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     whose rebalances take longer (a JoinGroup request waits for the whole group).
     ``START_TIMEOUT`` (60 s) for a consumer to join its group.
     ``CLOSE_TIMEOUT`` (10 s) for the last commits and flush when stopping.
+    ``REPLAY_BATCH`` (500) dead letters sent at a time by ``replay`` before their commit.
     ``CLIENT_OPTIONS`` ({}): more keyword arguments for the aiokafka clients, each
     getting those its class takes (``security_protocol``, ``sasl_mechanism``,
     ``ssl_context``... for all; ``max_request_size`` for the producer,
