@@ -6519,6 +6519,7 @@ class DeadTarget(msgspec.Struct, frozen=True):
     broker_key: str
     backend: str
     params: dict[str, Any]
+    group_id: str | None = None  # the consumer's own ``group_id`` option (Kafka)
 
     @property
     def where(self) -> str:
@@ -6528,6 +6529,9 @@ class DeadTarget(msgspec.Struct, frozen=True):
 
     def broker(self) -> AbstractQueueBroker:
         broker: AbstractQueueBroker = import_backend(self.backend)(**self.params)
+        dead_group_ids = getattr(broker, 'dead_group_ids', None)  # a consumer group's
+        if self.group_id and isinstance(dead_group_ids, dict):  # dead letters (Kafka)
+            dead_group_ids[self.queue] = self.group_id
         return broker
 
 
@@ -6547,7 +6551,8 @@ def dead_targets(modules: Iterable[str]) -> list[DeadTarget]:
                     if isinstance(declaration, ConsumerArgs):
                         queue = declaration.queue.name
                         targets.setdefault((queue, key), DeadTarget(
-                            queue, key, resolve_backend(broker[0]), dict(broker[1])))
+                            queue, key, resolve_backend(broker[0]), dict(broker[1]),
+                            declaration.options.get('group_id')))
     return list(targets.values())
 
 

@@ -25,6 +25,7 @@ import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import (
+    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -2107,6 +2108,80 @@ class _PartitionOffsets:
         return fetched[0] if fetched else self.next_offset
 
 
+
+_MARKS_PARTITION = 0  # the one partition of ``{queue}.dead.handled`` that is written
+
+
+class _DeadLog:
+    """One walk over the dead letters of ``queue`` on Kafka (a listing, count, replay or
+    purge). The letters "in" ``{queue}.dead`` are its records past the committed offset
+    of the group ``{group_id}.dead`` in each partition, but for those handled out of
+    order (not a prefix): their ids are records of ``{queue}.dead.handled``, read from
+    that topic's own committed offset in the same group (Tansu does not keep a commit's
+    metadata, which could otherwise carry them). ``consumer`` is in that group but never
+    joins it: its partitions are assigned, and it only reads and commits."""
+
+    def __init__(self, queue: str, consumer: Any, partitions: list[Any], marks: Any) -> None:
+        self.queue = queue
+        self.consumer = consumer
+        self.partitions = partitions
+        self.marks = marks
+        self.starts: dict[Any, int] = {}
+        self.ends: dict[Any, int] = {}
+        self.handled: dict[Any, set[int]] = {tp: set() for tp in partitions}
+        self.markers: list[tuple[int, list[tuple[int, int]]]] = []
+        self.marks_start = 0
+
+    def read_markers(self, records: Iterable[Any]) -> None:
+        """Take the handled ids a replay or purge wrote past the committed offsets."""
+        by_number = {tp.partition: tp for tp in self.partitions}
+        for record in records:
+            try:
+                entries = msgspec.json.decode(record.value or b'', type=list[tuple[int, int]])
+            except msgspec.DecodeError:
+                continue  # not ours: nothing handled
+            self.markers.append((record.offset, entries))
+            for partition, offset in entries:
+                tp = by_number.get(partition)
+                if tp is not None and offset >= self.starts[tp]:
+                    self.handled[tp].add(offset)
+
+    def count(self) -> int:
+        return sum(self.ends[tp] - self.starts[tp]
+                   - sum(1 for offset in self.handled[tp] if offset < self.ends[tp])
+                   for tp in self.partitions if self.ends[tp] > self.starts[tp])
+
+    def advanced(self, records: Iterable[Any]) -> tuple[dict[Any, int], list[tuple[int, int]]]:
+        """Mark ``records`` handled: the partitions whose committed offset moves, with
+        their new offset, and the ids still past it (to be written as a marker)."""
+        touched: dict[Any, list[int]] = {}
+        for record in records:
+            tp = next(tp for tp in self.partitions if tp.partition == record.partition)
+            self.handled[tp].add(record.offset)
+            touched.setdefault(tp, []).append(record.offset)
+        moved: dict[Any, int] = {}
+        for tp in touched:
+            start, handled = self.starts[tp], self.handled[tp]
+            while start in handled:
+                handled.discard(start)
+                start += 1
+            if start != self.starts[tp]:
+                moved[tp] = self.starts[tp] = start
+        left = [(tp.partition, offset) for tp, offsets in touched.items()
+                for offset in offsets if offset >= self.starts[tp]]
+        return moved, left
+
+    def marks_committable(self, end: int) -> int:
+        """The offset of ``{queue}.dead.handled`` below which no marker names a letter
+        past the committed offsets any more (``end`` when none does)."""
+        by_number = {tp.partition: tp for tp in self.partitions}
+        for offset, entries in self.markers:
+            if any(partition in by_number and position >= self.starts[by_number[partition]]
+                   for partition, position in entries):
+                return offset
+        return end
+
+
 class _KafkaConsumption(_Consumption):
     """A queue consumed from Kafka: its aiokafka consumer in the queue's group, the
     committing task, and the offsets of the records in the pool."""
@@ -2262,6 +2337,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     whose rebalances take longer (a JoinGroup request waits for the whole group).
     ``START_TIMEOUT`` (60 s) for a consumer to join its group.
     ``CLOSE_TIMEOUT`` (10 s) for the last commits and flush when stopping.
+    ``REPLAY_BATCH`` (500) dead letters sent at a time by ``replay`` before their commit.
     ``CLIENT_OPTIONS`` ({}): more keyword arguments for the aiokafka clients, each
     getting those its class takes (``security_protocol``, ``sasl_mechanism``,
     ``ssl_context``... for all; ``max_request_size`` for the producer,
@@ -2280,9 +2356,13 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     START_TIMEOUT: ClassVar[float] = 60.0
     CLOSE_TIMEOUT: ClassVar[float] = 10.0
     CLIENT_OPTIONS: ClassVar[dict[str, Any]] = {}
+    REPLAY_BATCH: ClassVar[int] = 500
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
+        self.dead_group_ids: dict[str, str] = {}
+        """The consumer group of a queue that this broker does not consume but whose
+        dead letters it reads (``marun --dead``), when not ``microagent.{queue}``."""
         self.servers = _bootstrap_servers(dsn)
         self._init_transport()
         self._check_client_options()
@@ -2671,6 +2751,164 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             finally:
                 reader.pause(*fetched)
         return starts, ends
+
+    # --- dead letters --------------------------------------------------------------
+    # ``{queue}.dead`` is a log: see :class:`_DeadLog`. Ids are ``partition:offset``.
+
+    def _dead_group(self, queue: str) -> str:
+        """The group whose committed offsets say which dead letters of ``queue`` were
+        handled: ``{group_id}.dead`` of the queue's consumer group."""
+        consumption = self._consumptions.get(queue)
+        group_id = (consumption.group_id if consumption
+                    else self.dead_group_ids.get(queue) or f'microagent.{queue}')
+        return f'{group_id}.dead'
+
+    @contextlib.asynccontextmanager
+    async def _dead_log(self, queue: str) -> AsyncIterator[_DeadLog]:
+        """A walk over the dead letters of ``queue``, its consumer stopped after."""
+        aiokafka = _aiokafka()
+        dead, marks = _topic(f'{queue}.dead'), _topic(f'{queue}.dead.handled')
+        for topic in (dead, marks):
+            await self._ensure_topic(topic)
+        admin = await self._admin_started()
+        described = await admin.describe_topics([dead])
+        partitions = sorted((aiokafka.TopicPartition(dead, p['partition'])
+                             for p in described[0]['partitions']), key=lambda tp: tp.partition)
+        marks_tp = aiokafka.TopicPartition(marks, _MARKS_PARTITION)
+        group = self._dead_group(queue)
+        consumer = self._client(aiokafka.AIOKafkaConsumer, group_id=group,
+                                client_id='microagent-dead-letters', enable_auto_commit=False,
+                                fetch_max_wait_ms=100)
+        await asyncio.wait_for(consumer.start(), self.SEND_TIMEOUT)
+        try:
+            log = _DeadLog(queue, consumer, partitions, marks_tp)
+            every = [*partitions, marks_tp]
+            starts, ends = await self._offset_range(every)
+            committed = await admin.list_consumer_group_offsets(group, partitions=every)
+            for tp in every:
+                done = committed.get(tp)
+                start = max(starts[tp], done.offset if done is not None else -1)
+                log.starts[tp], log.ends[tp] = start, max(start, ends[tp])
+            log.marks_start = log.starts.pop(marks_tp)
+            marks_end = log.ends.pop(marks_tp)
+            consumer.assign(every)
+            consumer.pause(*every)
+            if marks_end > log.marks_start:
+                log.read_markers(await self._read_log(
+                    consumer, {marks_tp: (log.marks_start, marks_end)}, None))
+            yield log
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), self.CLOSE_TIMEOUT)
+
+    async def _read_log(self, consumer: Any, ranges: Mapping[Any, tuple[int, int]],
+                        wanted: Callable[[Any], bool] | None, limit: int | None = None
+                        ) -> list[Any]:
+        """The records of each partition in its range ``[start, end)`` (those
+        ``wanted``, at most ``limit`` of each), in offset order per partition."""
+        found: dict[Any, list[Any]] = {tp: [] for tp in ranges}
+        pending = {tp for tp, (start, end) in ranges.items() if end > start and limit != 0}
+        for tp in pending:
+            consumer.seek(tp, ranges[tp][0])
+        consumer.resume(*pending)
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.SEND_TIMEOUT
+        try:
+            while pending:
+                if clock() > deadline:
+                    raise asyncio.TimeoutError(f'reading {len(pending)} partition(s) timed out')
+                batches = await consumer.getmany(*pending, timeout_ms=200)
+                for tp, records in batches.items():
+                    end = ranges[tp][1]
+                    found[tp].extend(record for record in records if record.offset < end
+                                     and (wanted is None or wanted(record)))
+                    if (await consumer.position(tp) >= end
+                            or (limit is not None and len(found[tp]) >= limit)):
+                        consumer.pause(tp)
+                        pending.discard(tp)
+        finally:
+            consumer.pause(*pending)
+        return [record for records in found.values() for record in records]
+
+    async def _unhandled(self, log: _DeadLog, limit: int | None) -> list[Any]:
+        """The letters of ``log`` not handled yet, oldest first (by the time each was
+        stored, then partition and offset), at most ``limit``."""
+        ranges = {tp: (log.starts[tp], log.ends[tp]) for tp in log.partitions}
+        records = await self._read_log(
+            log.consumer, ranges,
+            lambda record: record.offset not in log.handled[
+                next(tp for tp in log.partitions if tp.partition == record.partition)],
+            limit)
+        records.sort(key=lambda record: (record.timestamp, record.partition, record.offset))
+        return records if limit is None else records[:limit]
+
+    @staticmethod
+    def _dead_letter_of(queue: str, record: Any) -> DeadLetter:
+        return _read_dead_letter(f'{record.partition}:{record.offset}', queue,
+                                 record.value or b'', record.timestamp / 1000)
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The first ``limit`` letters of ``{queue}.dead`` not handled yet, oldest first
+        (reading commits nothing)."""
+        _check_limit(limit)
+        async with self._failing(f'reading dead letters of {queue}'), \
+                self._dead_log(queue) as log:
+            records = await self._unhandled(log, limit)
+        return [self._dead_letter_of(queue, record) for record in records]
+
+    async def dead_count(self, queue: str) -> int:
+        async with self._failing(f'counting dead letters of {queue}'), \
+                self._dead_log(queue) as log:
+            return log.count()
+
+    async def replay(self, queue: str, ids: Iterable[str] | None = None,
+                     limit: int | None = None) -> int:
+        """Send the chosen letters' messages to ``queue``, ``REPLAY_BATCH`` at a time;
+        each batch is marked handled only once Kafka acknowledged all its messages."""
+        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
+
+    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
+        """Mark the chosen letters handled (the log itself keeps its records)."""
+        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
+
+    async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
+                         push: bool) -> int:
+        _check_limit(limit)
+        what = f'{"replaying" if push else "purging"} dead letters of {queue}'
+        taken = 0
+        async with self._failing(what, self.link('producer')), self._dead_log(queue) as log:
+            records = await self._unhandled(log, limit if wanted is None else None)
+            if wanted is not None:
+                records = [r for r in records if f'{r.partition}:{r.offset}' in wanted]
+            for first in range(0, len(records), self.REPLAY_BATCH):
+                batch = records[first:first + self.REPLAY_BATCH]
+                if push:
+                    await self.send_many(queue, [self._dead_letter_of(queue, r).body
+                                                 for r in batch])
+                await self._mark_handled(log, batch)
+                taken += len(batch)
+        return taken
+
+    async def _mark_handled(self, log: _DeadLog, records: list[Any]) -> None:
+        """Commit past ``records``: the committed offsets move over what is handled
+        from them on; ids handled beyond a gap are written to ``{queue}.dead.handled``
+        first, and that topic's committed offset moves past markers no longer needed."""
+        structs = _aiokafka().structs
+        moved, left = log.advanced(records)
+        marks_end = log.marks_start if not log.markers else log.markers[-1][0] + 1
+        if left:
+            producer = await self._producer_started()
+            stored = await producer.send_and_wait(log.marks.topic, msgspec.json.encode(left),
+                                                  partition=_MARKS_PARTITION)
+            log.markers.append((stored.offset, left))
+            marks_end = stored.offset + 1
+        offsets = {tp: structs.OffsetAndMetadata(offset, '') for tp, offset in moved.items()}
+        marks_start = log.marks_committable(marks_end)
+        if marks_start > log.marks_start:
+            offsets[log.marks] = structs.OffsetAndMetadata(marks_start, '')
+        if offsets:
+            await asyncio.wait_for(log.consumer.commit(offsets), self.SEND_TIMEOUT)
+            log.marks_start = max(log.marks_start, marks_start)
 
     # --- closing -------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from test_microagent_backends import (  # noqa: F401  (fixtures)
 from tests_support.faultproxy import FaultProxy
 
 NOT_UTF8 = b'\xff\xfe not text \x80'
-KINDS = ['memory', 'redis', 'amqp']
+KINDS = ['memory', 'redis', 'amqp', 'kafka']
 
 
 @pytest.fixture(params=KINDS)
@@ -377,6 +377,46 @@ async def test_amqp_replay_cut_mid_publish_loses_nothing_and_repeats_one_batch_a
     assert all(400 <= n < 500 for n in twice)
 
 
+@pytest.mark.parametrize('kind', ['kafka'], indirect=True)
+async def test_kafka_replay_whose_commit_fails_after_the_sends_repeats_one_batch_at_most(
+        kind: BrokerKind, kafka_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fifth commit (after the fifth batch was sent and acknowledged) fails as a
+    lost connection would: the replay raises; the letters of that batch are still listed,
+    so the next replay sends them again, and nothing is lost."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaConnectionError
+
+    from test_microagent_backends import read_topic
+
+    queue = Queue(kind.unique)
+    count, batch = 1000, 100
+    await put_many(kind, queue.name, count)
+    commits = 0
+    commit = AIOKafkaConsumer.commit
+
+    async def failing_fifth(self: AIOKafkaConsumer, offsets: Any = None) -> None:
+        nonlocal commits
+        commits += 1
+        if commits == 5:
+            raise KafkaConnectionError('connection cut (test)')
+        await commit(self, offsets)
+
+    monkeypatch.setattr(AIOKafkaConsumer, 'commit', failing_fifth)
+    broker = kind.broker(REPLAY_BATCH=batch)
+    with pytest.raises(ConnectionError, match='replaying dead letters'):
+        await broker.replay(queue.name)
+    assert await broker.dead_count(queue.name) == count - 4 * batch
+    assert [letter.body for letter in await broker.dead_letters(queue.name, limit=1)] == [
+        encode_json({'n': 4 * batch})]
+    assert await broker.replay(queue.name) == count - 4 * batch
+    assert await broker.dead_count(queue.name) == 0
+    got = [json.loads(record.value)['n']
+           for record in await read_topic(kafka_dsn, queue.name, count + batch)]
+    assert set(got) == set(range(count))  # nothing lost
+    twice = sorted(n for n in set(got) if got.count(n) > 1)
+    assert twice == list(range(4 * batch, 5 * batch))  # the batch in flight, once more
+
+
 async def replayed_rest(broker: Any, queue: str) -> bool:
     """Replay what is left, false while the broker still reconnects."""
     try:
@@ -391,6 +431,9 @@ async def put_many(kind: BrokerKind, queue: str, count: int) -> None:
     dead, letters = f'{queue}.dead', [envelope(queue, n) for n in range(count)]
     if kind.name == 'redis':
         await kind.raw.rpush(dead, *letters)  # type: ignore[attr-defined]
+    elif kind.name == 'kafka':
+        producer = kind.producer  # type: ignore[attr-defined]
+        await asyncio.gather(*[await producer.send(dead, letter, key=b'k') for letter in letters])
     else:
         await kind.rabbit.declare(dead, durable=True)  # type: ignore[attr-defined]
         channel = await kind.rabbit.channel()  # type: ignore[attr-defined]
@@ -398,3 +441,36 @@ async def put_many(kind: BrokerKind, queue: str, count: int) -> None:
             await channel.basic_publish(letter, routing_key=dead)
         await channel.close()
     await eventually(lambda: kind.broker().dead_count(queue), count)
+
+
+@pytest.mark.parametrize('kind', ['kafka'], indirect=True)
+async def test_marun_dead_on_kafka_uses_the_consumer_s_own_group(
+        kind: BrokerKind, tmp_path: Path, kafka_dsn: str) -> None:
+    """A consumer with ``group_id=G`` has its dead letters handled by the group
+    ``G.dead``: what marun purges for it, the default group still lists."""
+    unique = kind.unique
+    await put_letters(kind, unique, [envelope(unique, n) for n in range(3)])
+    name = f'dead_kafka_settings_{unique}'
+    (tmp_path / f'{name}.py').write_text(textwrap.dedent(f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        class Audit(MicroAgent):
+            @consumer(Queue({unique!r}), group_id={unique + '-audit'!r})
+            async def work(self, n: int, **kafka: object) -> None: ...
+
+        BROKER = {{'main': {{'backend': 'microagent_backends.KafkaBroker', 'dsn': {kafka_dsn!r}}}}}
+        AGENT = {{'audit': {{'backend': {name + '.Audit'!r}, 'broker': 'main'}}}}
+    '''))
+    listed = await kind.broker().dead_letters(unique)
+    done = await asyncio.to_thread(marun, tmp_path, name, '--dead', unique, '--purge', '--yes',
+                                   '--id', listed[0].id)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f'purged 1 dead letter(s) of {unique}')
+    done = await asyncio.to_thread(marun, tmp_path, name, '--dead', unique, '--json')
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)['id'] for line in done.stdout.splitlines()] == [
+        letter.id for letter in listed[1:]]
+    audit = kind.broker()
+    audit.dead_group_ids[unique] = f'{unique}-audit'
+    assert await audit.dead_letters(unique) == listed[1:]
+    assert await kind.broker().dead_letters(unique) == listed  # the default group's
