@@ -1,23 +1,10 @@
 """Launcher settings of the fleet page tests on Redis: a Worker of FLEET_QUEUE (two
 replicas, restarted on failure) and a Ticker sending and calling ``fleet_tick`` every
 0.2 s, on a bus and broker at FLEET_REDIS_DSN (bus prefix FLEET_PREFIX); the broker
-is the class FLEET_PAGE_BROKER of this module (default DeadCountingRedisBroker)."""
+is RedisBroker, or the class FLEET_PAGE_BROKER of this module when that is set."""
 import os
 
 import microagent_backends
-
-
-class DeadCountingRedisBroker(microagent_backends.RedisBroker):
-    """A Redis broker that counts its dead letters (the list ``{queue}.dead``).
-
-    A stand-in until ``RedisBroker.dead_count`` (issue 21) is merged: then this class
-    adds nothing and the settings can name ``microagent_backends.RedisBroker``."""
-
-    async def dead_count(self, queue: str) -> int:
-        try:
-            return await super().dead_count(queue)
-        except NotImplementedError:
-            return int(await self._command_client().llen(f'{queue}.dead'))
 
 
 class SpeechlessRedisBroker(microagent_backends.RedisBroker):
@@ -43,8 +30,9 @@ BUS = {
               'prefix': os.environ.get('FLEET_PREFIX', 'FLEETPAGE')},
 }
 BROKER = {
-    'redis': {'backend': 'tests_support.fleet_page_settings.' + os.environ.get(
-        'FLEET_PAGE_BROKER', 'DeadCountingRedisBroker'),
+    'redis': {'backend': ('tests_support.fleet_page_settings.' + os.environ['FLEET_PAGE_BROKER']
+                          if 'FLEET_PAGE_BROKER' in os.environ
+                          else 'microagent_backends.RedisBroker'),
               'dsn': DSN, 'VISIBILITY_TIMEOUT': 2, 'WAIT_TIME': 0.5},
 }
 AGENT = {
