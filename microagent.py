@@ -3359,6 +3359,7 @@ class _BusHub:
         self.claims: dict[tuple[str, int], tuple[str, float]] = {}  # -> holder, expiry
         self.leases: dict[str, tuple[str, float]] = {}  # key -> token, expiry
         self.fences: dict[str, int] = {}  # key -> last fencing number given
+        self.pending = 0  # messages published and not yet handed to their buses
 
     @classmethod
     def named(cls, name: str) -> _BusHub:
@@ -3369,7 +3370,16 @@ class _BusHub:
         for pattern, buses in self.subscriptions.items():
             if channel.startswith(pattern[:-1]) if pattern.endswith('*') else channel == pattern:
                 for bus in buses:
-                    loop.call_soon(bus.handle_message, channel, message)
+                    self.pending += 1
+                    loop.call_soon(self._deliver, bus, channel, message)
+
+    def _deliver(self, bus: MemorySignalBus, channel: str, message: bytes) -> None:
+        self.pending -= 1
+        bus.handle_message(channel, message)
+
+
+MEMORY_SEND_BURST = 1000
+"""Messages a memory bus sender publishes without yielding to their receivers."""
 
 
 class MemorySignalBus(AbstractSignalBus):
@@ -3383,8 +3393,13 @@ class MemorySignalBus(AbstractSignalBus):
         self._patterns: set[str] = set()
 
     async def send(self, channel: str, message: bytes) -> None:
+        """Publish ``message``; a sender that published :data:`MEMORY_SEND_BURST`
+        messages not yet handed to their buses yields once, so that receivers take them
+        as they come, within their ``RECEIVER_BACKLOG``, rather than all at once."""
         self._hub.publish(channel, bytes(message) if not isinstance(message, bytes)
                           else message)
+        if self._hub.pending >= MEMORY_SEND_BURST:
+            await asyncio.sleep(0)
 
     async def bind(self, channel: str) -> None:
         self._hub.subscriptions.setdefault(channel, set()).add(self)
