@@ -321,3 +321,45 @@ def test_concurrency_and_the_bus_settings_are_checked() -> None:
 
     receivers = Declared(bus=MemorySignalBus('memory://checked')).info()['receivers']
     assert [r.get('concurrency') for r in receivers] == [3, None]
+
+
+async def test_redis_bus_subscribes_again_when_redis_cuts_it(
+        private_redis: Any, caplog: pytest.LogCaptureFixture, unique: str) -> None:
+    """``CLIENT KILL TYPE pubsub`` (what Redis does to a subscriber past its output
+    buffer limit): the bus logs it, reconnects, subscribes again and hears again."""
+    import redis.asyncio as aioredis
+
+    from microagent_backends import RedisSignalBus
+    signal = Signal(f'{unique}_cut', ['n'])
+    heard: set[int] = set()
+
+    class Ear(MicroAgent):
+        @receiver(signal)
+        async def hear(self, n: int, **_: Any) -> None:
+            heard.add(n)
+
+    bus = RedisSignalBus(private_redis.dsn, prefix=unique)
+    raw = aioredis.Redis.from_url(private_redis.dsn)
+    caplog.set_level(logging.INFO, 'microagent.bus')
+    try:
+        async with running(Ear(bus=bus)):
+            channel = f'{unique}:{signal.name}:me'
+            await raw.publish(channel, json.dumps({'n': 0}))
+            await eventually(lambda: 0 in heard)
+            assert await raw.client_kill_filter(_type='pubsub') == 1
+            await eventually(lambda: not bus.links['pubsub'].connected or any(
+                'pubsub' in r.getMessage() and 'lost' in r.getMessage() for r in caplog.records))
+            probe = 1
+
+            async def hears_again() -> bool:
+                nonlocal probe
+                probe += 1
+                await raw.publish(channel, json.dumps({'n': probe}))
+                await asyncio.sleep(0.05)
+                return probe in heard
+            await eventually(hears_again, timeout=WAIT)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any('pubsub' in m and 'lost' in m for m in messages), messages
+        assert any('pubsub' in m and 'is back' in m for m in messages), messages
+    finally:
+        await raw.aclose()
