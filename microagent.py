@@ -575,6 +575,7 @@ class ReceiverArgs(msgspec.Struct, frozen=True):
     """``@receiver``: the method receives these signals."""
     signals: tuple[Signal, ...]
     timeout: float
+    concurrency: int | None = None  # None: the bus's RECEIVER_CONCURRENCY
 
 
 class ConsumerArgs(msgspec.Struct, frozen=True):
@@ -628,6 +629,14 @@ def _seconds(what: str, value: Any, minimum: float = MIN_TIMEOUT) -> float:
     return float(value)
 
 
+def _count(what: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{what} must be an integer, not {value!r}')
+    if value < minimum:
+        raise ValueError(f'{what} must be >= {minimum}, not {value!r}')
+    return value
+
+
 def _singleton(value: Any) -> bool | str:
     """Check the ``singleton=`` argument: a bool, or a key (a non-empty string)."""
     if isinstance(value, bool) or (isinstance(value, str) and value.strip() == value != ''):
@@ -646,7 +655,8 @@ def _singleton_key(agent_class: type, method: str, singleton: bool | str) -> str
     return singleton
 
 
-def receiver(*signals: Signal | str, timeout: float = 60) -> Callable[[Func], Func]:
+def receiver(*signals: Signal | str, timeout: float = 60, concurrency: int | None = None
+             ) -> Callable[[Func], Func]:
     """Receive signals: the method is called as ``handler(signal=, sender=, **payload)``.
 
     A method may receive several signals and a signal may have many receivers. The
@@ -655,11 +665,18 @@ def receiver(*signals: Signal | str, timeout: float = 60) -> Callable[[Func], Fu
 
         @receiver(signals.user_created, signals.user_deleted, timeout=10)
         async def on_user(self, signal, sender, user_id, **kwargs): ...
+
+    At most ``concurrency`` calls of the method run at once (default: the bus's
+    ``RECEIVER_CONCURRENCY``, 100; ``1`` keeps the order of its signals); the signals
+    that come meanwhile wait, up to the bus's ``RECEIVER_BACKLOG``, and past that are
+    dropped, counted and logged (see the README, Signal bus: floods).
     """
     if not signals:
         raise TypeError('receiver() needs at least one signal')
     declared = tuple(s if isinstance(s, Signal) else Signal.get(s) for s in signals)
-    args = ReceiverArgs(declared, _seconds('receiver timeout', timeout))
+    if concurrency is not None:
+        concurrency = _count('receiver concurrency', concurrency, minimum=1)
+    args = ReceiverArgs(declared, _seconds('receiver timeout', timeout), concurrency)
     return lambda func: _declare(func, args)
 
 
@@ -936,7 +953,9 @@ class Receiver(msgspec.Struct, eq=False):
     handler: Callable[..., Any]
     signal: Signal
     timeout: float
+    concurrency: int | None = None  # None: the bus's RECEIVER_CONCURRENCY
     timing: Any = None  # the durations of its calls, when marun reports them (HandlerTimes)
+    lane: Any = None  # its calls on the bus it is bound to (the bus's _Lane of the method)
 
     @property
     def key(self) -> str:
@@ -1031,7 +1050,8 @@ class MicroAgent:
             handler = getattr(self, name)
             for d in declarations:
                 if isinstance(d, ReceiverArgs):
-                    self.receivers.extend(Receiver(self, handler, s, d.timeout) for s in d.signals)
+                    self.receivers.extend(Receiver(self, handler, s, d.timeout, d.concurrency)
+                                          for s in d.signals)
                 elif isinstance(d, ConsumerArgs):
                     self.consumers.append(Consumer(
                         self, handler, d.queue, d.timeout, d.dto_class, d.dto_name, d.options))
@@ -1237,7 +1257,8 @@ class MicroAgent:
             'bus': repr(self.bus) if self.bus is not None else None,
             'broker': repr(self.broker) if self.broker is not None else None,
             'receivers': [{'name': r.handler.__name__, 'signal': r.signal.name,
-                           'timeout': r.timeout} for r in self.receivers],
+                           'timeout': r.timeout, **_declared_concurrency(r)}
+                          for r in self.receivers],
             'consumers': [{'name': c.handler.__name__, 'queue': c.queue.name,
                            'timeout': c.timeout, 'options': _jsonable(c.options),
                            'dto': c.dto_class.__name__ if c.dto_class else None}
@@ -1262,6 +1283,12 @@ class MicroAgent:
             return {}
         return {'singletons': [{'name': name, 'kind': kind, 'key': key}
                                for name, kind, key in singletons]}
+
+
+def _declared_concurrency(receiver: Receiver) -> dict[str, int]:
+    """``{'concurrency': N}`` for :meth:`MicroAgent.info` when the ``@receiver`` set it
+    (as a consumer's options, only what was declared; else the bus's default holds)."""
+    return {} if receiver.concurrency is None else {'concurrency': receiver.concurrency}
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -1831,6 +1858,63 @@ class _LeaseProtocol:
         raise self._no_singletons()
 
 
+DROP_WARNING_INTERVAL = 10.0
+"""Seconds between two warnings of one receiver about the signals it dropped."""
+
+
+class _Lane:
+    """The calls of one receiver method on a bus: at most ``limit`` run at once, each in
+    a task that then runs the calls waiting in ``backlog`` (at most ``room`` of them);
+    past that a signal is dropped, and counted until the next warning."""
+
+    __slots__ = ('backlog', 'dropped', 'key', 'limit', 'report', 'room', 'running',
+                 'unreported', 'warned_at')
+
+    def __init__(self, key: str, limit: int, room: int) -> None:
+        self.key = key
+        self.limit = limit
+        self.room = room
+        self.running = 0
+        self.backlog: deque[_Job] = deque()
+        self.dropped = 0
+        self.unreported = 0  # dropped since the last warning
+        self.warned_at = -math.inf
+        self.report: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return (f'<_Lane {self.key}: {self.running}/{self.limit} running, '
+                f'{len(self.backlog)}/{self.room} waiting, {self.dropped} dropped>')
+
+
+class _PendingAnswer:
+    """The answer to one RPC request, filled in by its receivers as they end; a receiver
+    that dropped the request leaves its key out, and nobody answers when all did."""
+
+    __slots__ = ('answers', 'request_id', 'signal', 'waiting')
+
+    def __init__(self, signal: Signal, request_id: str, receivers: list[Receiver]) -> None:
+        self.signal = signal
+        self.request_id = request_id
+        self.answers: dict[str, Any] = {r.key: None for r in receivers}
+        self.waiting = len(receivers)
+
+    def give(self, key: str, value: Any) -> bool:
+        """Record one receiver's answer; True when it was the last one awaited."""
+        self.answers[key] = value
+        self.waiting -= 1
+        return self.waiting == 0
+
+    def withhold(self, key: str) -> bool:
+        """One receiver dropped the request; True when an answer is now to be sent."""
+        self.answers.pop(key, None)
+        self.waiting -= 1
+        return self.waiting == 0 and bool(self.answers)
+
+
+# One signal for one receiver: receiver, signal, sender, payload, trace, RPC answer.
+_Job = tuple[Receiver, Signal, str, JSONObject, Any, '_PendingAnswer | None']
+
+
 class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
     """The signal bus: publish signals, subscribe receivers, RPC over pub/sub.
 
@@ -1851,6 +1935,11 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
     """
 
     RESPONSE_TIMEOUT: ClassVar[float] = 60
+    RECEIVER_CONCURRENCY: ClassVar[int] = 100
+    """Calls of one receiver method that run at once, unless its ``@receiver`` says."""
+    RECEIVER_BACKLOG: ClassVar[int] = 10_000
+    """Signals (and RPC requests) that wait for a receiver running ``concurrency`` calls;
+    past that they are dropped, counted in ``signals_dropped`` and logged."""
     LEASE_TTL: ClassVar[float] = 10
     """Seconds a singleton server's lease lasts unless renewed; renewed every third."""
     TRACE_CONTEXT: ClassVar[bool] = False
@@ -1861,6 +1950,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
     def __init__(self, dsn: str, prefix: str = 'PUBSUB', log: logging.Logger | None = None,
                  *, logger: logging.Logger | None = None, **settings: Any) -> None:
         _apply_settings(self, settings, ('dsn', 'prefix', 'log'))
+        _count('RECEIVER_CONCURRENCY', self.RECEIVER_CONCURRENCY, minimum=1)
+        _count('RECEIVER_BACKLOG', self.RECEIVER_BACKLOG, minimum=0)
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in '#*?[]'):
             raise SignalException(f'bus prefix must be a non-empty string without #*?[], '
                                   f'not {prefix!r}')
@@ -1878,6 +1969,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         # What marun reports: signals published and received, by name; RPC call times.
         self.signals_sent: dict[str, int] = {}
         self.signals_received: dict[str, int] = {}
+        self.signals_dropped: dict[str, int] = {}  # by a full receiver (RECEIVER_BACKLOG)
+        self._lanes: dict[Callable[..., Any], _Lane] = {}  # receiver method -> its calls
         self.call_timings: dict[str, HandlerTimes] = {}
         _tracing.refresh()
 
@@ -1916,11 +2009,29 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         new = []
         for receiver in receivers:
             receiver.timing = receiver.timing or handler_timing()
+            receiver.lane = self._lane(receiver)
             name = receiver.signal.name
             if name not in self.receivers:
                 new.append(receiver.signal.make_channel_name(self.prefix))
             self.receivers.setdefault(name, []).append(receiver)
         await asyncio.gather(*(self.bind(channel) for channel in dict.fromkeys(new)))
+
+    def _lane(self, receiver: Receiver) -> _Lane:
+        """The lane of the receiver's method: one for all the signals it receives."""
+        lane = self._lanes.get(receiver.handler)
+        if lane is None:
+            lane = self._lanes[receiver.handler] = _Lane(
+                receiver.key, receiver.concurrency or self.RECEIVER_CONCURRENCY,
+                self.RECEIVER_BACKLOG)
+        return lane
+
+    def lanes(self) -> dict[str, JSONObject]:
+        """``Class.method`` -> ``{'running', 'waiting', 'dropped', 'concurrency'}`` of
+        each receiver method bound to this bus: its calls running now, its signals
+        waiting for a free call, and those it dropped since the bus was made."""
+        return {lane.key: {'running': lane.running, 'waiting': len(lane.backlog),
+                           'dropped': lane.dropped, 'concurrency': lane.limit}
+                for lane in self._lanes.values()}
 
     async def unbind_receivers(self, receivers: Iterable[Receiver]) -> None:
         """Stop delivering to these receivers; unsubscribe signals nobody receives."""
@@ -1971,15 +2082,78 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
             self.log.warning('Signal %s from %s does not match its declaration: %s',
                              name, sender, problem)
         self.signals_received[name] = self.signals_received.get(name, 0) + 1
-        loop = asyncio.get_running_loop()
-        if request_id:
-            self._track(loop.create_task(
-                self._answer(signal, sender, request_id, payload, list(receivers), trace=trace)))
-            return
+        answer = _PendingAnswer(signal, request_id, receivers) if request_id else None
         for receiver in list(receivers):
-            result = self._start_receiver(receiver, signal, sender, payload, trace=trace)
-            if inspect.isawaitable(result):
-                self._track(loop.create_task(self._finish_receiver(receiver, signal, result)))
+            lane = receiver.lane
+            if lane.running < lane.limit:
+                self._run(lane, (receiver, signal, sender, payload, trace, answer))
+            else:
+                self._wait_or_drop(lane, (receiver, signal, sender, payload, trace, answer))
+
+    def _run(self, lane: _Lane, job: _Job) -> None:
+        """Call a receiver that has room: a sync one ends here, an async one gets a task
+        (which then runs what waits in its lane)."""
+        receiver, signal, sender, payload, trace, answer = job
+        result = self._start_receiver(receiver, signal, sender, payload, trace=trace,
+                                      request_id=answer.request_id if answer else '')
+        if inspect.isawaitable(result):
+            lane.running += 1
+            self._track(asyncio.get_running_loop().create_task(
+                self._work(lane, receiver, signal, result, answer)))
+        elif answer is not None and answer.give(receiver.key, result):
+            self._track(asyncio.get_running_loop().create_task(self._send_answer(answer)))
+
+    async def _work(self, lane: _Lane, receiver: Receiver, signal: Signal,
+                    result: Awaitable[Any], answer: _PendingAnswer | None) -> None:
+        """Finish a receiver's call, then run the calls waiting in its lane, in order."""
+        try:
+            while True:
+                value = await self._finish_receiver(receiver, signal, result)
+                if answer is not None and answer.give(receiver.key, value):
+                    await self._send_answer(answer)
+                while lane.backlog:
+                    receiver, signal, sender, payload, trace, answer = lane.backlog.popleft()
+                    called = self._start_receiver(
+                        receiver, signal, sender, payload, trace=trace,
+                        request_id=answer.request_id if answer else '')
+                    if inspect.isawaitable(called):
+                        result = called
+                        break
+                    if answer is not None and answer.give(receiver.key, called):
+                        await self._send_answer(answer)
+                else:
+                    return
+        finally:
+            lane.running -= 1
+
+    def _wait_or_drop(self, lane: _Lane, job: _Job) -> None:
+        if len(lane.backlog) < lane.room:
+            lane.backlog.append(job)
+            return
+        receiver, signal, answer = job[0], job[1], job[5]
+        self._count_drops(lane, signal.name, 1)
+        if answer is not None and answer.withhold(receiver.key):
+            self._track(asyncio.get_running_loop().create_task(self._send_answer(answer)))
+
+    def _count_drops(self, lane: _Lane, name: str, count: int) -> None:
+        """Count signals ``name`` a lane dropped; a warning says how many, at most every
+        :data:`DROP_WARNING_INTERVAL` seconds per receiver."""
+        self.signals_dropped[name] = self.signals_dropped.get(name, 0) + count
+        lane.dropped += count
+        lane.unreported += count
+        if lane.report is None:
+            loop = asyncio.get_running_loop()
+            lane.report = loop.call_at(max(loop.time(), lane.warned_at + DROP_WARNING_INTERVAL),
+                                       self._warn_drops, lane)
+
+    def _warn_drops(self, lane: _Lane) -> None:
+        self.log.warning(
+            'Receiver %s is full (%d calls running, %d signals waiting): dropped %d signals '
+            '(%d since the start); raise its concurrency or the bus\'s RECEIVER_BACKLOG if '
+            'it should keep up', lane.key, lane.running, len(lane.backlog), lane.unreported,
+            lane.dropped)
+        lane.unreported, lane.report = 0, None
+        lane.warned_at = asyncio.get_running_loop().time()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -1994,18 +2168,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         except SerializingError as exc:
             self.log.error('Dropped an RPC answer to %s: %s', request_id, exc)
 
-    async def _answer(self, signal: Signal, sender: str, request_id: str,
-                      payload: JSONObject, receivers: list[Receiver], *, trace: Any = None
-                      ) -> None:
-        answers = [self._start_receiver(r, signal, sender, payload, trace=trace,
-                                        request_id=request_id) for r in receivers]
-        running = [i for i, value in enumerate(answers) if inspect.isawaitable(value)]
-        if running:
-            finished = await asyncio.gather(
-                *(self._finish_receiver(receivers[i], signal, answers[i]) for i in running))
-            for i, value in zip(running, finished, strict=True):
-                answers[i] = value
-        answer = {r.key: value for r, value in zip(receivers, answers, strict=True)}
+    async def _send_answer(self, pending: _PendingAnswer) -> None:
+        signal, request_id, answer = pending.signal, pending.request_id, pending.answers
         try:
             body = encode_json(answer)
         except SerializingError:
@@ -2057,17 +2221,25 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         return None
 
     async def drain(self, grace: float | None = None) -> None:
-        """Wait for running receivers (each bounded by its timeout, or by ``grace``)."""
+        """Wait for running receivers and those waiting in their lanes, for ``grace``
+        seconds (default: the longest receiver timeout and one); then drop (and count)
+        the signals still waiting and cancel the calls still running."""
         if not self._tasks:
             return
         timeout = grace if grace is not None else max(
             (r.timeout for rs in self.receivers.values() for r in rs), default=60) + 1
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        self._drop_backlogs()
         for task in pending:
             task.cancel()
         if pending:
             self.log.warning('Cancelled %d receiver calls still running at stop', len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def _drop_backlogs(self) -> None:
+        for lane in self._lanes.values():
+            while lane.backlog:
+                self._count_drops(lane, lane.backlog.popleft()[1].name, 1)
 
     # -- RPC ----------------------------------------------------------------------------
 
@@ -3272,6 +3444,7 @@ class _BusHub:
         self.claims: dict[tuple[str, int], tuple[str, float]] = {}  # -> holder, expiry
         self.leases: dict[str, tuple[str, float]] = {}  # key -> token, expiry
         self.fences: dict[str, int] = {}  # key -> last fencing number given
+        self.pending = 0  # messages published and not yet handed to their buses
 
     @classmethod
     def named(cls, name: str) -> _BusHub:
@@ -3282,7 +3455,16 @@ class _BusHub:
         for pattern, buses in self.subscriptions.items():
             if channel.startswith(pattern[:-1]) if pattern.endswith('*') else channel == pattern:
                 for bus in buses:
-                    loop.call_soon(bus.handle_message, channel, message)
+                    self.pending += 1
+                    loop.call_soon(self._deliver, bus, channel, message)
+
+    def _deliver(self, bus: MemorySignalBus, channel: str, message: bytes) -> None:
+        self.pending -= 1
+        bus.handle_message(channel, message)
+
+
+MEMORY_SEND_BURST = 1000
+"""Messages a memory bus sender publishes without yielding to their receivers."""
 
 
 class MemorySignalBus(AbstractSignalBus):
@@ -3296,8 +3478,13 @@ class MemorySignalBus(AbstractSignalBus):
         self._patterns: set[str] = set()
 
     async def send(self, channel: str, message: bytes) -> None:
+        """Publish ``message``; a sender that published :data:`MEMORY_SEND_BURST`
+        messages not yet handed to their buses yields once, so that receivers take them
+        as they come, within their ``RECEIVER_BACKLOG``, rather than all at once."""
         self._hub.publish(channel, bytes(message) if not isinstance(message, bytes)
                           else message)
+        if self._hub.pending >= MEMORY_SEND_BURST:
+            await asyncio.sleep(0)
 
     async def bind(self, channel: str) -> None:
         self._hub.subscriptions.setdefault(channel, set()).add(self)
@@ -3930,6 +4117,7 @@ class AgentReport(msgspec.Struct, frozen=True):
     signals_sent: dict[str, int]
     signals_received: dict[str, int]
     servers: list[ServerReport] = msgspec.field(default_factory=list)
+    signals_dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class ProcessReport(msgspec.Struct, frozen=True):
@@ -4204,7 +4392,8 @@ class ProcessMonitor:
             timings=[TimingReport(kind, key, list(t.counts), t.total)
                      for (kind, key), t in timings.items()],
             signals_sent=dict(bus.signals_sent) if bus is not None else {},
-            signals_received=dict(bus.signals_received) if bus is not None else {})
+            signals_received=dict(bus.signals_received) if bus is not None else {},
+            signals_dropped=dict(bus.signals_dropped) if bus is not None else {})
 
     def _consumer_report(self, pool: ConsumerPool, now: float) -> ConsumerReport:
         watch = self._watches.get(pool)
@@ -4377,6 +4566,7 @@ class _Counts:
         self.timings: dict[tuple[str, str, str], HandlerTimes] = {}  # (agent, kind, name)
         self.sent: dict[tuple[str, str], int] = {}  # (agent, signal)
         self.received: dict[tuple[str, str], int] = {}
+        self.dropped: dict[tuple[str, str], int] = {}
 
     def add_report(self, report: ProcessReport) -> None:
         for agent in report.agents:
@@ -4386,7 +4576,8 @@ class _Counts:
             for t in agent.timings:
                 self._timing((agent.name, t.kind, t.name)).add(t.counts, t.total)
             for table, counts in ((self.sent, agent.signals_sent),
-                                  (self.received, agent.signals_received)):
+                                  (self.received, agent.signals_received),
+                                  (self.dropped, agent.signals_dropped)):
                 for signal, count in counts.items():
                     table[(agent.name, signal)] = table.get((agent.name, signal), 0) + count
 
@@ -4395,7 +4586,8 @@ class _Counts:
             self._add_messages(key, values)
         for key3, timing in other.timings.items():
             self._timing(key3).add(timing.counts, timing.total)
-        for table, counts in ((self.sent, other.sent), (self.received, other.received)):
+        for table, counts in ((self.sent, other.sent), (self.received, other.received),
+                              (self.dropped, other.dropped)):
             for key, count in counts.items():
                 table[key] = table.get(key, 0) + count
 
@@ -4601,6 +4793,7 @@ class FleetView:
                        for t in (current.timers if current is not None else ())],
             'servers': [{'name': s.name, 'singleton': s.singleton, 'holds': s.holds}
                         for s in (current.servers if current is not None else ())],
+            'signals_dropped': _dropped_status(managed.kept, name, current),
         }
 
     def reasons(self) -> list[str]:
@@ -4682,7 +4875,9 @@ class FleetView:
                 ('microagent_signals_sent', 'Signals published (sends and RPC requests)',
                  totals.sent),
                 ('microagent_signals_received', 'Signals received (with receivers here)',
-                 totals.received)):
+                 totals.received),
+                ('microagent_signals_dropped', 'Signals (and RPC requests) a full receiver '
+                 'dropped (RECEIVER_BACKLOG)', totals.dropped)):
             family = CounterMetricFamily(metric, text, labels=['agent', 'signal'])
             for (name, signal), count in sorted(table.items()):
                 family.add_metric([name, signal], count)
@@ -4746,6 +4941,15 @@ def _signal_status(managed: ManagedProcess, name: str, current: AgentReport | No
              'sent_rate': managed.rates.rate(('sent', name, signal), now),
              'received_rate': managed.rates.rate(('received', name, signal), now)}
             for signal in sorted({*sent, *received})]
+
+
+def _dropped_status(kept: _Counts, name: str, current: AgentReport | None) -> dict[str, int]:
+    """Signal -> how many a full receiver of agent ``name`` dropped, over its processes."""
+    dropped = {signal: count for (agent, signal), count in kept.dropped.items()
+               if agent == name}
+    for signal, count in (current.signals_dropped if current is not None else {}).items():
+        dropped[signal] = dropped.get(signal, 0) + count
+    return dict(sorted(dropped.items()))
 
 
 def _state_detail(managed: ManagedProcess, now: float) -> str:
