@@ -1378,7 +1378,8 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
 @pytest.mark.parametrize(('section', 'entry', 'error'), [
     ('BUS', {'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://x', 'prefx': 'APP'},
      "BUS['main']: MemorySignalBus got an unknown keyword 'prefx' (did you mean 'prefix'?); "
-     "it takes dsn, prefix, log and the settings LEASE_TTL, RESPONSE_TIMEOUT, TRACE_CONTEXT"),
+     "it takes dsn, prefix, log and the settings LEASE_TTL, RECEIVER_BACKLOG, "
+     "RECEIVER_CONCURRENCY, RESPONSE_TIMEOUT, TRACE_CONTEXT"),
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x',
                 'ROLLBACK_ATTEMPT': 5},
      "BROKER['main']: MemoryBroker got an unknown keyword 'ROLLBACK_ATTEMPT' (did you mean "
@@ -2896,7 +2897,7 @@ from tests_support.fleet_marun import Marun  # noqa: E402
 
 FLEET_MEMORY = 'tests_support.fleet_memory_settings'
 STATUS_KEYS = {'name', 'replica', 'pid', 'state', 'restarts', 'connected', 'consumers',
-               'timers', 'servers', 'uptime', 'connections', 'signals'}
+               'timers', 'servers', 'uptime', 'connections', 'signals', 'signals_dropped'}
 CONSUMER_KEYS = {'queue', 'handled', 'retried', 'dead_lettered', 'in_flight', 'last_fetch_age',
                  'depth', 'delayed', 'dead', 'rate'}
 
