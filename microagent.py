@@ -140,6 +140,27 @@ def error_text(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _did_you_mean(word: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'near'?)`` when one of ``names`` is near ``word`` (a misspelt
+    name, any case), else ``''``: the hint of a one-line error."""
+    scored = [(_nearness(word.lower(), name.lower()), name) for name in names]
+    score, near = max(scored, default=(0.0, ''))
+    return f' (did you mean {near!r}?)' if score >= 0.6 else ''
+
+
+def _nearness(word: str, name: str) -> float:
+    """How alike two names are once their common start is set aside (names that share
+    a prefix, ``app_user_created`` and ``app_order_paid``, are not alike for it)."""
+    import difflib
+    shared = next((i for i, (a, b) in enumerate(zip(word, name, strict=False))
+                   if a != b),
+                  min(len(word), len(name)))
+    rest, other = word[shared:], name[shared:]
+    if not rest or not other:  # one extends the other: 'AGENTS', 'replica'
+        return 1.0 if 0 < len(rest) + len(other) <= 2 else 0.0
+    return difflib.SequenceMatcher(None, rest, other).ratio()
+
+
 _SIGNAL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 _QUEUE_NAME = re.compile(r'^[A-Za-z0-9_.:\-]{1,200}$')
 _RESERVED_SIGNALS = frozenset({'response'})
@@ -249,8 +270,9 @@ class _Registry:
         try:
             found: _Declared = cls._registry[name]
         except (KeyError, TypeError):
+            hint = _did_you_mean(name, cls._registry) if isinstance(name, str) else ''
             raise cls._not_found(
-                f'no {cls._kind} is declared with the name {name!r}') from None
+                f'no {cls._kind} is declared with the name {name!r}{hint}') from None
         return found
 
     @classmethod
@@ -687,6 +709,10 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
         raise ValueError(f'dto_name must be an identifier, not {dto_name!r}')
     common = {key: value for key, value in options.items()
               if key in ConsumerOptions.__struct_fields__}
+    for key in options.keys() - common.keys():
+        hint = _did_you_mean(key, ConsumerOptions.__struct_fields__)
+        if hint:  # near a common option: a typo, whatever the broker
+            raise QueueException(f'unknown consumer option {key}{hint}')
     try:
         msgspec.convert(common, ConsumerOptions)
     except msgspec.ValidationError as exc:
@@ -2458,15 +2484,23 @@ class ConsumerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @classmethod
     def of(cls: type[_Options], consumer: Consumer, broker_name: str) -> _Options:
         """The options of ``consumer`` for a broker taking ``cls``, or a clear error."""
-        unknown = set(consumer.options) - set(cls.__struct_fields__)
+        return cls.checked(consumer.options, consumer.key, broker_name)
+
+    @classmethod
+    def checked(cls: type[_Options], options: dict[str, Any], key: str, broker_name: str
+                ) -> _Options:
+        """``options`` of the consumer ``key`` for a broker taking ``cls``, or a
+        :class:`QueueException` naming the option (and the near one of a typo)."""
+        unknown = sorted(set(options) - set(cls.__struct_fields__))
         if unknown:
             raise QueueException(
-                f'{consumer.key}: unknown consumer option {", ".join(sorted(unknown))} for '
-                f'{broker_name}; known: {", ".join(sorted(cls.__struct_fields__))}')
+                f'{key}: unknown consumer option {unknown[0]} for {broker_name}'
+                f'{_did_you_mean(unknown[0], cls.__struct_fields__)}; known: '
+                f'{", ".join(sorted(cls.__struct_fields__))}')
         try:
-            return msgspec.convert(consumer.options, cls)
+            return msgspec.convert(options, cls)
         except msgspec.ValidationError as exc:
-            raise QueueException(f'{consumer.key}: {_option_problem(exc)}') from None
+            raise QueueException(f'{key}: {_option_problem(exc)}') from None
 
 
 AbstractQueueBroker.Options = ConsumerOptions
@@ -3583,6 +3617,7 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
     except Exception as exc:
         raise SettingsError(f'{module_path}: cannot import: {type(exc).__name__}: {exc}'
                             ) from None
+    _check_section_names(module_path, module)
     buses = _section(module_path, module, 'BUS')
     brokers = _section(module_path, module, 'BROKER')
     agents = _section(module_path, module, 'AGENT')
@@ -3610,9 +3645,57 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
                 does = 'receives signals' if key == 'bus' else 'consumes queues'
                 raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
                                     f'({backend} {does})')
-        _check_run_keys(f'{module_path}: AGENT[{name!r}]', entry)
+        where = f'{module_path}: AGENT[{name!r}]'
+        _check_entry_keys(where, cls, entry)
+        _check_run_keys(where, entry)
+        if entry.get('broker') is not None:
+            _check_consumer_options(where, cls, entry['broker'][0])
         configs.append((name, (backend, entry)))
     yield from configs
+
+
+SECTIONS = ('BUS', 'BROKER', 'AGENT')
+
+
+def _check_section_names(module_path: str, module: Any) -> None:
+    """A dict of the settings module named like a section but misspelt (``AGENTS``)."""
+    for name, value in vars(module).items():
+        if name.isupper() and name not in SECTIONS and isinstance(value, dict):
+            hint = _did_you_mean(name, SECTIONS)
+            if hint:
+                raise SettingsError(f'{module_path}: {name} is not a settings section{hint}')
+
+
+# Keys of an AGENT entry that the launcher unfolds rather than pass as they are.
+_ENTRY_KEYS = ('backend', 'bus', 'broker')
+
+
+def _check_entry_keys(where: str, cls: type[MicroAgent], entry: dict[str, Any]) -> None:
+    """Each key of an AGENT entry is ``marun``'s own (:data:`RUN_KEYS`) or an argument
+    of the agent class's ``__init__`` (any key when it takes ``**kwargs``)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    known = [*_ENTRY_KEYS, *RUN_KEYS, *(parameter.name for parameter in parameters
+                                        if parameter.name != 'self')]
+    for key in entry:
+        if key not in known:
+            raise SettingsError(f'{where}: unknown key {key!r}{_did_you_mean(key, known)}; '
+                                f'{cls.__name__} takes {", ".join(known[len(_ENTRY_KEYS):])}')
+
+
+def _check_consumer_options(where: str, cls: type[MicroAgent], broker_backend: str) -> None:
+    """The options of each ``@consumer`` of ``cls``, as the broker class takes them."""
+    broker_class = import_backend(broker_backend)
+    options_class = getattr(broker_class, 'Options', ConsumerOptions)
+    for method, declarations in cls.declarations.items():
+        for declaration in declarations:
+            if isinstance(declaration, ConsumerArgs):
+                try:
+                    options_class.checked(declaration.options, f'{cls.__name__}.{method}',
+                                          broker_class.__name__)
+                except QueueException as exc:
+                    raise SettingsError(f'{where}: {exc}') from None
 
 
 def check_transports(module_path: str) -> None:
@@ -3740,6 +3823,7 @@ def _configure_logging() -> None:
 REPORT_INTERVAL = 0.5  # seconds between two reports of an agent process
 STALE_REPORT = 5.0  # a running process silent that long is not ready
 STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
+SETTINGS_EXIT = 2  # of an agent process whose settings or credentials are refused: no restart
 
 
 class LinkReport(msgspec.Struct, frozen=True):
@@ -4080,7 +4164,11 @@ def run_group(modules: list[str], names: list[str], grace: float, label: str | N
     _configure_logging()
     if report is not None:
         enable_handler_timing()
-    configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    try:
+        configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    except SettingsError as exc:  # the module changed since the supervisor read it
+        run_log.error('AgentProc[%s]: cannot start: %s', label or ', '.join(names), exc)
+        sys.exit(SETTINGS_EXIT)
     sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace, label,
                                 report)))
 
@@ -4599,6 +4687,7 @@ class AgentsManager:
         self._http: Any = None
         self._stop_requested = False
         self._gave_up = False
+        self._unusable = False  # a process ended with SETTINGS_EXIT
         self._context: Any = None
 
     def _plan(self) -> list[ManagedProcess]:
@@ -4706,6 +4795,13 @@ class AgentsManager:
         """A process ended by itself: apply its policy; True when the group must stop."""
         code = managed.ended()
         how = _exit_text(code)
+        if code == SETTINGS_EXIT:
+            managed.state = 'failed'
+            self._unusable = True
+            run_log.error('AgentsManager: %s cannot run (exit %d: its settings or credentials '
+                          'are refused, see above); no restart, stopping the group',
+                          managed.label, code)
+            return True
         if managed.policy == 'no':
             managed.state = 'stopped' if code == 0 else 'failed'
             run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
@@ -4779,6 +4875,8 @@ class AgentsManager:
             self._http.shutdown()
             self._http.server_close()
         run_log.info('AgentsManager: stopped')
+        if self._unusable:
+            return SETTINGS_EXIT
         return 1 if failed or self._gave_up else 0
 
 
@@ -5874,7 +5972,8 @@ def _undeclared(topology: Topology) -> Iterator[Finding]:
             for name in names:
                 if name not in declared:
                     yield Finding('error', f'agent {agent.name!r} ({agent.class_path}) {verb} '
-                                           f'{what} {name!r}, which is not declared')
+                                           f'{what} {name!r}, which is not declared'
+                                           f'{_did_you_mean(name, declared)}')
 
 
 def _unpaired(topology: Topology) -> Iterator[Finding]:
@@ -5893,7 +5992,7 @@ def _unpaired(topology: Topology) -> Iterator[Finding]:
         for name in agent.consumes:
             consumers.setdefault(name, []).append(agent)
     for name in sorted((senders.keys() - receivers.keys()) & signals.keys()):
-        yield Finding('warning', f'signal {name!r} is sent by {_who(senders[name])} '
+        yield Finding('warning', f'signal {name!r} is {_senders_text(senders[name], name)} '
                                  f'but no agent receives it')
     for name in sorted(receivers.keys() - senders.keys()):
         yield Finding('warning', f'signal {name!r} is received by {_who(receivers[name])} '
@@ -5911,6 +6010,14 @@ def _unpaired(topology: Topology) -> Iterator[Finding]:
             which = ', '.join(sorted(f'{a.name!r} ({a.class_path})' for a in agents))
             yield Finding('warning', f'queue {name!r} is consumed by agents of different '
                                      f'classes, which would split its messages: {which}')
+
+
+def _senders_text(agents: list[AgentNode], signal: str) -> str:
+    """``sent by 'a'``, ``called by 'b'`` or ``sent by 'a' and called by 'b'``."""
+    sending = [agent for agent in agents if signal in agent.sends]
+    calling = [agent for agent in agents if signal in agent.calls]
+    return ' and '.join(f'{verb} by {_who(who)}' for verb, who in
+                        (('sent', sending), ('called', calling)) if who)
 
 
 def check_topology(topology: Topology) -> list[Finding]:

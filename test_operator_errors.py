@@ -1,0 +1,222 @@
+"""What a user sees for each mistake and outage: a settings typo is one line with "did
+you mean" before any process starts (exit 2, never restarted), an unreachable server is
+one log line without a traceback, refused credentials fail fast, a refused command is
+not an outage, consumers are back soon after the server, a dead letter keeps its
+trace."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from microagent import (
+    Queue,
+    QueueException,
+    QueueNotFound,
+    Signal,
+    SignalNotFound,
+    consumer,
+)
+
+ROOT = Path(__file__).resolve().parent
+
+
+def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
+    """``marun ARGS`` run in ``cwd``: its exit status, output and seconds taken."""
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def write_app(tmp_path: Path, unique: str, settings: str, agents: str = '') -> str:
+    """An agents module and a settings module in ``tmp_path``; the settings' name."""
+    (tmp_path / f'agents_{unique}.py').write_text(textwrap.dedent(agents or f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        work = Queue('work_{unique}')
+
+        class Worker(MicroAgent):
+            @consumer(work, prefetc=3)
+            async def handle(self, **message):
+                pass
+    '''))
+    (tmp_path / f'settings_{unique}.py').write_text(textwrap.dedent(settings))
+    return f'settings_{unique}'
+
+
+AMQP_BROKER = "{'backend': 'microagent_backends.AMQPBroker', 'dsn': 'amqp://guest:guest@127.0.0.1:5672/'}"
+MEMORY_BROKER = "{'backend': 'microagent.MemoryBroker', 'dsn': 'memory://m'}"
+
+
+# -- 1. settings mistakes: one line, "did you mean", exit 2, before any process ----------
+
+def test_a_misspelt_common_consumer_option_is_refused_where_it_is_declared(
+        unique: str) -> None:
+    queue = Queue(f'q_{unique}')
+    with pytest.raises(QueueException, match=r"unknown consumer option concurency \(did you "
+                                             r"mean 'concurrency'\?\)"):
+        consumer(queue, concurency=3)
+
+
+@pytest.mark.parametrize('restart', ['no', 'on-failure'])
+def test_a_backend_consumer_option_typo_stops_marun_before_spawning(
+        tmp_path: Path, unique: str, restart: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        BROKER = {{'main': {AMQP_BROKER}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'broker': 'main'}}}}
+    ''')
+    code, out, _ = run_marun_in(['--restart', restart, module], tmp_path)
+    assert code == 2, out
+    assert out.strip() == (
+        f"marun: error: {module}: AGENT['worker']: Worker.handle: unknown consumer option "
+        "prefetc for AMQPBroker (did you mean 'prefetch'?); known: autoack, backoff, "
+        "concurrency, declare_queue, prefetch, retries")
+    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    assert "unknown consumer option prefetc for AMQPBroker (did you mean 'prefetch'?)" in out
+    assert code != 0
+
+
+def test_an_option_of_another_backend_is_refused_for_this_one(
+        tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        BROKER = {{'main': {MEMORY_BROKER}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'broker': 'main'}}}}
+    ''', agents=f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        class Worker(MicroAgent):
+            @consumer(Queue('work_{unique}'), prefetch=3)
+            async def handle(self, **message):
+                pass
+    ''')
+    code, out, _ = run_marun_in([module], tmp_path)
+    assert code == 2, out
+    assert 'Worker.handle: unknown consumer option prefetch for MemoryBroker; known:' in out
+    assert 'Traceback' not in out
+
+
+def test_a_misspelt_agent_entry_key_is_one_line_with_a_hint(
+        tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        BROKER = {{'main': {MEMORY_BROKER}}}
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'broker': 'main',
+                              'replica': 2}}}}
+    ''', agents=f'''
+        from microagent import MicroAgent, Queue, consumer
+
+        class Worker(MicroAgent):
+            @consumer(Queue('work_{unique}'))
+            async def handle(self, **message):
+                pass
+    ''')
+    code, out, _ = run_marun_in([module], tmp_path)
+    assert code == 2, out
+    assert out.strip().startswith(
+        f"marun: error: {module}: AGENT['worker']: unknown key 'replica' (did you mean "
+        "'replicas'?); Worker takes replicas, restart, bus, broker, log, settings")
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_an_agent_class_taking_its_own_arguments_gets_them(
+        tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        AGENT = {{'quick': {{'backend': 'agents_{unique}.Quick', 'colour': 'red'}}}}
+    ''', agents='''
+        from microagent import MicroAgent, ServerInterrupt, on
+
+        class Quick(MicroAgent):
+            def __init__(self, colour, **kwargs):
+                super().__init__(**kwargs)
+                self.colour = colour
+
+            @on('server')
+            async def serve(self):
+                self.log.info('colour %s', self.colour)
+                raise ServerInterrupt('done')
+    ''')
+    _, out, _ = run_marun_in([module], tmp_path)
+    assert 'colour red' in out, out
+
+
+@pytest.mark.parametrize(('name', 'near'), [('AGENTS', 'AGENT'), ('BROKERS', 'BROKER'),
+                                            ('BUSES', 'BUS')])
+def test_a_misspelt_section_name_is_named(tmp_path: Path, unique: str, name: str,
+                                          near: str) -> None:
+    sections = {'AGENT': f"{{'w': {{'backend': 'agents_{unique}.Worker', 'broker': 'main'}}}}",
+                'BROKER': f"{{'main': {MEMORY_BROKER}}}", 'BUS': '{}'}
+    sections[name] = sections.pop(near)
+    module = write_app(tmp_path, unique, '\n'.join(f'{key} = {value}'
+                                                    for key, value in sections.items()))
+    code, out, _ = run_marun_in([module], tmp_path)
+    assert code == 2, out
+    assert out.strip() == (f'marun: error: {module}: {name} is not a settings section '
+                           f"(did you mean '{near}'?)")
+    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    assert f"{name} is not a settings section (did you mean '{near}'?)" in out
+
+
+def test_a_process_failing_for_its_settings_is_not_restarted(
+        tmp_path: Path, unique: str) -> None:
+    """The settings read differently in the agent process (a file changed since the
+    supervisor read it): the process exits 2 and ``--restart always`` does not restart
+    it."""
+    module = write_app(tmp_path, unique, f'''
+        import multiprocessing
+        child = multiprocessing.parent_process() is not None
+        AGENT = {{'quick': {{'backend': 'agents_{unique}.Quick',
+                             ('setings' if child else 'settings'): {{}}}}}}
+    ''', agents='''
+        from microagent import MicroAgent, on
+
+        class Quick(MicroAgent):
+            @on('server')
+            async def serve(self):
+                pass
+    ''')
+    code, out, _ = run_marun_in(['--restart', 'always', module], tmp_path)
+    assert code == 2, out
+    assert out.count("unknown key 'setings' (did you mean 'settings'?)") == 1, out
+    assert 'restarted' not in out
+    assert 'Traceback' not in out
+
+
+def test_a_misspelt_signal_or_queue_name_gets_a_hint(unique: str) -> None:
+    Signal(f'user_created_{unique}', ['user_id'])
+    Queue(f'mailer_{unique}')
+    with pytest.raises(SignalNotFound, match=f"did you mean 'user_created_{unique}'"):
+        Signal.get(f'user_craeted_{unique}')
+    with pytest.raises(QueueNotFound, match=f"did you mean 'mailer_{unique}'"):
+        Queue.get(f'maile_{unique}')
+
+
+def test_check_hints_an_undeclared_name_and_says_called_by_for_rpc(
+        tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        BUS = {{'main': {{'backend': 'microagent.MemorySignalBus', 'dsn': 'memory://b'}}}}
+        AGENT = {{'asker': {{'backend': 'agents_{unique}.Asker', 'bus': 'main'}}}}
+    ''', agents=f'''
+        from microagent import MicroAgent, Signal, on
+
+        Signal('price_{unique}', ['item'])
+        Signal('user_created_{unique}', ['user_id'])
+
+        class Asker(MicroAgent):
+            @on('post_start')
+            async def ask(self):
+                await self.bus.price_{unique}.call(item=1)
+                await self.bus.user_craeted_{unique}.send(user_id=1)
+    ''')
+    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    assert code == 1, out
+    assert (f"signal 'user_craeted_{unique}', which is not declared (did you mean "
+            f"'user_created_{unique}'?)") in out
+    assert f"signal 'price_{unique}' is called by 'asker' but no agent receives it" in out
+
