@@ -161,6 +161,17 @@ def _nearness(word: str, name: str) -> float:
     return difflib.SequenceMatcher(None, rest, other).ratio()
 
 
+def _log_failed(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
+    """Log that a handler, timer or server failed: one line with the cause when a
+    server is unreachable or the handler ran out of time (the traceback at DEBUG),
+    the traceback of any other error."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        log.error(message + ': %s', *args, error_text(error))
+        log.debug('The traceback of that failure:', exc_info=error)
+    else:
+        log.error(message, *args, exc_info=error)
+
+
 _SIGNAL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 _QUEUE_NAME = re.compile(r'^[A-Za-z0-9_.:\-]{1,200}$')
 _RESERVED_SIGNALS = frozenset({'response'})
@@ -1189,7 +1200,7 @@ class MicroAgent:
         if isinstance(exc, ServerInterrupt):
             self.log.info('Server %s interrupted the agent: %s', server.__name__, exc)
         else:
-            self.log.error('Server %s failed', server.__name__, exc_info=exc)
+            _log_failed(self.log, exc, 'Server %s failed', server.__name__)
             self._failure = self._failure or exc
         if self._state in ('starting', 'started'):
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
@@ -2053,8 +2064,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
                                           watchdog=self._watchdog)
             else:
                 result = receiver.handler(signal=signal, sender=sender, **payload)
-        except Exception:
-            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Receiver %s failed on %s', receiver.key, signal.name)
             result = None
         if receiver.timing is not None and not inspect.isawaitable(result):
             receiver.timing.observe(_clock() - started)
@@ -2073,8 +2084,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
                 raise
             self.log.error('Receiver %s timed out after %ss on %s',
                            receiver.key, receiver.timeout, signal.name)
-        except Exception:
-            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Receiver %s failed on %s', receiver.key, signal.name)
         finally:
             self._watchdog.forget(task)
             if receiver.timing is not None:
@@ -2728,8 +2739,8 @@ class ConsumerPool:
                     timing.total += elapsed
             _tracing.attempt_failed(error, attempts, limit)
             if attempts >= limit:
-                self.log.error('Consumer %s gave up on a message of %s after %d attempts',
-                               consumer.key, self.name, attempts, exc_info=error)
+                _log_failed(self.log, error, 'Consumer %s gave up on a message of %s after %d '
+                           'attempts', consumer.key, self.name, attempts)
                 return await self._dead_letter(delivery, error, attempts)
             self.retried += 1
             delay = self.backoff * 2 ** (attempts - 1)
@@ -2924,7 +2935,7 @@ class _Timer:
             self.agent.log.error('%r timed out after %ss', self, self.timeout)
             self.last_error = f'timed out after {self.timeout}s'
         except Exception as exc:
-            self.agent.log.exception('%r failed', self)
+            _log_failed(self.agent.log, exc, '%r failed', self)
             self.last_error = f'{type(exc).__name__}: {exc}'
         finally:
             if self.timing is not None:

@@ -5,23 +5,32 @@ not an outage, consumers are back soon after the server, a dead letter keeps its
 trace."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import free_port
 from microagent import (
+    MemoryBroker,
+    MicroAgent,
     Queue,
     QueueException,
     QueueNotFound,
     Signal,
     SignalNotFound,
     consumer,
+    periodic,
 )
+from microagent_backends import RedisBroker
+from test_microagent_backends import eventually
 
 ROOT = Path(__file__).resolve().parent
 
@@ -220,3 +229,70 @@ def test_check_hints_an_undeclared_name_and_says_called_by_for_rpc(
             f"'user_created_{unique}'?)") in out
     assert f"signal 'price_{unique}' is called by 'asker' but no agent receives it" in out
 
+
+
+# -- 2. an unreachable server, a consumer's last timeout: one line, no traceback -----------
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The records at WARNING or above that carry a traceback."""
+    return [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.WARNING and record.exc_info]
+
+
+async def test_a_send_to_an_unreachable_server_is_one_line_naming_handler_and_server(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    queue = Queue(f'out_{unique}')
+    port = free_port()  # nothing listens there
+    broker = RedisBroker(f'redis://:s3cret@127.0.0.1:{port}/0')
+
+    class Ticker(MicroAgent):
+        @periodic(0.05, timeout=5)
+        async def tick(self) -> None:
+            await self.broker.send(queue.name, b'{}')  # type: ignore[union-attr]
+
+    agent = Ticker(broker=broker)
+    caplog.set_level(logging.INFO)
+    await agent.start()
+    try:
+        failed = await eventually(lambda: [r for r in caplog.records
+                                           if 'Ticker.tick' in r.getMessage()
+                                           and r.levelno >= logging.ERROR])
+    finally:
+        await agent.stop()
+        await broker.close()
+    line = failed[0].getMessage()
+    assert f'127.0.0.1:{port}' in line and 'unreachable' in line, line
+    assert '\n' not in line
+    assert not tracebacks(caplog)
+    assert not any('s3cret' in record.getMessage() for record in caplog.records)
+
+
+async def test_a_consumers_last_timeout_is_one_line(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    queue = Queue(f'slow_{unique}')
+    broker = MemoryBroker(f'memory://{unique}')
+    dead = asyncio.Event()
+
+    class Slow(MicroAgent):
+        @consumer(queue, timeout=0.05, retries=1, backoff=0)
+        async def handle(self, **message: Any) -> None:
+            await asyncio.sleep(10)
+
+    class Undertaker(MicroAgent):
+        @consumer(Queue(f'slow_{unique}.dead'))
+        async def bury(self, **message: Any) -> None:
+            dead.set()
+
+    agents = [Slow(broker=broker), Undertaker(broker=broker)]
+    caplog.set_level(logging.INFO)
+    for agent in agents:
+        await agent.start()
+    try:
+        await broker.send(queue.name, b'{"n": 1}')
+        await asyncio.wait_for(dead.wait(), 10)
+    finally:
+        for agent in agents:
+            await agent.stop()
+    gave_up = [r.getMessage() for r in caplog.records if 'gave up' in r.getMessage()]
+    assert gave_up and 'after 2 attempts' in gave_up[0], gave_up
+    assert not tracebacks(caplog)
