@@ -56,7 +56,8 @@ __version__ = '2.0.0'
 
 __all__ = [
     'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
-    'BrokerMock', 'BusMock', 'ConsumerOptions', 'DeadLetter', 'GraphRenderError',
+    'BrokerMock', 'BusMock', 'ConsumerOptions', 'CredentialsRefused', 'DeadLetter',
+    'GraphRenderError',
     'GroupInterrupt', 'Link', 'LinkState', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent',
     'Queue', 'QueueException', 'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
@@ -1674,6 +1675,13 @@ def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
         delay = min(delay * 2, cap)
 
 
+class CredentialsRefused(ConnectionError):
+    """The server refused the credentials of the DSN (a wrong password): not an outage.
+    An agent cannot start with them (``marun`` exits 2 at once); a running one keeps
+    trying with the reconnection backoff (the password may have been rotated) and its
+    link says "refused" rather than "lost"."""
+
+
 class LinkState(msgspec.Struct, frozen=True):
     """The state of one connection of a bus or broker (see :class:`Link`)."""
 
@@ -1694,7 +1702,8 @@ class Link:
     ``broker.links`` map names (``pubsub``, ``consume orders``...) to them.
     """
 
-    __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'since', 'where')
+    __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'refused', 'since',
+                 'where')
 
     def __init__(self, name: str, where: str, log: logging.Logger) -> None:
         self.name = name
@@ -1703,6 +1712,7 @@ class Link:
         self.connected = True  # until an attempt fails: a link is made as it is first used
         self.since = time.time()
         self.last_error: str | None = None
+        self.refused = False  # the last failure was the server refusing the credentials
         self._delays: Iterator[float] | None = None
 
     def __repr__(self) -> str:
@@ -1715,15 +1725,23 @@ class Link:
         if self._delays is not None:
             self.log.info('%s to %s is back', self.name, self.where)
         self.connected, self.since, self._delays = True, time.time(), None
+        self.refused = False
 
-    def lost(self, error: BaseException | str) -> None:
-        """The connection failed: log the first failure of an outage as one warning."""
+    def lost(self, error: BaseException | str, refused: bool | None = None) -> None:
+        """The connection failed: log the first failure of an outage as one warning.
+        ``refused``: the server refused the credentials (by default: ``error`` is a
+        :class:`CredentialsRefused`, or was raised from one)."""
         self.last_error = error if isinstance(error, str) else (
             error_text(error))
-        if self._delays is None:
-            self.log.warning('%s to %s lost (%s); reconnecting',
-                             self.name, self.where, self.last_error)
-            self._delays = reconnect_delays()
+        if refused is None:
+            refused = isinstance(error, CredentialsRefused) or isinstance(
+                getattr(error, '__cause__', None), CredentialsRefused)
+        if self._delays is None or refused != self.refused:
+            self.log.warning('%s to %s %s (%s); %s', self.name, self.where,
+                             'refused' if refused else 'lost', self.last_error,
+                             'trying again' if refused else 'reconnecting')
+            self._delays = self._delays or reconnect_delays()
+            self.refused = refused
         else:
             self.log.debug('%s to %s failed again: %s', self.name, self.where, self.last_error)
         if self.connected:
@@ -4203,7 +4221,7 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
     parent = os.getppid()
     watcher = loop.create_task(_watch_parent(parent, stop))
     agents: list[MicroAgent] = []
-    failed = False
+    failed = refused = False
     try:
         for name, (backend, cfg) in configs:
             agent = init_agent(backend, cfg)
@@ -4215,6 +4233,11 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
         monitor.running()
         waits = [loop.create_task(agent.wait()) for agent in agents]
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except CredentialsRefused as exc:  # not an outage: trying again would not help
+        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
+        failed = refused = True
+        waits = []
     except ConnectionError as exc:  # a server is unreachable: the message says which
         run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
         run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
@@ -4251,6 +4274,8 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
                       STALLED_EXIT)
         return STALLED_EXIT
     run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
+    if refused:
+        return SETTINGS_EXIT
     return 1 if failed else 0
 
 

@@ -8,17 +8,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
-from conftest import free_port
+from conftest import RedisServer, free_port
 from microagent import (
+    CredentialsRefused,
     MemoryBroker,
     MicroAgent,
     Queue,
@@ -29,7 +34,7 @@ from microagent import (
     consumer,
     periodic,
 )
-from microagent_backends import RedisBroker
+from microagent_backends import AMQPBroker, RedisBroker
 from test_microagent_backends import eventually
 
 ROOT = Path(__file__).resolve().parent
@@ -295,4 +300,98 @@ async def test_a_consumers_last_timeout_is_one_line(
             await agent.stop()
     gave_up = [r.getMessage() for r in caplog.records if 'gave up' in r.getMessage()]
     assert gave_up and 'after 2 attempts' in gave_up[0], gave_up
+    assert not tracebacks(caplog)
+
+
+# -- 3. refused credentials are not an outage ---------------------------------------------
+
+class PasswordRedis(RedisServer):
+    """A private redis-server that wants a password."""
+
+    password = 's3cret'
+
+    def command(self) -> list[str]:
+        return [*super().command(), '--requirepass', self.password]
+
+
+@pytest.fixture
+def password_redis() -> Iterator[PasswordRedis]:
+    if not shutil.which('redis-server'):
+        pytest.skip('redis-server is needed for a Redis with a password')
+    with PasswordRedis() as server:
+        yield server
+
+
+class Worker(MicroAgent):
+    @consumer(Queue('operator_errors_work'))
+    async def handle(self, **message: Any) -> None:
+        pass
+
+
+def wrong_amqp(amqp_dsn: str) -> str:
+    parts = urllib.parse.urlsplit(amqp_dsn)
+    return parts._replace(netloc=f'guest:wrong@{parts.hostname}:{parts.port or 5672}').geturl()
+
+
+async def start_refused(broker: Any) -> tuple[str, float]:
+    started = time.monotonic()
+    with pytest.raises(CredentialsRefused) as refused:
+        await Worker(broker=broker).start()
+    await broker.close()
+    return str(refused.value), time.monotonic() - started
+
+
+async def test_a_wrong_rabbitmq_password_is_refused_at_once(amqp_dsn: str) -> None:
+    message, seconds = await start_refused(AMQPBroker(wrong_amqp(amqp_dsn)))
+    assert 'refused: ACCESS_REFUSED' in message and 'wrong' not in message, message
+    assert seconds < 2
+
+
+@pytest.mark.parametrize('password', ['wrong', None])
+async def test_a_wrong_or_missing_redis_password_is_refused_at_once(
+        password_redis: PasswordRedis, password: str | None) -> None:
+    userinfo = f':{password}@' if password else ''
+    dsn = f'redis://{userinfo}127.0.0.1:{password_redis.port}/0'
+    message, seconds = await start_refused(RedisBroker(dsn))
+    assert 'Redis at' in message and 'refused:' in message and 'wrong' not in message
+    assert seconds < 2
+
+
+def test_marun_with_a_refused_password_exits_2_without_restarting(
+        tmp_path: Path, unique: str, amqp_dsn: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        BROKER = {{'main': {{'backend': 'microagent_backends.AMQPBroker',
+                             'dsn': {wrong_amqp(amqp_dsn)!r}}}}}
+        AGENT = {{'worker': {{'backend': 'test_operator_errors.Worker', 'broker': 'main'}}}}
+    ''')
+    code, out, seconds = run_marun_in(['--restart', 'on-failure', module], tmp_path)
+    assert code == 2, out
+    assert 'cannot start: ' in out and 'refused: ACCESS_REFUSED' in out, out
+    assert 'Traceback' not in out and 'restarted' not in out and 'guest:wrong' not in out
+    assert seconds < 10, out
+
+
+async def test_a_password_rotated_under_a_running_agent_is_logged_as_refused(
+        password_redis: PasswordRedis, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    dsn = f'redis://:{password_redis.password}@127.0.0.1:{password_redis.port}/0'
+    broker = RedisBroker(dsn)
+    agent = Worker(broker=broker)
+    await agent.start()
+    admin = aioredis.from_url(dsn)
+    try:
+        await admin.config_set('requirepass', 'rotated')
+        await admin.client_kill_filter(_type='normal', skipme=True)
+        await eventually(lambda: any(' refused (' in r.getMessage() for r in caplog.records))
+        assert not broker.connected
+        await admin.config_set('requirepass', password_redis.password)
+        await eventually(lambda: broker.connected)
+    finally:
+        await admin.aclose()
+        await agent.stop()
+        await broker.close()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    refused = [m for m in messages if ' refused (' in m]
+    assert len(refused) == 1 and refused[0].endswith('; trying again'), messages
+    assert messages[-1] == refused[0], messages  # killed: lost, then refused each time
     assert not tracebacks(caplog)
