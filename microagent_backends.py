@@ -131,6 +131,10 @@ class _Transport:
         """True when the server refused the DSN's credentials."""
         return isinstance(error, CredentialsRefused)
 
+    def _invalid(self, error: BaseException) -> bool:
+        """True when the client library refused the arguments (nothing was sent)."""
+        return False
+
     async def _after_failure(self, error: BaseException) -> None:
         """What else a failure means for the backend's connections."""
 
@@ -142,6 +146,8 @@ class _Transport:
         where, why = redact_dsn(self.dsn), error_text(error)
         if self._credentials_refused(error):
             return CredentialsRefused(f'{what}: {self.SERVER} at {where} refused: {why}')
+        if self._invalid(error):
+            return QueueException(f'{what}: {why}')
         if self._refused(error):
             return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
         return _Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
@@ -174,6 +180,9 @@ class _Failing:
             return
         if not isinstance(error, self.transport._failures):
             return
+        if self.transport._refused(error) or self.transport._invalid(error):
+            # the server answered no, or nothing was sent: the link is fine
+            raise self.transport._failure(self.what, error) from error
         await self.transport._after_failure(error)
         if self.link is not None:
             self.link.lost(error, self.transport._credentials_refused(error))
@@ -273,11 +282,21 @@ class _RedisTransport(_Transport):
             raise ValueError(f'{type(self).__name__} needs a redis://, rediss:// or unix:// '
                              f'DSN, not {shown!r}')
         self._failures = (require('redis.asyncio', 'redis').RedisError, OSError)
-        self._auth_error = require('redis.asyncio', 'redis').AuthenticationError
+        exceptions = require('redis.exceptions', 'redis')
+        self._auth_error = exceptions.AuthenticationError
+        self._error_reply = exceptions.ResponseError  # OOM, READONLY, WRONGTYPE, NOPERM...
+        self._data_error = exceptions.DataError  # an argument redis-py cannot send
 
     def _credentials_refused(self, error: BaseException) -> bool:
         """WRONGPASS, NOAUTH: redis-py's AuthenticationError."""
         return isinstance(error, (self._auth_error, CredentialsRefused))
+
+    def _refused(self, error: BaseException) -> bool:
+        """Redis answered the command with an error."""
+        return isinstance(error, self._error_reply)
+
+    def _invalid(self, error: BaseException) -> bool:
+        return isinstance(error, self._data_error)
 
     async def _after_failure(self, error: BaseException) -> None:
         """Close the idle pooled connections of every client: they share the failed

@@ -395,3 +395,46 @@ async def test_a_password_rotated_under_a_running_agent_is_logged_as_refused(
     assert len(refused) == 1 and refused[0].endswith('; trying again'), messages
     assert messages[-1] == refused[0], messages  # killed: lost, then refused each time
     assert not tracebacks(caplog)
+
+
+# -- 4. a refusal is not an outage ---------------------------------------------------------
+
+async def refused_send(broker: RedisBroker, name: str, message: Any) -> str:
+    """Send, which must fail at once as a QueueException; its message."""
+    started = time.monotonic()
+    with pytest.raises(QueueException) as refused:
+        await broker.send(name, message)
+    assert time.monotonic() - started < 1
+    return str(refused.value)
+
+
+async def test_redis_refusing_a_command_keeps_the_link_up(
+        redis_dsn: str, private_redis: RedisServer, unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    raw = aioredis.from_url(redis_dsn)
+    full = aioredis.from_url(private_redis.dsn)
+    shared, own = RedisBroker(redis_dsn), RedisBroker(private_redis.dsn)
+    try:
+        await raw.set(f'text_{unique}', 'not a list')
+        message = await refused_send(shared, f'text_{unique}', b'{}')
+        assert f'sending to text_{unique}' in message and 'WRONGTYPE' in message, message
+        message = await refused_send(shared, f'q_{unique}', {'x': 1})
+        assert f'sending to q_{unique}' in message and "'dict'" in message, message
+        assert 'unreachable' not in message
+        await own.send(f'q_{unique}', b'{}')
+        await full.config_set('maxmemory-policy', 'noeviction')
+        await full.config_set('maxmemory', 1)
+        message = await refused_send(own, f'q_{unique}', b'{}')
+        assert "refused: command not allowed when used memory > 'maxmemory'" in message
+        await full.config_set('maxmemory', 0)
+        await own.send(f'q_{unique}', b'{}')  # a caller may try again
+        assert await full.llen(f'q_{unique}') == 2
+        assert shared.connected and own.connected
+    finally:
+        await raw.delete(f'text_{unique}')
+        await raw.aclose()
+        await full.aclose()
+        await shared.close()
+        await own.close()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
