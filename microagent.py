@@ -1666,9 +1666,11 @@ def _observe_call(bus: AbstractSignalBus, name: str, seconds: float) -> None:
 # Bus: pub/sub signals and RPC over pub/sub
 # =====================================================================================
 
-def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
+def reconnect_delays(first: float = 0.1, cap: float = 1.5) -> Iterator[float]:
     """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with
-    jitter so that many clients do not reconnect in step; endless."""
+    jitter so that many clients do not reconnect in step; endless. The cap is low so that
+    consumers (and ``/readyz``) are back within 3 s of the server: an attempt costs one
+    connection, or one refused one while the server is down."""
     delay = first
     while True:
         yield delay * random.uniform(0.8, 1.2)

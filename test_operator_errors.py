@@ -6,6 +6,7 @@ trace."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from microagent import (
     SignalNotFound,
     consumer,
     periodic,
+    reconnect_delays,
 )
 from microagent_backends import AMQPBroker, RedisBroker
 from test_microagent_backends import eventually
@@ -438,3 +440,40 @@ async def test_redis_refusing_a_command_keeps_the_link_up(
         await shared.close()
         await own.close()
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# -- 5. back within 3 s of the server -------------------------------------------------------
+
+def test_reconnection_attempts_are_never_more_than_2_s_apart() -> None:
+    assert max(itertools.islice(reconnect_delays(), 50)) <= 2
+
+
+async def test_a_consumer_is_back_within_3_s_of_a_long_lost_redis(
+        private_redis: RedisServer, unique: str) -> None:
+    queue = Queue(f'back_{unique}')
+    got = asyncio.Event()
+    broker = RedisBroker(private_redis.dsn)
+
+    class Sink(MicroAgent):
+        @consumer(queue)
+        async def handle(self, **message: Any) -> None:
+            got.set()
+
+    agent = Sink(broker=broker)
+    await agent.start()
+    try:
+        private_redis.stop()
+        await eventually(lambda: not broker.connected)
+        await asyncio.sleep(6)  # the outage lasts: the backoff reaches its cap
+        assert not broker.connected
+        private_redis.start()
+        answered = time.monotonic()
+        raw = aioredis.from_url(private_redis.dsn)
+        await raw.rpush(queue.name, b'{"n": 1}')
+        await raw.aclose()
+        await asyncio.wait_for(got.wait(), 10)
+        await eventually(lambda: broker.connected)
+        assert time.monotonic() - answered < 3
+    finally:
+        await agent.stop()
+        await broker.close()
