@@ -475,7 +475,7 @@ class Queue(_Registry):
         """A message as JSON bytes; queue messages are JSON objects."""
         if not isinstance(data, Mapping):
             raise SerializingError(
-                f'queue {self.name!r}: a message is a dict, not {type(data).__name__}')
+                f'queue {self.name!r}: a message must be a dict, not {type(data).__name__}')
         return encode_json(data)
 
 
@@ -2783,14 +2783,17 @@ class ConsumerPool:
 
     async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
                            ) -> Outcome:
-        envelope = encode_json({
+        fields = {
             'queue': self.name,
             **_original_body(delivery.body),
             'error': f'{type(error).__name__}: {error}',
             'attempts': attempts,
             'consumer': self.consumer.key,
             'failed_at': time.time(),
-        })
+        }
+        if self._strip_trace and _tracing.on:  # no headers: the envelope carries the trace
+            fields[TRACE_KEY] = _tracing.headers()
+        envelope = encode_json(fields)
         try:
             await self.broker.dead_letter(self.name, delivery, envelope)
         except Exception as exc:

@@ -38,6 +38,7 @@ from microagent import (
 )
 from microagent_backends import AMQPBroker, RedisBroker
 from test_microagent_backends import eventually
+from test_tracing import Spans, is_child, span_exporter, spans, tracer  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent
 
@@ -477,3 +478,40 @@ async def test_a_consumer_is_back_within_3_s_of_a_long_lost_redis(
     finally:
         await agent.stop()
         await broker.close()
+
+
+# -- 6. a dead letter keeps the trace on Redis and memory ----------------------------------
+
+@pytest.mark.parametrize('kind', ['memory', 'redis'])
+async def test_a_dead_letters_consumer_span_is_a_child_of_the_failed_one(
+        spans: Spans, unique: str, redis_dsn: str, kind: str) -> None:  # noqa: F811
+    queue = Queue(f'{unique}_jobs')
+    buried: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    class Failing(MicroAgent):
+        @consumer(queue, retries=0)
+        def work(self, **payload: Any) -> None:
+            raise ValueError('cannot')
+
+    class Undertaker(MicroAgent):
+        @consumer(queue.dead_letter)
+        def bury(self, **payload: Any) -> None:
+            buried.put_nowait(payload)
+
+    dsn = f'memory://{unique}' if kind == 'memory' else redis_dsn
+    broker = (MemoryBroker if kind == 'memory' else RedisBroker)(dsn, TRACE_CONTEXT=True)
+    agents = [Failing(broker=broker), Undertaker(broker=broker)]
+    for agent in agents:
+        await agent.start()
+    try:
+        with tracer.start_as_current_span('request'):
+            await getattr(broker, queue.name).send({'n': 7})
+        envelope = await asyncio.wait_for(buried.get(), 15)
+        failed = await spans.one(f'process {queue.name}')
+        dead = await spans.one(f'process {queue.name}.dead')
+    finally:
+        for agent in agents:
+            await agent.stop()
+        await broker.close()
+    assert '_trace' not in envelope and envelope['error'] == 'ValueError: cannot'
+    assert is_child(dead, failed)
