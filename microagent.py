@@ -3614,16 +3614,16 @@ def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any
         if not isinstance(entry, dict):
             raise SettingsError(f'{module_path}: {key}[{name!r}] must be a dict')
         if not isinstance(entry.get('backend'), str):
-            raise SettingsError(f'{module_path}: {key}[{name!r}]: missing key "backend"')
+            raise SettingsError(f"{module_path}: {key}[{name!r}]: missing key 'backend'")
         try:
             import_backend(entry['backend'])
         except ImportError as exc:
             raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f"{module_path}: {key}[{name!r}]['backend']: cannot import "
                 f'{entry["backend"]!r}: {exc}') from None
         except Exception as exc:
             raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f"{module_path}: {key}[{name!r}]['backend']: cannot import "
                 f'{entry["backend"]!r}: {type(exc).__name__}: {exc}') from None
     return {name: dict(entry) for name, entry in section.items()}
 
@@ -3662,7 +3662,7 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
         backend = entry.pop('backend')
         cls = import_backend(backend)
         if not (isinstance(cls, type) and issubclass(cls, MicroAgent)):
-            raise SettingsError(f'{module_path}: AGENT[{name!r}]["backend"]: {backend!r} is '
+            raise SettingsError(f"{module_path}: AGENT[{name!r}]['backend']: {backend!r} is "
                                 f'not a MicroAgent subclass')
         for key, section in (('bus', buses), ('broker', brokers)):
             ref = entry.get(key)
@@ -3753,7 +3753,7 @@ def check_transports(module_path: str) -> None:
                 raise SettingsError(f'{where}: {exc}') from None
             if not isinstance(transport, kind):
                 what = 'signal bus' if key == 'bus' else 'queue broker'
-                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
+                raise SettingsError(f"{where}['backend']: {backend!r} is not a {what} "
                                     f'({kind.__name__} subclass)')
 
 
@@ -4603,8 +4603,9 @@ def _consumer_status(queue: str, counts: list[int], in_flight: int,
 
 def _state_detail(managed: ManagedProcess, now: float) -> str:
     if managed.state == 'restarting':
+        # rounded up, as the log's "restarting it in 1s" is said with 1s left
         return (f' ({_exit_text(managed.exitcode)}; starting again in '
-                f'{max(0.0, managed.restart_at - now):.0f}s)')
+                f'{math.ceil(max(0.0, managed.restart_at - now)):d}s)')
     if managed.state in ('stopped', 'failed'):
         return f' ({_exit_text(managed.exitcode)})'
     return ''
@@ -6382,6 +6383,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('-o/--output goes with --graph')
     if args.against and not args.check:
         parser.error('--against goes with --check')
+    if args.against and not os.path.isfile(args.against):
+        parser.error(f'--against {args.against}: no such file')
     if (args.graph or args.check) and (args.http or args.restart != 'no'):
         parser.error('--http and --restart go with running agents, not --graph or --check')
     if os.getcwd() not in sys.path:

@@ -25,13 +25,16 @@ import redis.asyncio as aioredis
 from conftest import RedisServer, free_port
 from microagent import (
     CredentialsRefused,
+    ManagedProcess,
     MemoryBroker,
     MicroAgent,
     Queue,
     QueueException,
     QueueNotFound,
+    SerializingError,
     Signal,
     SignalNotFound,
+    _state_detail,
     consumer,
     periodic,
     reconnect_delays,
@@ -515,3 +518,46 @@ async def test_a_dead_letters_consumer_span_is_a_child_of_the_failed_one(
         await broker.close()
     assert '_trace' not in envelope and envelope['error'] == 'ValueError: cannot'
     assert is_child(dead, failed)
+
+
+# -- 7. nits --------------------------------------------------------------------------------
+
+def test_a_message_that_is_not_a_dict_is_refused_as_such(unique: str) -> None:
+    with pytest.raises(SerializingError, match='a message must be a dict, not list'):
+        Queue(f'q_{unique}').serialize([1])  # type: ignore[arg-type]
+
+
+def test_settings_errors_quote_keys_one_way(tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        AGENT = {{'producer': {{'backend': 'agents_{unique}.NotAnAgent'}}}}
+    ''', agents='''
+        class NotAnAgent:
+            pass
+    ''')
+    code, out, _ = run_marun_in([module], tmp_path)
+    assert code == 2, out
+    assert f"{module}: AGENT['producer']['backend']: " in out and '"' not in out, out
+
+
+def test_check_against_a_missing_file_is_a_usage_error(tmp_path: Path, unique: str) -> None:
+    module = write_app(tmp_path, unique, f'''
+        AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'broker': 'main'}}}}
+        BROKER = {{'main': {MEMORY_BROKER}}}
+    ''', agents='''
+        from microagent import MicroAgent
+        class Worker(MicroAgent):
+            pass
+    ''')
+    code, out, _ = run_marun_in(['--check', '--against', 'no_such.json', module], tmp_path)
+    assert code == 2, out
+    assert 'marun: error: --against no_such.json: no such file' in out
+
+
+def test_readyz_says_the_restart_delay_as_the_log_does() -> None:
+    managed = ManagedProcess('worker', ['worker'], 1, 1, 'always')
+    managed.state, managed.exitcode = 'restarting', 1
+    now = time.monotonic()
+    managed.restart_at = now + 0.4  # logged "restarting it in 1s" 0.6 s ago
+    assert _state_detail(managed, now) == ' (exit 1; starting again in 1s)'
+    managed.restart_at = now + 2.0
+    assert _state_detail(managed, now) == ' (exit 1; starting again in 2s)'
