@@ -1705,7 +1705,7 @@ class Link:
     """
 
     __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'refused', 'since',
-                 'where')
+                 'was_up', 'where')
 
     def __init__(self, name: str, where: str, log: logging.Logger) -> None:
         self.name = name
@@ -1715,6 +1715,7 @@ class Link:
         self.since = time.time()
         self.last_error: str | None = None
         self.refused = False  # the last failure was the server refusing the credentials
+        self.was_up = False  # it worked once: a failure now is a lost connection
         self._delays: Iterator[float] | None = None
 
     def __repr__(self) -> str:
@@ -1723,11 +1724,14 @@ class Link:
     def up(self) -> None:
         """The connection works (again)."""
         if self.connected and self._delays is None:
+            if not self.was_up:
+                self.was_up = True
             return
         if self._delays is not None:
-            self.log.info('%s to %s is back', self.name, self.where)
+            self.log.info('%s to %s is %s', self.name, self.where,
+                          'back' if self.was_up else 'up')
         self.connected, self.since, self._delays = True, time.time(), None
-        self.refused = False
+        self.refused, self.was_up = False, True
 
     def lost(self, error: BaseException | str, refused: bool | None = None) -> None:
         """The connection failed: log the first failure of an outage as one warning.
@@ -1739,9 +1743,15 @@ class Link:
             refused = isinstance(error, CredentialsRefused) or isinstance(
                 getattr(error, '__cause__', None), CredentialsRefused)
         if self._delays is None or refused != self.refused:
-            self.log.warning('%s to %s %s (%s); %s', self.name, self.where,
-                             'refused' if refused else 'lost', self.last_error,
-                             'trying again' if refused else 'reconnecting')
+            if refused:
+                self.log.warning('%s to %s refused (%s); trying again', self.name,
+                                 self.where, self.last_error)
+            elif self.was_up:
+                self.log.warning('%s to %s lost (%s); reconnecting', self.name, self.where,
+                                 self.last_error)
+            else:  # the first attempt: the caller says whether it tries again
+                self.log.warning('%s to %s: no connection yet (%s)', self.name, self.where,
+                                 self.last_error)
             self._delays = self._delays or reconnect_delays()
             self.refused = refused
         else:

@@ -561,3 +561,15 @@ def test_readyz_says_the_restart_delay_as_the_log_does() -> None:
     assert _state_detail(managed, now) == ' (exit 1; starting again in 1s)'
     managed.restart_at = now + 2.0
     assert _state_detail(managed, now) == ' (exit 1; starting again in 2s)'
+
+
+async def test_a_server_down_at_start_is_not_reported_as_reconnecting(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    broker = RedisBroker(f'redis://127.0.0.1:{free_port()}/0')
+    with pytest.raises(ConnectionError, match='is unreachable'):
+        await Worker(broker=broker).start()
+    await broker.close()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(': no connection yet (' in m for m in messages), messages
+    assert not [m for m in messages if 'reconnecting' in m or ' lost (' in m], messages
