@@ -2000,6 +2000,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         for channel in gone:
             try:
                 await self.unbind(channel)
+            except ConnectionError as exc:
+                self.log.warning('Unsubscribing %s failed: %s', channel, error_text(exc))
             except Exception:
                 self.log.warning('Unsubscribing %s failed', channel, exc_info=True)
 
@@ -2079,8 +2081,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
             body = encode_json({key: _json_or_none(value) for key, value in answer.items()})
         try:
             await self.send(f'{self.prefix}:response:{self.uid}#{request_id}', body)
-        except Exception:
-            self.log.exception('Sending the RPC answer to %s failed', signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Sending the RPC answer to %s failed', signal.name)
 
     def _start_receiver(self, receiver: Receiver, signal: Signal, sender: str,
                         payload: JSONObject, *, trace: Any = None, request_id: str = '') -> Any:

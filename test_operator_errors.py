@@ -27,6 +27,7 @@ from microagent import (
     CredentialsRefused,
     ManagedProcess,
     MemoryBroker,
+    MemorySignalBus,
     MicroAgent,
     Queue,
     QueueException,
@@ -37,6 +38,7 @@ from microagent import (
     _state_detail,
     consumer,
     periodic,
+    receiver,
     reconnect_delays,
 )
 from microagent_backends import AMQPBroker, RedisBroker
@@ -573,3 +575,33 @@ async def test_a_server_down_at_start_is_not_reported_as_reconnecting(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any(': no connection yet (' in m for m in messages), messages
     assert not [m for m in messages if 'reconnecting' in m or ' lost (' in m], messages
+
+
+async def test_an_rpc_answer_that_cannot_be_sent_is_one_line(
+        unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    signal = Signal(f'ask_{unique}', ['n'])
+
+    class AnswersLost(MemorySignalBus):
+        async def send(self, channel: str, message: bytes) -> None:
+            if ':response:' in channel:
+                raise ConnectionError('Redis at redis://:***@db/0 is unreachable: refused')
+            await super().send(channel, message)
+
+    class Answerer(MicroAgent):
+        @receiver(signal)
+        async def answer(self, **kwargs: Any) -> int:
+            return 1
+
+    caplog.set_level(logging.INFO)
+    caller, bus = MemorySignalBus(f'memory://{unique}'), AnswersLost(f'memory://{unique}')
+    agent = Answerer(bus=bus)
+    await agent.start()
+    try:
+        assert await getattr(caller, signal.name).call('tester', n=1, timeout=0.3) == {}
+        failed = await eventually(lambda: [r.getMessage() for r in caplog.records
+                                           if 'RPC answer' in r.getMessage()])
+    finally:
+        await agent.stop()
+    assert failed == [f'Sending the RPC answer to ask_{unique} failed: Redis at '
+                      'redis://:***@db/0 is unreachable: refused'], failed
+    assert not tracebacks(caplog)
