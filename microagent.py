@@ -57,7 +57,8 @@ __version__ = '2.0.0'
 
 __all__ = [
     'AbstractQueueBroker', 'AbstractSignalBus', 'AgentsManager', 'BoundQueue', 'BoundSignal',
-    'BrokerMock', 'BusMock', 'ConsumerOptions', 'DeadLetter', 'GraphRenderError',
+    'BrokerMock', 'BusMock', 'ConsumerOptions', 'CredentialsRefused', 'DeadLetter',
+    'GraphRenderError',
     'GroupInterrupt', 'Link', 'LinkState', 'MemoryBroker', 'MemorySignalBus', 'MicroAgent',
     'Queue', 'QueueException', 'QueueNotFound',
     'SerializingError', 'ServerInterrupt', 'Signal', 'SignalException', 'SignalNotFound',
@@ -139,6 +140,38 @@ def error_text(error: BaseException) -> str:
     """What an exception says, for a log line or a status: its message, or its type's
     name when it has none (``TimeoutError()``)."""
     return str(error) or type(error).__name__
+
+
+def _did_you_mean(word: str, names: Iterable[str]) -> str:
+    """`` (did you mean 'near'?)`` when one of ``names`` is near ``word`` (a misspelt
+    name, any case), else ``''``: the hint of a one-line error."""
+    scored = [(_nearness(word.lower(), name.lower()), name) for name in names]
+    score, near = max(scored, default=(0.0, ''))
+    return f' (did you mean {near!r}?)' if score >= 0.6 else ''
+
+
+def _nearness(word: str, name: str) -> float:
+    """How alike two names are once their common start is set aside (names that share
+    a prefix, ``app_user_created`` and ``app_order_paid``, are not alike for it)."""
+    import difflib
+    shared = next((i for i, (a, b) in enumerate(zip(word, name, strict=False))
+                   if a != b),
+                  min(len(word), len(name)))
+    rest, other = word[shared:], name[shared:]
+    if not rest or not other:  # one extends the other: 'AGENTS', 'replica'
+        return 1.0 if 0 < len(rest) + len(other) <= 2 else 0.0
+    return difflib.SequenceMatcher(None, rest, other).ratio()
+
+
+def _log_failed(log: logging.Logger, error: BaseException, message: str, *args: Any) -> None:
+    """Log that a handler, timer or server failed: one line with the cause when a
+    server is unreachable or the handler ran out of time (the traceback at DEBUG),
+    the traceback of any other error."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        log.error(message + ': %s', *args, error_text(error))
+        log.debug('The traceback of that failure:', exc_info=error)
+    else:
+        log.error(message, *args, exc_info=error)
 
 
 _SIGNAL_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -250,8 +283,9 @@ class _Registry:
         try:
             found: _Declared = cls._registry[name]
         except (KeyError, TypeError):
+            hint = _did_you_mean(name, cls._registry) if isinstance(name, str) else ''
             raise cls._not_found(
-                f'no {cls._kind} is declared with the name {name!r}') from None
+                f'no {cls._kind} is declared with the name {name!r}{hint}') from None
         return found
 
     @classmethod
@@ -442,7 +476,7 @@ class Queue(_Registry):
         """A message as JSON bytes; queue messages are JSON objects."""
         if not isinstance(data, Mapping):
             raise SerializingError(
-                f'queue {self.name!r}: a message is a dict, not {type(data).__name__}')
+                f'queue {self.name!r}: a message must be a dict, not {type(data).__name__}')
         return encode_json(data)
 
 
@@ -705,6 +739,10 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
         raise ValueError(f'dto_name must be an identifier, not {dto_name!r}')
     common = {key: value for key, value in options.items()
               if key in ConsumerOptions.__struct_fields__}
+    for key in options.keys() - common.keys():
+        hint = _did_you_mean(key, ConsumerOptions.__struct_fields__)
+        if hint:  # near a common option: a typo, whatever the broker
+            raise QueueException(f'unknown consumer option {key}{hint}')
     try:
         msgspec.convert(common, ConsumerOptions)
     except msgspec.ValidationError as exc:
@@ -1184,7 +1222,7 @@ class MicroAgent:
         if isinstance(exc, ServerInterrupt):
             self.log.info('Server %s interrupted the agent: %s', server.__name__, exc)
         else:
-            self.log.error('Server %s failed', server.__name__, exc_info=exc)
+            _log_failed(self.log, exc, 'Server %s failed', server.__name__)
             self._failure = self._failure or exc
         if self._state in ('starting', 'started'):
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
@@ -1656,13 +1694,22 @@ def _observe_call(bus: AbstractSignalBus, name: str, seconds: float) -> None:
 # Bus: pub/sub signals and RPC over pub/sub
 # =====================================================================================
 
-def reconnect_delays(first: float = 0.1, cap: float = 5.0) -> Iterator[float]:
+def reconnect_delays(first: float = 0.1, cap: float = 1.5) -> Iterator[float]:
     """Delays between reconnection attempts: doubling from ``first`` up to ``cap``, with
-    jitter so that many clients do not reconnect in step; endless."""
+    jitter so that many clients do not reconnect in step; endless. The cap is low so that
+    consumers (and ``/readyz``) are back within 3 s of the server: an attempt costs one
+    connection, or one refused one while the server is down."""
     delay = first
     while True:
         yield delay * random.uniform(0.8, 1.2)
         delay = min(delay * 2, cap)
+
+
+class CredentialsRefused(ConnectionError):
+    """The server refused the credentials of the DSN (a wrong password): not an outage.
+    An agent cannot start with them (``marun`` exits 2 at once); a running one keeps
+    trying with the reconnection backoff (the password may have been rotated) and its
+    link says "refused" rather than "lost"."""
 
 
 class LinkState(msgspec.Struct, frozen=True):
@@ -1685,7 +1732,8 @@ class Link:
     ``broker.links`` map names (``pubsub``, ``consume orders``...) to them.
     """
 
-    __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'since', 'where')
+    __slots__ = ('_delays', 'connected', 'last_error', 'log', 'name', 'refused', 'since',
+                 'was_up', 'where')
 
     def __init__(self, name: str, where: str, log: logging.Logger) -> None:
         self.name = name
@@ -1694,6 +1742,8 @@ class Link:
         self.connected = True  # until an attempt fails: a link is made as it is first used
         self.since = time.time()
         self.last_error: str | None = None
+        self.refused = False  # the last failure was the server refusing the credentials
+        self.was_up = False  # it worked once: a failure now is a lost connection
         self._delays: Iterator[float] | None = None
 
     def __repr__(self) -> str:
@@ -1702,19 +1752,36 @@ class Link:
     def up(self) -> None:
         """The connection works (again)."""
         if self.connected and self._delays is None:
+            if not self.was_up:
+                self.was_up = True
             return
         if self._delays is not None:
-            self.log.info('%s to %s is back', self.name, self.where)
+            self.log.info('%s to %s is %s', self.name, self.where,
+                          'back' if self.was_up else 'up')
         self.connected, self.since, self._delays = True, time.time(), None
+        self.refused, self.was_up = False, True
 
-    def lost(self, error: BaseException | str) -> None:
-        """The connection failed: log the first failure of an outage as one warning."""
+    def lost(self, error: BaseException | str, refused: bool | None = None) -> None:
+        """The connection failed: log the first failure of an outage as one warning.
+        ``refused``: the server refused the credentials (by default: ``error`` is a
+        :class:`CredentialsRefused`, or was raised from one)."""
         self.last_error = error if isinstance(error, str) else (
             error_text(error))
-        if self._delays is None:
-            self.log.warning('%s to %s lost (%s); reconnecting',
-                             self.name, self.where, self.last_error)
-            self._delays = reconnect_delays()
+        if refused is None:
+            refused = isinstance(error, CredentialsRefused) or isinstance(
+                getattr(error, '__cause__', None), CredentialsRefused)
+        if self._delays is None or refused != self.refused:
+            if refused:
+                self.log.warning('%s to %s refused (%s); trying again', self.name,
+                                 self.where, self.last_error)
+            elif self.was_up:
+                self.log.warning('%s to %s lost (%s); reconnecting', self.name, self.where,
+                                 self.last_error)
+            else:  # the first attempt: the caller says whether it tries again
+                self.log.warning('%s to %s: no connection yet (%s)', self.name, self.where,
+                                 self.last_error)
+            self._delays = self._delays or reconnect_delays()
+            self.refused = refused
         else:
             self.log.debug('%s to %s failed again: %s', self.name, self.where, self.last_error)
         if self.connected:
@@ -2045,6 +2112,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
         for channel in gone:
             try:
                 await self.unbind(channel)
+            except ConnectionError as exc:
+                self.log.warning('Unsubscribing %s failed: %s', channel, error_text(exc))
             except Exception:
                 self.log.warning('Unsubscribing %s failed', channel, exc_info=True)
 
@@ -2177,8 +2246,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
             body = encode_json({key: _json_or_none(value) for key, value in answer.items()})
         try:
             await self.send(f'{self.prefix}:response:{self.uid}#{request_id}', body)
-        except Exception:
-            self.log.exception('Sending the RPC answer to %s failed', signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Sending the RPC answer to %s failed', signal.name)
 
     def _start_receiver(self, receiver: Receiver, signal: Signal, sender: str,
                         payload: JSONObject, *, trace: Any = None, request_id: str = '') -> Any:
@@ -2192,8 +2261,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
                                           watchdog=self._watchdog)
             else:
                 result = receiver.handler(signal=signal, sender=sender, **payload)
-        except Exception:
-            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Receiver %s failed on %s', receiver.key, signal.name)
             result = None
         if receiver.timing is not None and not inspect.isawaitable(result):
             receiver.timing.observe(_clock() - started)
@@ -2212,8 +2281,8 @@ class AbstractSignalBus(_Connections, _LeaseProtocol, abc.ABC):
                 raise
             self.log.error('Receiver %s timed out after %ss on %s',
                            receiver.key, receiver.timeout, signal.name)
-        except Exception:
-            self.log.exception('Receiver %s failed on %s', receiver.key, signal.name)
+        except Exception as exc:
+            _log_failed(self.log, exc, 'Receiver %s failed on %s', receiver.key, signal.name)
         finally:
             self._watchdog.forget(task)
             if receiver.timing is not None:
@@ -2631,15 +2700,23 @@ class ConsumerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @classmethod
     def of(cls: type[_Options], consumer: Consumer, broker_name: str) -> _Options:
         """The options of ``consumer`` for a broker taking ``cls``, or a clear error."""
-        unknown = set(consumer.options) - set(cls.__struct_fields__)
+        return cls.checked(consumer.options, consumer.key, broker_name)
+
+    @classmethod
+    def checked(cls: type[_Options], options: dict[str, Any], key: str, broker_name: str
+                ) -> _Options:
+        """``options`` of the consumer ``key`` for a broker taking ``cls``, or a
+        :class:`QueueException` naming the option (and the near one of a typo)."""
+        unknown = sorted(set(options) - set(cls.__struct_fields__))
         if unknown:
             raise QueueException(
-                f'{consumer.key}: unknown consumer option {", ".join(sorted(unknown))} for '
-                f'{broker_name}; known: {", ".join(sorted(cls.__struct_fields__))}')
+                f'{key}: unknown consumer option {unknown[0]} for {broker_name}'
+                f'{_did_you_mean(unknown[0], cls.__struct_fields__)}; known: '
+                f'{", ".join(sorted(cls.__struct_fields__))}')
         try:
-            return msgspec.convert(consumer.options, cls)
+            return msgspec.convert(options, cls)
         except msgspec.ValidationError as exc:
-            raise QueueException(f'{consumer.key}: {_option_problem(exc)}') from None
+            raise QueueException(f'{key}: {_option_problem(exc)}') from None
 
 
 AbstractQueueBroker.Options = ConsumerOptions
@@ -2867,8 +2944,8 @@ class ConsumerPool:
                     timing.total += elapsed
             _tracing.attempt_failed(error, attempts, limit)
             if attempts >= limit:
-                self.log.error('Consumer %s gave up on a message of %s after %d attempts',
-                               consumer.key, self.name, attempts, exc_info=error)
+                _log_failed(self.log, error, 'Consumer %s gave up on a message of %s after %d '
+                           'attempts', consumer.key, self.name, attempts)
                 return await self._dead_letter(delivery, error, attempts)
             self.retried += 1
             delay = self.backoff * 2 ** (attempts - 1)
@@ -2891,14 +2968,17 @@ class ConsumerPool:
 
     async def _dead_letter(self, delivery: Delivery, error: BaseException, attempts: int
                            ) -> Outcome:
-        envelope = encode_json({
+        fields = {
             'queue': self.name,
             **_original_body(delivery.body),
             'error': f'{type(error).__name__}: {error}',
             'attempts': attempts,
             'consumer': self.consumer.key,
             'failed_at': time.time(),
-        })
+        }
+        if self._strip_trace and _tracing.on:  # no headers: the envelope carries the trace
+            fields[TRACE_KEY] = _tracing.headers()
+        envelope = encode_json(fields)
         try:
             await self.broker.dead_letter(self.name, delivery, envelope)
         except Exception as exc:
@@ -3147,7 +3227,7 @@ class _Timer:
             self.agent.log.error('%r timed out after %ss', self, self.timeout)
             self.last_error = f'timed out after {self.timeout}s'
         except Exception as exc:
-            self.agent.log.exception('%r failed', self)
+            _log_failed(self.agent.log, exc, '%r failed', self)
             self.last_error = f'{type(exc).__name__}: {exc}'
         finally:
             if self.timing is not None:
@@ -3862,16 +3942,16 @@ def _section(module_path: str, module: Any, key: str) -> dict[str, dict[str, Any
         if not isinstance(entry, dict):
             raise SettingsError(f'{module_path}: {key}[{name!r}] must be a dict')
         if not isinstance(entry.get('backend'), str):
-            raise SettingsError(f'{module_path}: {key}[{name!r}]: missing key "backend"')
+            raise SettingsError(f"{module_path}: {key}[{name!r}]: missing key 'backend'")
         try:
             import_backend(entry['backend'])
         except ImportError as exc:
             raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f"{module_path}: {key}[{name!r}]['backend']: cannot import "
                 f'{entry["backend"]!r}: {exc}') from None
         except Exception as exc:
             raise SettingsError(
-                f'{module_path}: {key}[{name!r}]["backend"]: cannot import '
+                f"{module_path}: {key}[{name!r}]['backend']: cannot import "
                 f'{entry["backend"]!r}: {type(exc).__name__}: {exc}') from None
     return {name: dict(entry) for name, entry in section.items()}
 
@@ -3899,6 +3979,7 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
     except Exception as exc:
         raise SettingsError(f'{module_path}: cannot import: {type(exc).__name__}: {exc}'
                             ) from None
+    _check_section_names(module_path, module)
     buses = _section(module_path, module, 'BUS')
     brokers = _section(module_path, module, 'BROKER')
     agents = _section(module_path, module, 'AGENT')
@@ -3909,7 +3990,7 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
         backend = entry.pop('backend')
         cls = import_backend(backend)
         if not (isinstance(cls, type) and issubclass(cls, MicroAgent)):
-            raise SettingsError(f'{module_path}: AGENT[{name!r}]["backend"]: {backend!r} is '
+            raise SettingsError(f"{module_path}: AGENT[{name!r}]['backend']: {backend!r} is "
                                 f'not a MicroAgent subclass')
         for key, section in (('bus', buses), ('broker', brokers)):
             ref = entry.get(key)
@@ -3926,9 +4007,57 @@ def load_configuration(module_path: str) -> Iterator[tuple[str, BackendConfig]]:
                 does = 'receives signals' if key == 'bus' else 'consumes queues'
                 raise SettingsError(f'{module_path}: AGENT[{name!r}]: missing key {key!r} '
                                     f'({backend} {does})')
-        _check_run_keys(f'{module_path}: AGENT[{name!r}]', entry)
+        where = f'{module_path}: AGENT[{name!r}]'
+        _check_entry_keys(where, cls, entry)
+        _check_run_keys(where, entry)
+        if entry.get('broker') is not None:
+            _check_consumer_options(where, cls, entry['broker'][0])
         configs.append((name, (backend, entry)))
     yield from configs
+
+
+SECTIONS = ('BUS', 'BROKER', 'AGENT')
+
+
+def _check_section_names(module_path: str, module: Any) -> None:
+    """A dict of the settings module named like a section but misspelt (``AGENTS``)."""
+    for name, value in vars(module).items():
+        if name.isupper() and name not in SECTIONS and isinstance(value, dict):
+            hint = _did_you_mean(name, SECTIONS)
+            if hint:
+                raise SettingsError(f'{module_path}: {name} is not a settings section{hint}')
+
+
+# Keys of an AGENT entry that the launcher unfolds rather than pass as they are.
+_ENTRY_KEYS = ('backend', 'bus', 'broker')
+
+
+def _check_entry_keys(where: str, cls: type[MicroAgent], entry: dict[str, Any]) -> None:
+    """Each key of an AGENT entry is ``marun``'s own (:data:`RUN_KEYS`) or an argument
+    of the agent class's ``__init__`` (any key when it takes ``**kwargs``)."""
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    known = [*_ENTRY_KEYS, *RUN_KEYS, *(parameter.name for parameter in parameters
+                                        if parameter.name != 'self')]
+    for key in entry:
+        if key not in known:
+            raise SettingsError(f'{where}: unknown key {key!r}{_did_you_mean(key, known)}; '
+                                f'{cls.__name__} takes {", ".join(known[len(_ENTRY_KEYS):])}')
+
+
+def _check_consumer_options(where: str, cls: type[MicroAgent], broker_backend: str) -> None:
+    """The options of each ``@consumer`` of ``cls``, as the broker class takes them."""
+    broker_class = import_backend(broker_backend)
+    options_class = getattr(broker_class, 'Options', ConsumerOptions)
+    for method, declarations in cls.declarations.items():
+        for declaration in declarations:
+            if isinstance(declaration, ConsumerArgs):
+                try:
+                    options_class.checked(declaration.options, f'{cls.__name__}.{method}',
+                                          broker_class.__name__)
+                except QueueException as exc:
+                    raise SettingsError(f'{where}: {exc}') from None
 
 
 def check_transports(module_path: str) -> None:
@@ -3952,7 +4081,7 @@ def check_transports(module_path: str) -> None:
                 raise SettingsError(f'{where}: {exc}') from None
             if not isinstance(transport, kind):
                 what = 'signal bus' if key == 'bus' else 'queue broker'
-                raise SettingsError(f'{where}["backend"]: {backend!r} is not a {what} '
+                raise SettingsError(f"{where}['backend']: {backend!r} is not a {what} "
                                     f'({kind.__name__} subclass)')
 
 
@@ -4058,6 +4187,7 @@ COUNT_INTERVAL = 5.0  # seconds between two readings of each consumed queue's co
 COUNT_TIMEOUT = 2.0  # a broker that does not answer a count in time cannot say
 STALE_REPORT = 5.0  # a running process silent that long is not ready
 STALLED_EXIT = 3  # the exit status of an agent process whose consumer stalled
+SETTINGS_EXIT = 2  # of an agent process whose settings or credentials are refused: no restart
 
 
 class LinkReport(msgspec.Struct, frozen=True):
@@ -4441,7 +4571,11 @@ def run_group(modules: list[str], names: list[str], grace: float, label: str | N
     _configure_logging()
     if report is not None:
         enable_handler_timing()
-    configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    try:
+        configs = dict(cfg for module in modules for cfg in load_configuration(module))
+    except SettingsError as exc:  # the module changed since the supervisor read it
+        run_log.error('AgentProc[%s]: cannot start: %s', label or ', '.join(names), exc)
+        sys.exit(SETTINGS_EXIT)
     sys.exit(asyncio.run(_serve([(name, configs[name]) for name in names], grace, label,
                                 report)))
 
@@ -4465,7 +4599,7 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
     parent = os.getppid()
     watcher = loop.create_task(_watch_parent(parent, stop))
     agents: list[MicroAgent] = []
-    failed = False
+    failed = refused = False
     try:
         for name, (backend, cfg) in configs:
             agent = init_agent(backend, cfg)
@@ -4477,6 +4611,11 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
         monitor.running()
         waits = [loop.create_task(agent.wait()) for agent in agents]
         await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
+    except CredentialsRefused as exc:  # not an outage: trying again would not help
+        run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
+        run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
+        failed = refused = True
+        waits = []
     except ConnectionError as exc:  # a server is unreachable: the message says which
         run_log.error('AgentProc[%s]: cannot start: %s', label, exc)
         run_log.debug('AgentProc[%s]: where it failed', label, exc_info=True)
@@ -4513,6 +4652,8 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
                       STALLED_EXIT)
         return STALLED_EXIT
     run_log.info('AgentProc[%s]: stopped%s', label, ' after a failure' if failed else '')
+    if refused:
+        return SETTINGS_EXIT
     return 1 if failed else 0
 
 
@@ -4954,8 +5095,9 @@ def _dropped_status(kept: _Counts, name: str, current: AgentReport | None) -> di
 
 def _state_detail(managed: ManagedProcess, now: float) -> str:
     if managed.state == 'restarting':
+        # rounded up, as the log's "restarting it in 1s" is said with 1s left
         return (f' ({_exit_text(managed.exitcode)}; starting again in '
-                f'{max(0.0, managed.restart_at - now):.0f}s)')
+                f'{math.ceil(max(0.0, managed.restart_at - now)):d}s)')
     if managed.state in ('stopped', 'failed'):
         return f' ({_exit_text(managed.exitcode)})'
     return ''
@@ -5111,6 +5253,7 @@ class AgentsManager:
         self._http: Any = None
         self._stop_requested = False
         self._gave_up = False
+        self._unusable = False  # a process ended with SETTINGS_EXIT
         self._context: Any = None
 
     def _plan(self) -> list[ManagedProcess]:
@@ -5219,6 +5362,13 @@ class AgentsManager:
         """A process ended by itself: apply its policy; True when the group must stop."""
         code = managed.ended()
         how = _exit_text(code)
+        if code == SETTINGS_EXIT:
+            managed.state = 'failed'
+            self._unusable = True
+            run_log.error('AgentsManager: %s cannot run (exit %d: its settings or credentials '
+                          'are refused, see above); no restart, stopping the group',
+                          managed.label, code)
+            return True
         if managed.policy == 'no':
             managed.state = 'stopped' if code == 0 else 'failed'
             run_log.info('AgentsManager: %s ended (exit %s), stopping the group',
@@ -5292,6 +5442,8 @@ class AgentsManager:
             self._http.shutdown()
             self._http.server_close()
         run_log.info('AgentsManager: stopped')
+        if self._unusable:
+            return SETTINGS_EXIT
         return 1 if failed or self._gave_up else 0
 
 
@@ -6387,7 +6539,8 @@ def _undeclared(topology: Topology) -> Iterator[Finding]:
             for name in names:
                 if name not in declared:
                     yield Finding('error', f'agent {agent.name!r} ({agent.class_path}) {verb} '
-                                           f'{what} {name!r}, which is not declared')
+                                           f'{what} {name!r}, which is not declared'
+                                           f'{_did_you_mean(name, declared)}')
 
 
 def _unpaired(topology: Topology) -> Iterator[Finding]:
@@ -6406,7 +6559,7 @@ def _unpaired(topology: Topology) -> Iterator[Finding]:
         for name in agent.consumes:
             consumers.setdefault(name, []).append(agent)
     for name in sorted((senders.keys() - receivers.keys()) & signals.keys()):
-        yield Finding('warning', f'signal {name!r} is sent by {_who(senders[name])} '
+        yield Finding('warning', f'signal {name!r} is {_senders_text(senders[name], name)} '
                                  f'but no agent receives it')
     for name in sorted(receivers.keys() - senders.keys()):
         yield Finding('warning', f'signal {name!r} is received by {_who(receivers[name])} '
@@ -6424,6 +6577,14 @@ def _unpaired(topology: Topology) -> Iterator[Finding]:
             which = ', '.join(sorted(f'{a.name!r} ({a.class_path})' for a in agents))
             yield Finding('warning', f'queue {name!r} is consumed by agents of different '
                                      f'classes, which would split its messages: {which}')
+
+
+def _senders_text(agents: list[AgentNode], signal: str) -> str:
+    """``sent by 'a'``, ``called by 'b'`` or ``sent by 'a' and called by 'b'``."""
+    sending = [agent for agent in agents if signal in agent.sends]
+    calling = [agent for agent in agents if signal in agent.calls]
+    return ' and '.join(f'{verb} by {_who(who)}' for verb, who in
+                        (('sent', sending), ('called', calling)) if who)
 
 
 def check_topology(topology: Topology) -> list[Finding]:
@@ -7132,6 +7293,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('-o/--output goes with --graph')
     if args.against and not args.check:
         parser.error('--against goes with --check')
+    if args.against and not os.path.isfile(args.against):
+        parser.error(f'--against {args.against}: no such file')
     if (args.graph or args.check) and (args.http or args.restart != 'no'):
         parser.error('--http and --restart go with running agents, not --graph or --check')
     _check_dead_arguments(parser, args)

@@ -42,6 +42,7 @@ from microagent import (
     AbstractSignalBus,
     ConsumerOptions,
     ConsumerPool,
+    CredentialsRefused,
     DeadLetter,
     Delivery,
     Link,
@@ -133,15 +134,27 @@ class _Transport:
         """True when the server answered no (the error is not a lost connection)."""
         return False
 
+    def _credentials_refused(self, error: BaseException) -> bool:
+        """True when the server refused the DSN's credentials."""
+        return isinstance(error, CredentialsRefused)
+
+    def _invalid(self, error: BaseException) -> bool:
+        """True when the client library refused the arguments (nothing was sent)."""
+        return False
+
     async def _after_failure(self, error: BaseException) -> None:
         """What else a failure means for the backend's connections."""
 
     def _failure(self, what: str, error: BaseException) -> Exception:
         """The error to raise: :class:`ConnectionError` (``{what}: {SERVER} at {where} is
         unreachable: {why}``) or, when the server refused, :class:`QueueException`."""
-        if isinstance(error, (_Unreachable, QueueException)):
+        if isinstance(error, (_Unreachable, QueueException, CredentialsRefused)):
             return error
         where, why = redact_dsn(self.dsn), error_text(error)
+        if self._credentials_refused(error):
+            return CredentialsRefused(f'{what}: {self.SERVER} at {where} refused: {why}')
+        if self._invalid(error):
+            return QueueException(f'{what}: {why}')
         if self._refused(error):
             return QueueException(f'{what}: {self.SERVER} at {where} refused: {why}')
         return _Unreachable(f'{what}: {self.SERVER} at {where} is unreachable: {why}')
@@ -174,9 +187,12 @@ class _Failing:
             return
         if not isinstance(error, self.transport._failures):
             return
+        if self.transport._refused(error) or self.transport._invalid(error):
+            # the server answered no, or nothing was sent: the link is fine
+            raise self.transport._failure(self.what, error) from error
         await self.transport._after_failure(error)
         if self.link is not None:
-            self.link.lost(error)
+            self.link.lost(error, self.transport._credentials_refused(error))
         failure = self.transport._failure(self.what, error)
         if failure is error:
             return
@@ -273,6 +289,21 @@ class _RedisTransport(_Transport):
             raise ValueError(f'{type(self).__name__} needs a redis://, rediss:// or unix:// '
                              f'DSN, not {shown!r}')
         self._failures = (require('redis.asyncio', 'redis').RedisError, OSError)
+        exceptions = require('redis.exceptions', 'redis')
+        self._auth_error = exceptions.AuthenticationError
+        self._error_reply = exceptions.ResponseError  # OOM, READONLY, WRONGTYPE, NOPERM...
+        self._data_error = exceptions.DataError  # an argument redis-py cannot send
+
+    def _credentials_refused(self, error: BaseException) -> bool:
+        """WRONGPASS, NOAUTH: redis-py's AuthenticationError."""
+        return isinstance(error, (self._auth_error, CredentialsRefused))
+
+    def _refused(self, error: BaseException) -> bool:
+        """Redis answered the command with an error."""
+        return isinstance(error, self._error_reply)
+
+    def _invalid(self, error: BaseException) -> bool:
+        return isinstance(error, self._data_error)
 
     async def _after_failure(self, error: BaseException) -> None:
         """Close the idle pooled connections of every client: they share the failed
@@ -511,7 +542,7 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
             except Exception as exc:
                 if not isinstance(exc, self._failures):
                     self.log.exception('Reading the pub/sub connection failed')
-                link.lost(exc)
+                link.lost(exc, self._credentials_refused(exc))
                 if not self._subscribed_once:  # unreachable: a waiting bind fails now
                     self._reject_confirmations(self._failure('subscribing', exc))
             finally:
@@ -892,7 +923,9 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
                 if len(batch) < size and self.LINGER > 0:
                     await asyncio.sleep(self.LINGER)  # a trickle: let the next batch gather
             except Exception as exc:
-                if not isinstance(exc, _Unreachable):
+                if isinstance(exc, CredentialsRefused):
+                    link.lost(exc)
+                elif not isinstance(exc, _Unreachable):
                     self.log.exception('Consuming %s failed', consumption.name)
                     link.lost(exc)
                 await link.pause()
@@ -1217,12 +1250,19 @@ class _AMQPTransport(_Transport):
         self._returned = errors.PublishError  # a mandatory message no queue would receive
         self._nacked = errors.DeliveryError  # a message RabbitMQ did not confirm
         self._channel_error = errors.AMQPChannelError  # closed a channel, not the connection
+        self._auth_errors = (errors.AuthenticationError, errors.ProbableAuthenticationError)
         self._failures = (errors.AMQPError, errors.ChannelInvalidStateError, OSError,
                           RuntimeError, asyncio.TimeoutError)
 
     def _refused(self, error: BaseException) -> bool:
         """A closed channel (no such queue...), a returned or unconfirmed message."""
         return isinstance(error, (self._channel_error, self._nacked))
+
+    def _credentials_refused(self, error: BaseException) -> bool:
+        """ACCESS_REFUSED at login (aiormq tells a login refused from a connection
+        closed during the handshake only by RabbitMQ's words)."""
+        return isinstance(error, CredentialsRefused) or (
+            isinstance(error, self._auth_errors) and 'ACCESS_REFUSED' in str(error))
 
 
 class _Connection(_AMQPTransport):
@@ -1264,6 +1304,9 @@ class _Connection(_AMQPTransport):
             if connection is not None and connection.is_opened:
                 return connection
             remaining = None if deadline is None else deadline - loop.time()
+            if self.link.refused:  # no point waiting: the password will not change soon
+                raise CredentialsRefused(f'RabbitMQ at {redact_dsn(self.dsn)} refused: '
+                                         f'{self.link.last_error}')
             if remaining is not None and remaining <= 0:
                 raise _Unreachable(f'RabbitMQ at {redact_dsn(self.dsn)} is unreachable: '
                                   f'{self.link.last_error or "no connection yet"}')
@@ -1271,8 +1314,8 @@ class _Connection(_AMQPTransport):
                 await asyncio.wait([connection.closing], timeout=remaining)
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), remaining)
+            with contextlib.suppress(asyncio.TimeoutError):  # a refusal is seen within 0.1 s
+                await asyncio.wait_for(self._connected.wait(), min(remaining or 0.1, 0.1))
 
     async def _keep_connected(self) -> None:
         """Hold the connection: connect, wait until it is lost, reconnect with backoff."""
@@ -1281,7 +1324,7 @@ class _Connection(_AMQPTransport):
             try:
                 connection = await self._connect()
             except Exception as exc:
-                link.lost(exc)
+                link.lost(exc, self._credentials_refused(exc))
                 await link.pause()
                 continue
             self._connection = connection
@@ -1802,7 +1845,7 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                     ended = await self._subscribe(consumption, connection)
             except Exception as failure:
                 await self._unsubscribed(consumption)
-                if not live.done() and (isinstance(failure, QueueException)
+                if not live.done() and (isinstance(failure, (QueueException, CredentialsRefused))
                                         or loop.time() >= deadline):
                     live.set_exception(failure)
                     return
