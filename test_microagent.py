@@ -709,14 +709,16 @@ async def test_one_consumer_per_queue_per_broker(names: Any, memory: Any) -> Non
 
 
 async def test_unknown_consumer_option_is_refused_at_start(names: Any, memory: Any) -> None:
+    """An option of another backend (AMQP's ``prefetch``) passes the decorator and is
+    refused when the consumer is bound to a broker that does not take it."""
     _, broker = memory
     queue = Queue(names.q)
 
     class Agent(MicroAgent):
-        @consumer(queue, concurency=4)
+        @consumer(queue, prefetch=4)
         def handle(self, **kwargs: Any) -> None: ...
 
-    with pytest.raises(QueueException, match="unknown consumer option concurency"):
+    with pytest.raises(QueueException, match="unknown consumer option prefetch"):
         await Agent(broker=broker).start()
 
 
@@ -915,7 +917,7 @@ async def test_send_many_stores_every_message(names: Any, memory: Any) -> None:
 
     await getattr(broker, names.q).send_many({'i': i} for i in range(500))
     assert await getattr(broker, names.q).length() == 500
-    with pytest.raises(SerializingError, match='a message is a dict'):
+    with pytest.raises(SerializingError, match='a message must be a dict'):
         await getattr(broker, names.q).send_many([{'i': 1}, ['not', 'a', 'dict']])
     assert await getattr(broker, names.q).length() == 500  # all or nothing
     async with Agent(broker=broker):
@@ -1340,14 +1342,14 @@ def test_one_agent_ending_stops_the_group(tmp_path: Path, unique: str, agent: st
 
 @pytest.mark.parametrize(('agents', 'error'), [
     ({'w': {'backend': 'nowhere.Agent'}},
-     "AGENT['w'][\"backend\"]: cannot import 'nowhere.Agent': No module named 'nowhere'"),
-    ({'w': {'bus': 'x'}}, "AGENT['w']: missing key \"backend\""),
+     "AGENT['w']['backend']: cannot import 'nowhere.Agent': No module named 'nowhere'"),
+    ({'w': {'bus': 'x'}}, "AGENT['w']: missing key 'backend'"),
     ({'w': {'backend': 'PKG.agents.Worker', 'broker': 'nope'}},
      "AGENT['w']['broker']: no BROKER entry named 'nope'"),
     ({'w': {'backend': 'PKG.agents.Worker'}},
      "AGENT['w']: missing key 'broker' (PKG.agents.Worker consumes queues)"),
     ({'w': {'backend': 'PKG.agents.jobs'}},
-     "AGENT['w'][\"backend\"]: 'PKG.agents.jobs' is not a MicroAgent subclass"),
+     "AGENT['w']['backend']: 'PKG.agents.jobs' is not a MicroAgent subclass"),
 ])
 def test_bad_settings_give_a_one_line_error(tmp_path: Path, unique: str, agents: Any,
                                             error: str) -> None:
@@ -1388,7 +1390,7 @@ def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, 
     ('BROKER', {'backend': 'microagent.MemoryBroker', 'dsn': 'redis://u:s3cret@host/0'},
      "BROKER['main']: a memory backend needs a memory://NAME DSN, not 'redis://u:***@host/0'"),
     ('BUS', {'backend': 'microagent.MemoryBroker', 'dsn': 'memory://x'},
-     "BUS['main'][\"backend\"]: 'microagent.MemoryBroker' is not a signal bus "
+     "BUS['main']['backend']: 'microagent.MemoryBroker' is not a signal bus "
      "(AbstractSignalBus subclass)"),
 ])
 def test_wrong_bus_and_broker_entries_are_one_line_errors(
@@ -1981,7 +1983,7 @@ def test_png_is_not_written_to_a_terminal(tmp_path: Path) -> None:
 CHECK_FINDINGS = [
     "error: settings tests_support.graph_no_such_settings: cannot import: "
     "ModuleNotFoundError: No module named 'tests_support.graph_no_such_settings'",
-    "error: settings tests_support.graph_bad_receiver_settings: AGENT['misspelt'][\"backend\"]: "
+    "error: settings tests_support.graph_bad_receiver_settings: AGENT['misspelt']['backend']: "
     "cannot import 'tests_support.graph_bad_receiver_agent.Misspelt': "
     "SignalNotFound: no signal is declared with the name 'graph_chk_never_declared'",
     "error: agent 'sender' (tests_support.graph_check_agents.Sender) sends signal "
@@ -2274,7 +2276,7 @@ def test_against_reports_each_breaking_change_on_its_own_line(contract_v1: Path)
     lines = done.stdout.splitlines()
     assert [line for line in lines if line.startswith('error:')] == BREAKING
     assert lines == [
-        "warning: signal 'stock_level' is sent by 'shop' but no agent receives it", *BREAKING]
+        "warning: signal 'stock_level' is called by 'shop' but no agent receives it", *BREAKING]
     assert '8 error(s), 1 warning(s) in 3 agent(s)' in done.stderr
 
 
