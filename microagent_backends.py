@@ -1935,6 +1935,7 @@ class _KafkaOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
     group_id: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.autoack:
             raise ValueError('KafkaBroker commits offsets after handling; autoack=False '
                              'is not supported')
