@@ -32,8 +32,10 @@ import collections
 import contextlib
 import enum
 import functools
+import heapq
 import importlib
 import inspect
+import itertools
 import keyword
 import logging
 import math
@@ -2248,6 +2250,29 @@ class Delivery:
         return f'<Delivery {self.tag!r} {self.body[:60]!r}>'
 
 
+def due_time(delay: float | None = None, at: Any = None) -> float | None:
+    """The Unix time a message sent with ``delay=`` (seconds) or ``at=`` (an aware
+    ``datetime`` or a Unix time) is due, or None when it is due now (no delay, a zero
+    delay, a moment past). A negative or non-finite delay, a naive ``datetime`` or both
+    given is a ``ValueError``."""
+    if delay is not None and at is not None:
+        raise ValueError('give delay= or at=, not both')
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) \
+                or not math.isfinite(delay) or delay < 0:
+            raise ValueError(f'delay must be a number of seconds >= 0, not {delay!r}')
+        return time.time() + delay if delay > 0 else None
+    if at is None:
+        return None
+    if hasattr(at, 'utcoffset') and hasattr(at, 'timestamp'):
+        if at.utcoffset() is None:
+            raise ValueError(f'at= must be an aware datetime (with a tzinfo), not {at!r}')
+        at = at.timestamp()
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise ValueError(f'at= must be an aware datetime or a Unix time, not {at!r}')
+    return float(at) if at > time.time() else None
+
+
 class BoundQueue:
     """A queue on a broker: ``broker.<queue_name>``."""
 
@@ -2260,8 +2285,16 @@ class BoundQueue:
     def __repr__(self) -> str:
         return f'<BoundQueue {self.queue.name} on {self.broker!r}>'
 
-    async def send(self, message: Mapping[str, Any], **options: Any) -> None:
-        """Send a message (a dict); return once the broker has stored it."""
+    async def send(self, message: Mapping[str, Any], *, delay: float | None = None,
+                   at: Any = None, **options: Any) -> None:
+        """Send a message (a dict); return once the broker has stored it.
+
+        ``delay=SECONDS`` or ``at=`` (an aware ``datetime`` or a Unix time): stored now,
+        delivered to a consumer not before then (see :func:`due_time`)."""
+        if delay is not None or at is not None:
+            due = due_time(delay, at)
+            if due is not None:
+                return await self.send_many([message], at=due, **options)
         broker, queue = self.broker, self.queue
         if _tracing.on:
             with _tracing.producing(broker, queue.name, 'publish') as carrier:
@@ -2269,9 +2302,12 @@ class BoundQueue:
                 return await broker.send(queue.name, body, **options)
         await broker.send(queue.name, queue.serialize(message), **options)
 
-    async def send_many(self, messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+    async def send_many(self, messages: Iterable[Mapping[str, Any]], *,
+                        delay: float | None = None, at: Any = None, **options: Any) -> None:
         """Send several messages (dicts) at once, batched by the backend; return once the
-        broker has stored them all. Much faster than awaiting ``send`` one by one."""
+        broker has stored them all. Much faster than awaiting ``send`` one by one.
+        ``delay=`` / ``at=`` as for :meth:`send`, for them all."""
+        due = due_time(delay, at) if delay is not None or at is not None else None
         broker, name, serialize = self.broker, self.queue.name, self.queue.serialize
         if _tracing.on:
             messages = list(messages)
@@ -2280,10 +2316,17 @@ class BoundQueue:
             with _tracing.producing(broker, name, 'publish', {
                     'messaging.batch.message_count': len(messages)}) as carrier:
                 bodies = [serialize(_with_trace(message, carrier)) for message in messages]
-                return await broker.send_many(name, bodies, **options)
+                return await self._store(bodies, due, options)
         bodies = [serialize(message) for message in messages]
         if bodies:
-            await broker.send_many(name, bodies, **options)
+            await self._store(bodies, due, options)
+
+    async def _store(self, bodies: list[bytes], due: float | None, options: dict[str, Any]
+                     ) -> None:
+        if due is None:
+            await self.broker.send_many(self.queue.name, bodies, **options)
+        else:
+            await self.broker.send_later(self.queue.name, bodies, due, **options)
 
     async def length(self) -> int:
         """How many messages wait in the queue."""
@@ -2344,6 +2387,12 @@ class AbstractQueueBroker(_Connections, abc.ABC):
         allows; return once all are stored. The default sends them one by one."""
         for message in messages:
             await self.send(name, message, **kwargs)
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Store messages for queue ``name`` now, to be delivered not before ``due`` (a
+        Unix time in the future); return once all are stored."""
+        raise NotImplementedError(f'{type(self).__name__} cannot delay messages')
 
     @abc.abstractmethod
     async def queue_length(self, name: str) -> int:
@@ -3340,6 +3389,30 @@ class _MemoryQueue:
     def __init__(self) -> None:
         self.items: deque[bytes] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.delayed: list[tuple[float, int, bytes]] = []  # a heap: (due, order, body)
+        self.timer: asyncio.TimerHandle | None = None  # moves the next due message
+
+    def delay(self, messages: list[bytes], due: float) -> None:
+        """Keep messages until ``due`` (Unix time), then append them to the queue."""
+        for message in messages:
+            heapq.heappush(self.delayed, (due, next(_delay_order), message))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.delayed:
+            wait = max(self.delayed[0][0] - time.time(), 0.0)
+            self.timer = asyncio.get_running_loop().call_later(wait, self._move_due)
+
+    def _move_due(self) -> None:
+        self.timer = None
+        now, delayed = time.time(), self.delayed
+        while delayed and delayed[0][0] <= now:
+            self.items.append(heapq.heappop(delayed)[2])
+        self.wake()
+        self._arm()
 
     def wake(self) -> None:
         while self.waiters:
@@ -3359,6 +3432,9 @@ class _MemoryQueue:
             elif waiter.done() and self.items:
                 self.wake()  # pass the wake-up on to another consumer
             raise
+
+
+_delay_order = itertools.count()  # keeps messages due at the same time in their order
 
 
 class _BrokerHub:
@@ -3404,6 +3480,14 @@ class MemoryBroker(AbstractQueueBroker):
         queue = self._hub.queue(name)
         queue.items.extend(messages)
         queue.wake()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Keep the messages in the process until due (on a timer of the event loop)."""
+        self._hub.queue(name).delay(messages, due)
+
+    async def delayed_count(self, queue: str) -> int:
+        return len(self._hub.queue(queue).delayed)
 
     async def bind(self, name: str) -> None:
         pool = self.pools[name]
@@ -3549,10 +3633,15 @@ class BrokerMock(AbstractQueueBroker):
             bound = self._queue_mocks[name] = _strict_mock(BoundQueue, f'broker.{name}')
             bound.queue, bound.broker = queue, self
 
-            def check_send(message: Mapping[str, Any], **options: Any) -> None:
+            def check_send(message: Mapping[str, Any], *, delay: float | None = None,
+                           at: Any = None, **options: Any) -> None:
+                due_time(delay, at)
                 queue.serialize(message)
 
-            def check_send_many(messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+            def check_send_many(messages: Iterable[Mapping[str, Any]], *,
+                                delay: float | None = None, at: Any = None,
+                                **options: Any) -> None:
+                due_time(delay, at)
                 for message in messages:
                     queue.serialize(message)
 

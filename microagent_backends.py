@@ -586,11 +586,24 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
 # Redis broker
 # =====================================================================================
 
-# KEYS: list, inflight, bodies. ARGV: count, visibility ms, consumer token, fetch number.
-# Moves up to `count` messages from the head of the list to the in-flight structure, the
-# i-th under the id "<token>:<fetch number>:<i>", and returns their bodies (the caller
-# knows the ids: half the reply to parse).
+# KEYS: list, inflight, bodies, delayed. ARGV: count, visibility ms, consumer token,
+# fetch number, '1' to look for due delayed messages. First (when asked) appends to the
+# list the delayed messages now due (members are "<16 random characters>:<body>").
+# Then moves up to `count` messages from the head of the list to the in-flight
+# structure, the i-th under the id "<token>:<fetch number>:<i>", and returns their
+# bodies (the caller knows the ids: half the reply to parse).
 _FETCH = """
+if ARGV[5] == '1' then
+    local t = redis.call('TIME')
+    local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf',
+        tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'LIMIT', 0, 2000)
+    if #due > 0 then
+        local bodies = {}
+        for i = 1, #due do bodies[i] = string.sub(due[i], 18) end
+        redis.call('RPUSH', KEYS[1], unpack(bodies))
+        redis.call('ZREM', KEYS[4], unpack(due))
+    end
+end
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 local n = #items
 if n == 0 then return items end
@@ -682,6 +695,11 @@ def _queue_keys(name: str) -> tuple[str, str, str]:
     return name, f'microagent:{{{name}}}:inflight', f'microagent:{{{name}}}:bodies'
 
 
+def _delayed_key(name: str) -> str:
+    """The sorted set of the delayed messages of queue ``name`` (member -> due ms)."""
+    return f'microagent:{{{name}}}:delayed'
+
+
 class _Scripts:
     """The broker's Lua scripts, registered on the client that runs them."""
 
@@ -700,6 +718,7 @@ class _RedisConsumption(_Consumption):
         super().__init__(name, pool, link)
         self.in_flight: set[bytes] = set()
         self.unanswered: list[bytes] = []
+        self.next_delayed_check = 0.0  # time.monotonic() of the next look for due ones
 
 
 class RedisBroker(_RedisTransport, AbstractQueueBroker):
@@ -732,6 +751,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
     LINGER: ClassVar[float] = 0.002
     CONNECT_TIMEOUT: ClassVar[float] = 5
     COMMAND_TIMEOUT: ClassVar[float] = 5
+    DELAYED_CHECK: ClassVar[float] = 0.25
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
@@ -797,6 +817,24 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
             for start in range(0, len(messages), _PUSH_CHUNK):
                 pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
             await pipe.execute()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """ZADD the messages to the delayed set of ``name``, scored by ``due`` (ms); the
+        consumers' fetch moves them to the list once due."""
+        score = math.ceil(due * 1000)
+        async with self._failing(f'sending to {name}', self.link('commands')), \
+                self._command_client().pipeline(transaction=False) as pipe:
+            for start in range(0, len(messages), _PUSH_CHUNK):
+                pipe.zadd(_delayed_key(name), {
+                    uuid.uuid4().hex[:16].encode() + b':' + message: score
+                    for message in messages[start:start + _PUSH_CHUNK]})
+            await pipe.execute()
+
+    async def delayed_count(self, queue: str) -> int:
+        """How many delayed messages of ``queue`` are not yet moved to its list."""
+        async with self._failing(f'counting delayed messages of {queue}', self.link('commands')):
+            return await self._command_client().zcard(_delayed_key(queue))
 
     async def queue_length(self, name: str) -> int:
         """How many messages wait in the list ``name`` (not counting those in flight)."""
@@ -871,9 +909,14 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         """
         self._fetches += 1
         prefix = f'{self._token}:{self._fetches}:'
+        now, name = time.monotonic(), consumption.name
+        look = now >= consumption.next_delayed_check
+        if look:
+            consumption.next_delayed_check = now + self.DELAYED_CHECK
         try:
-            bodies = await self._fetch_command()(keys=_queue_keys(consumption.name), args=[
-                size, self._visibility_ms(), self._token, self._fetches])
+            bodies = await self._fetch_command()(
+                keys=(*_queue_keys(name), _delayed_key(name)),
+                args=[size, self._visibility_ms(), self._token, self._fetches, int(look)])
         except BaseException:
             consumption.unanswered.extend(
                 f'{prefix}{position}'.encode() for position in range(1, size + 1))
@@ -897,9 +940,11 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         ids.clear()
 
     async def _wait_for_messages(self, name: str) -> None:
-        """Block until the list is not empty (or ``WAIT_TIME`` passed), leaving it as is:
-        moving its head to its head is a no-op that BLMOVE waits for."""
-        wait: Any = max(self.WAIT_TIME, 0)  # annotated int in redis-py; Redis takes fractions
+        """Block until the list is not empty (or ``WAIT_TIME`` passed, at most twice
+        ``DELAYED_CHECK``: delayed messages fall due meanwhile), leaving it as is: moving
+        its head to its head is a no-op that BLMOVE waits for."""
+        longest = 2 * self.DELAYED_CHECK
+        wait: Any = longest if self.WAIT_TIME <= 0 else min(self.WAIT_TIME, longest)
         await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:

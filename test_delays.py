@@ -3,6 +3,9 @@ policy"): contract tests over every backend, through the public API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import random
 import time
 from typing import Any
 
@@ -109,3 +112,101 @@ def test_info_shows_the_retry_policy() -> None:
 def test_retry_on_takes_exception_classes_only() -> None:
     with pytest.raises(ValueError, match='retry_on takes exception classes'):
         consumer(Queue('retry_on_refused'), retry_on=('KeyError',))
+
+
+# -- delayed delivery -------------------------------------------------------------------
+
+LATE = 1.0  # seconds after due within which a running consumer gets a delayed message
+
+
+class Arrivals:
+    """A consumer's agent class that notes when (its own clock) each message arrived."""
+
+    def __init__(self, queue: Queue, kind: BrokerKind) -> None:
+        self.got: list[tuple[dict[str, Any], float]] = []
+        self.changed = asyncio.Event()
+        arrivals = self
+
+        class Receiver(MicroAgent):
+            @consumer(queue, concurrency=50)
+            def take(self, **payload: Any) -> None:
+                message, _ = kind.split(payload)
+                arrivals.got.append((message, time.time()))
+                arrivals.changed.set()
+
+        self.agent_class = Receiver
+
+    async def wait(self, count: int, timeout: float = WAIT) -> None:
+        await eventually(lambda: len(self.got) >= count, timeout=timeout, changed=self.changed)
+
+
+async def test_delayed_messages_come_once_not_before_due_and_soon_after(
+        kind: BrokerKind) -> None:
+    queue, total = Queue(kind.unique), 200
+    rng = random.Random(22)
+    arrivals = Arrivals(queue, kind)
+    broker = kind.broker()
+    bound = getattr(broker, queue.name)
+    windows: dict[int, tuple[float, float]] = {}  # n -> (earliest due, latest due)
+    counts: list[int] = []
+    async with running(arrivals.agent_class(broker=broker)):
+        for n in range(total):
+            delay = 0.0 if n % 20 == 0 else rng.uniform(0, 5)
+            before = time.time()
+            if n % 2:
+                await bound.send({'n': n}, delay=delay)
+            else:
+                await bound.send({'n': n}, at=before + delay)
+            windows[n] = (before + delay, time.time() + delay)
+        counts.append(await broker.delayed_count(queue.name))
+        while len(arrivals.got) < total:
+            counts.append(await broker.delayed_count(queue.name))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(arrivals.changed.wait(), 0.2)
+            arrivals.changed.clear()
+            assert time.time() < max(last for _, last in windows.values()) + WAIT
+        counts.append(await broker.delayed_count(queue.name))
+    numbers = sorted(message['n'] for message, _ in arrivals.got)
+    assert numbers == list(range(total))  # each once
+    for message, at in arrivals.got:
+        earliest, latest = windows[message['n']]
+        assert earliest <= at <= latest + LATE, (message, at - earliest)
+    assert counts[0] > total / 2 and counts[-1] == 0
+    assert counts == sorted(counts, reverse=True)  # it counts down
+    assert await kind.left(queue.name) == (0, 0)
+
+
+async def test_at_takes_an_aware_datetime(kind: BrokerKind) -> None:
+    queue = Queue(kind.unique)
+    arrivals = Arrivals(queue, kind)
+    broker = kind.broker()
+    bound = getattr(broker, queue.name)
+    due = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=5))) \
+        + datetime.timedelta(seconds=1.5)
+    async with running(arrivals.agent_class(broker=broker)):
+        await bound.send({'n': 1}, at=due)
+        await bound.send_many([{'n': 2}], at=due - datetime.timedelta(hours=1))  # past: now
+        await arrivals.wait(2)
+    [(first, first_at), (second, second_at)] = arrivals.got
+    assert (first, second) == ({'n': 2}, {'n': 1})
+    assert due.timestamp() <= second_at <= due.timestamp() + LATE
+    assert first_at < due.timestamp()
+
+
+async def test_naive_datetime_and_negative_delay_are_refused_storing_nothing(
+        kind: BrokerKind) -> None:
+    queue = Queue(kind.unique)
+    broker = kind.broker()
+    bound = getattr(broker, queue.name)
+    naive = datetime.datetime.now() + datetime.timedelta(seconds=10)
+    with pytest.raises(ValueError, match='aware datetime'):
+        await bound.send({'n': 1}, at=naive)
+    with pytest.raises(ValueError, match='delay must be'):
+        await bound.send({'n': 1}, delay=-1)
+    with pytest.raises(ValueError, match='delay must be'):
+        await bound.send_many([{'n': 1}, {'n': 2}], delay=-0.5)
+    with pytest.raises(ValueError, match='not both'):
+        await bound.send({'n': 1}, delay=1, at=time.time() + 1)
+    await bound.send({'n': 3}, delay=0)  # an ordinary send
+    assert await bound.length() == 1 or kind.name == 'kafka'
+    assert await broker.delayed_count(queue.name) == 0
