@@ -1099,6 +1099,21 @@ async def _first_ended(*futures: asyncio.Future[Any]) -> BaseException | None:
     return None if ended.cancelled() else ended.exception()
 
 
+DELAY_UNIT_MS = 100  # the step of a delay on RabbitMQ: a delay is rounded up to it
+DELAY_LEVELS = 28  # level k waits DELAY_UNIT_MS * 2**k: all together ~310 days
+
+
+def _delay_name(queue: str, level: int | str) -> str:
+    """The exchange and queue of a level of the delay ladder of ``queue``, or its
+    ``arrive`` exchange."""
+    return f'microagent.delay.{queue}.{level}'
+
+
+def _delay_route(units: int) -> str:
+    """The routing key of a message delayed ``units``: its bits, highest level first."""
+    return '.'.join(format(units, f'0{DELAY_LEVELS}b'))
+
+
 def _settlement(unsettled: dict[int, None], tags: Sequence[int]) -> tuple[int | None, list[int]]:
     """Take ``tags`` out of ``unsettled`` (the delivery tags of a channel still to settle,
     in delivery order); return the tag to settle with ``multiple=True`` (it covers every
@@ -1151,6 +1166,7 @@ class _Connection(_AMQPTransport):
         self._admin: AbstractChannel | None = None
         self.admin_lock = asyncio.Lock()
         self.declared: set[str] = set()
+        self.delay_levels: dict[str, int] = {}  # queue -> highest delay level declared
         self._exchanges: set[str] = set()
 
     @property
@@ -1196,6 +1212,7 @@ class _Connection(_AMQPTransport):
             self._connected.clear()
             self._connection = self._publisher = self._admin = None
             self.declared.clear()  # a restarted server lost its non-durable queues
+            self.delay_levels.clear()
             self._exchanges.clear()
             link.lost(reason or 'connection closed')
             await link.pause()
@@ -1299,8 +1316,38 @@ class _Connection(_AMQPTransport):
                     await channel.queue_bind(name, exchange, routing_key=topic, timeout=timeout)
             self.declared.add(name)
 
+    async def ensure_delay_levels(self, name: str, top: int) -> None:
+        """Declare the delay ladder of queue ``name`` up to level ``top`` (see
+        :meth:`AMQPBroker.send_later`); once per connection and level."""
+        if self.delay_levels.get(name, -1) >= top:
+            return
+        await self.ensure_queue(name)
+        timeout = self.broker.OPERATION_TIMEOUT
+        async with self.admin_lock:
+            first = self.delay_levels.get(name, -1) + 1
+            channel = await self._admin_channel()
+            arrive = _delay_name(name, 'arrive')
+            if first == 0:
+                await channel.exchange_declare(arrive, exchange_type='fanout', durable=True,
+                                               timeout=timeout)
+                await channel.queue_bind(name, arrive, routing_key='', timeout=timeout)
+            for level in range(first, top + 1):
+                exchange = queue = _delay_name(name, level)
+                below = _delay_name(name, level - 1) if level else arrive
+                await channel.exchange_declare(exchange, exchange_type='topic', durable=True,
+                                               timeout=timeout)
+                await channel.queue_declare(queue, durable=True, timeout=timeout, arguments={
+                    'x-message-ttl': DELAY_UNIT_MS << level, 'x-dead-letter-exchange': below})
+                skip = '.*' * level
+                await channel.queue_bind(queue, exchange, routing_key=f'#.1{skip}',
+                                         timeout=timeout)
+                await channel.exchange_bind(below, exchange, routing_key=f'#.0{skip}',
+                                            timeout=timeout)
+                self.delay_levels[name] = level
+
     def forget(self, name: str, exchange: str) -> None:
         """Declare ``name`` and ``exchange`` again next time (deleted meanwhile?)."""
+        self.delay_levels.pop(name, None)
         self.declared.discard(name)
         self._exchanges.discard(exchange)
 
@@ -1491,6 +1538,52 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
             self._unconfirmed -= len(messages)
             if not self._unconfirmed:
                 self._all_confirmed.set()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, *,
+                         topic: str | None = None, exchange: str | None = None,
+                         properties: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Publish the messages into the delay ladder of queue ``name`` (no plugin).
+
+        Level ``k`` of the ladder is an exchange and a queue ``microagent.delay.{name}.{k}``
+        whose messages all live ``DELAY_UNIT_MS * 2**k`` ms, then are dead-lettered to the
+        level below. A message's routing key spells its delay in units as bits (highest
+        first): each level's exchange routes it into its queue when its bit is 1, else
+        straight to the level below; level 0 ends in ``...arrive``, a fanout exchange
+        bound to the queue. Every queue of the ladder holds messages of one lifetime
+        only, so its head always expires first: no message waits behind a later-due one.
+        """
+        if kwargs or exchange is not None:
+            raise TypeError(f'{type(self).__name__}.send with a delay takes topic and '
+                            f'properties only')
+        units = max(1, math.ceil((due - time.time()) * 1000 / DELAY_UNIT_MS))
+        top = units.bit_length() - 1
+        if top >= DELAY_LEVELS:
+            raise ValueError(f'a delay of {due - time.time():.0f} s is longer than RabbitMQ '
+                             f'delays go ({(DELAY_UNIT_MS << DELAY_LEVELS) // 1000} s)')
+        extra = _with_trace_context(properties)
+        self._unconfirmed += len(messages)
+        self._all_confirmed.clear()
+        try:
+            async with self._failing(f'sending to {name} (the message may not be stored)'):
+                await self._amqp.ensure_delay_levels(name, top)
+                await self._publish(_delay_name(name, top), _delay_route(units), messages,
+                                    extra)
+        finally:
+            self._unconfirmed -= len(messages)
+            if not self._unconfirmed:
+                self._all_confirmed.set()
+
+    async def delayed_count(self, queue: str) -> int:
+        """How many messages wait in the delay ladder of ``queue``."""
+        total = 0
+        async with self._failing(f'counting delayed messages of {queue}'), \
+                self._amqp.admin_lock:
+            for level in range(DELAY_LEVELS):  # the levels are declared from 0 up
+                info = await self._amqp.passive_declare(_delay_name(queue, level))
+                if info is None:
+                    break
+                total += int(info.message_count or 0)
+        return total
 
     def _unroutable(self, name: str, exchange: str, routing_key: str, error: BaseException
                     ) -> QueueException:
