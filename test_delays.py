@@ -7,17 +7,21 @@ import contextlib
 import datetime
 import itertools
 import random
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiormq
 import pytest
+import redis.asyncio as aioredis
 
+from conftest import RedisServer
 from microagent import MemoryBroker, MicroAgent, Queue, consumer
-from microagent_backends import DELAY_LEVELS
+from microagent_backends import DELAY_LEVELS, RedisBroker
 from test_microagent_backends import (  # noqa: F401  (fixtures used by the broker kinds)
     BROKER_KINDS,
+    STUCK_CONSUMER,
     WAIT,
     BrokerKind,
     closing,
@@ -149,7 +153,7 @@ LATE = 1.0  # seconds after due within which a running consumer gets a delayed m
 class Arrivals:
     """A consumer's agent class that notes when (its own clock) each message arrived."""
 
-    def __init__(self, queue: Queue, kind: BrokerKind) -> None:
+    def __init__(self, queue: Queue, raw_arg: str | None) -> None:
         self.got: list[tuple[dict[str, Any], float]] = []
         self.changed = asyncio.Event()
         arrivals = self
@@ -157,8 +161,8 @@ class Arrivals:
         class Receiver(MicroAgent):
             @consumer(queue, concurrency=50)
             def take(self, **payload: Any) -> None:
-                message, _ = kind.split(payload)
-                arrivals.got.append((message, time.time()))
+                payload.pop(raw_arg or '', None)  # amqp=, kafka=
+                arrivals.got.append((payload, time.time()))
                 arrivals.changed.set()
 
         self.agent_class = Receiver
@@ -171,7 +175,7 @@ async def test_delayed_messages_come_once_not_before_due_and_soon_after(
         kind: BrokerKind) -> None:
     queue, total = Queue(kind.unique), 200
     rng = random.Random(22)
-    arrivals = Arrivals(queue, kind)
+    arrivals = Arrivals(queue, kind.broker_class.RAW_MESSAGE_ARG)
     broker = kind.broker()
     bound = getattr(broker, queue.name)
     windows: dict[int, tuple[float, float]] = {}  # n -> (earliest due, latest due)
@@ -209,7 +213,7 @@ async def test_delayed_messages_come_once_not_before_due_and_soon_after(
 
 async def test_at_takes_an_aware_datetime(kind: BrokerKind) -> None:
     queue = Queue(kind.unique)
-    arrivals = Arrivals(queue, kind)
+    arrivals = Arrivals(queue, kind.broker_class.RAW_MESSAGE_ARG)
     broker = kind.broker()
     bound = getattr(broker, queue.name)
     due = datetime.datetime.now(datetime.timezone(datetime.timedelta(hours=5))) \
@@ -241,3 +245,106 @@ async def test_naive_datetime_and_negative_delay_are_refused_storing_nothing(
     await bound.send({'n': 3}, delay=0)  # an ordinary send
     assert await bound.length() == 1 or kind.name == 'kafka'
     assert await broker.delayed_count(queue.name) == 0
+
+
+class AOFRedisServer(RedisServer):
+    """A private redis-server that logs every write to its append-only file."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), '--appendonly', 'yes', '--appendfsync', 'always']
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    if not shutil.which('redis-server'):
+        pytest.skip('no redis-server for a private Redis')
+    with AOFRedisServer() as server:
+        yield server
+
+
+@pytest.mark.parametrize('kind', ['redis', 'amqp'], indirect=True)
+async def test_delayed_messages_survive_the_consumer_killed(kind: BrokerKind, python: str
+                                                            ) -> None:
+    queue = Queue(kind.unique)
+    bound = getattr(kind.broker(), queue.name)
+    process = await asyncio.create_subprocess_exec(
+        python, str(STUCK_CONSUMER), kind.broker_class.__name__, kind.dsn, queue.name,
+        *(f'{key}={value}' for key, value in kind.kill_settings.items()),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        await bound.send({'job': 'first'})
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line == b'inside {"job": "first"}\n'  # stuck in it: the rest waits behind
+        await bound.send({'job': 'soon'}, delay=1)
+        late_due = time.time() + 4
+        await bound.send({'job': 'late'}, at=late_due)
+        # 'soon' fell due and went to the consumer ('late' still waits): kill it now.
+        await eventually(lambda: kind.broker().delayed_count(queue.name), 1)
+        process.kill()  # SIGKILL
+        await asyncio.wait_for(process.wait(), WAIT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    arrivals = Arrivals(queue, kind.broker_class.RAW_MESSAGE_ARG)
+    async with running(arrivals.agent_class(broker=kind.broker(**kind.kill_settings))):
+        await arrivals.wait(3, timeout=kind.takeover + 5)
+    jobs = {message['job']: at for message, at in arrivals.got}
+    assert sorted(jobs) == ['first', 'late', 'soon'] and len(arrivals.got) == 3
+    assert late_due <= jobs['late'] <= late_due + kind.takeover
+
+
+async def test_delayed_messages_survive_a_redis_restart_with_aof(aof_redis: RedisServer,
+                                                                unique: str) -> None:
+    queue = Queue(unique)
+    broker = RedisBroker(aof_redis.dsn)
+    due = time.time() + 3
+    try:
+        await getattr(broker, queue.name).send({'n': 1}, at=due)
+        assert await broker.delayed_count(queue.name) == 1
+    finally:
+        await broker.close()
+    aof_redis.restart()
+    broker = RedisBroker(aof_redis.dsn)
+    got: list[float] = []
+    arrived = asyncio.Event()
+
+    class Late(MicroAgent):
+        @consumer(queue)
+        def take(self, n: int) -> None:
+            got.append(time.time())
+            arrived.set()
+
+    try:
+        assert await broker.delayed_count(queue.name) == 1
+        async with running(Late(broker=broker)):
+            await asyncio.wait_for(arrived.wait(), WAIT)
+    finally:
+        await broker.close()
+    [at] = got
+    assert due <= at <= due + LATE
+
+
+async def test_a_1x_consumer_never_takes_a_delayed_message_before_due(
+        raw: aioredis.Redis, redis_dsn: str, unique: str) -> None:
+    """microagent 1.x consumes a Redis queue with BLPOP / LPOP on the list: a delayed
+    message is not in the list until one of our consumers moves it there, when due."""
+    queue = Queue(unique)
+    sender = RedisBroker(redis_dsn)
+    arrivals = Arrivals(queue, None)
+    due = time.time() + 2
+    try:
+        await getattr(sender, queue.name).send({'n': 1}, at=due)
+        async with running(arrivals.agent_class(broker=RedisBroker(redis_dsn))):
+            taken_early: list[bytes] = []
+            while time.time() < due - 0.05:  # the 1.x consumer polls until just before due
+                popped = await raw.blpop([queue.name], timeout=0.05)
+                if popped:
+                    taken_early.append(popped[1])
+            assert taken_early == []
+            await arrivals.wait(1)
+    finally:
+        await sender.close()
+    [(message, at)] = arrivals.got
+    assert message == {'n': 1} and due <= at <= due + LATE
