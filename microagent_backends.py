@@ -12,6 +12,7 @@ section opens with how it stores and delivers messages.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import importlib
 import inspect
@@ -1882,6 +1883,45 @@ _SEND_OPTIONS = frozenset({'key', 'partition', 'timestamp_ms', 'headers'})
 _IGNORED_SEND_OPTIONS = frozenset({'topic'})  # AMQP routing, meaningless here
 
 
+# The waits of a queue's delay topics ``{queue}.delay.{i}`` (seconds): a delayed record
+# goes to the one of the longest wait not past its due, and comes out of it that long
+# after it went in, or at its due in the first one (so it waits there at most its wait
+# behind another); then it goes on to its queue, or to the next delay topic.
+DELAY_WAITS = (0.5, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0, 32768.0)
+_DUE_HEADER, _READY_HEADER = 'microagent-due', 'microagent-ready'  # Unix time in ms
+_DELAY_HEADERS = frozenset({_DUE_HEADER, _READY_HEADER})
+
+
+def _delay_topic(topic: str, index: int) -> str:
+    return f'{topic}.delay.{index}'
+
+
+def _delay_hop(due: float, now: float) -> tuple[int, float]:
+    """The delay topic for a record due at ``due`` and when it comes out of it."""
+    remaining = due - now
+    index = max(0, bisect.bisect_right(DELAY_WAITS, remaining) - 1)
+    return index, min(now + DELAY_WAITS[index], due)
+
+
+def _header_ms(headers: Iterable[tuple[str, bytes]], name: str) -> float | None:
+    for key, value in headers:
+        if key == name:
+            return int(value) / 1000
+    return None
+
+
+def _delay_headers(due: float, ready: float) -> list[tuple[str, bytes]]:
+    return [(_DUE_HEADER, str(math.ceil(due * 1000)).encode()),
+            (_READY_HEADER, str(math.ceil(ready * 1000)).encode())]
+
+
+def _resume(consumer: Any, partition: Any) -> None:
+    """Resume a paused partition, if the consumer still holds it."""
+    with contextlib.suppress(Exception):
+        if partition in consumer.assignment():
+            consumer.resume(partition)
+
+
 def _aiokafka() -> Any:
     """The aiokafka package (imported on first use, naming the extra when missing)."""
     return require('aiokafka', 'kafka')
@@ -1979,6 +2019,8 @@ class _KafkaConsumption(_Consumption):
         self.commit_lock = asyncio.Lock()
         self.committer: asyncio.Task[None] | None = None
         self.commit_failing = False
+        self.mover: Any = None  # the consumer of the queue's delay topics
+        self.moving: asyncio.Task[None] | None = None
 
     def track(self, batches: Mapping[Any, list[Any]]) -> list[Delivery]:
         """Deliveries for the records of a ``getmany``, remembered per partition."""
@@ -2218,13 +2260,13 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
 
     # --- topics --------------------------------------------------------------------
 
-    async def _ensure_topic(self, name: str) -> None:
+    async def _ensure_topic(self, name: str, partitions: int | None = None) -> None:
         """Create topic ``name`` unless it exists (once per broker and topic)."""
         if name in self._topics:
             return
         admin = await self._admin_started()
         new_topic = require('aiokafka.admin', 'kafka').NewTopic(
-            name, self.PARTITIONS, self.REPLICATION_FACTOR)
+            name, partitions or self.PARTITIONS, self.REPLICATION_FACTOR)
         response = await asyncio.wait_for(admin.create_topics([new_topic]), self.SEND_TIMEOUT)
         for error in response.topic_errors:
             code, message = error[1], error[2] if len(error) > 2 else None
@@ -2274,6 +2316,120 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             acks = [await producer.send(topic, message, **options) for message in messages]
             await asyncio.gather(*acks)
 
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Produce the records to the delay topic of the queue that fits their delay (see
+        ``DELAY_WAITS``), with their due time in a header; the queue's consumers move
+        them on. Options: ``key`` and ``headers``, kept to the queue."""
+        options = self._send_options(kwargs)
+        if set(options) - {'key', 'headers'}:
+            raise TypeError('KafkaBroker.send with a delay takes the options key and '
+                            'headers only')
+        index, ready = _delay_hop(due, time.time())
+        options['headers'] = [*(options.get('headers') or ()), *_delay_headers(due, ready)]
+        options = _with_trace_headers(options)
+        delay_topic = _delay_topic(_topic(name), index)
+        async with self._failing(f'sending to {name}', self.link('producer')):
+            producer = await self._producer_started()
+            await self._ensure_topic(delay_topic, partitions=1)
+            acks = [await producer.send(delay_topic, message, **options) for message in messages]
+            await asyncio.gather(*acks)
+
+    async def delayed_count(self, queue: str) -> int:
+        """The records in the queue's delay topics that its consumers did not move on
+        yet (the lag of their group ``{group}.delayed``)."""
+        topic = _topic(queue)
+        group_id = self._delay_group(queue)
+        topics = [_delay_topic(topic, index) for index in range(len(DELAY_WAITS))]
+        async with self._failing(f'counting delayed messages of {queue}'):
+            for delay_topic in topics:
+                await self._ensure_topic(delay_topic, partitions=1)
+            lag: int = await asyncio.wait_for(self._lag(topics[0], group_id, topics[1:]),
+                                              self.SEND_TIMEOUT)
+        return lag
+
+    def _delay_group(self, name: str) -> str:
+        consumption = self._consumptions.get(name)
+        return f'{consumption.group_id if consumption else f"microagent.{name}"}.delayed'
+
+    # --- moving delayed records on ---------------------------------------------------
+
+    async def _mover_started(self, consumption: _KafkaConsumption) -> Any:
+        """The consumer of the queue's delay topics (created here), in group
+        ``{group}.delayed``, started."""
+        topic = _topic(consumption.name)
+        topics = [_delay_topic(topic, index) for index in range(len(DELAY_WAITS))]
+        for delay_topic in topics:
+            await self._ensure_topic(delay_topic, partitions=1)
+        session_ms = int(self.SESSION_TIMEOUT * 1000)
+        mover = self._client(
+            _aiokafka().AIOKafkaConsumer, group_id=f'{consumption.group_id}.delayed',
+            client_id=f'microagent-{consumption.name}-delayed', enable_auto_commit=False,
+            auto_offset_reset='earliest', session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(session_ms // 3, 100), fetch_max_wait_ms=100)
+        mover.subscribe(topics)
+        try:
+            await asyncio.wait_for(mover.start(), self.START_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await mover.stop()
+            raise
+        return mover
+
+    async def _move_delayed(self, consumption: _KafkaConsumption) -> None:
+        """Forever: take the records of the delay topics that are due out of them, and
+        pause a partition whose head is not due until it is."""
+        mover = consumption.mover
+        while True:
+            batches = await mover.getmany(timeout_ms=200, max_records=500)
+            if not batches:
+                continue
+            try:
+                await self._move_due(consumption, mover, batches)
+            except Exception as exc:
+                for partition, records in batches.items():  # again (perhaps twice)
+                    if records:
+                        mover.seek(partition, records[0].offset)
+                self.log.warning('Moving the delayed messages of %s failed; retrying: %s',
+                                 consumption.name, error_text(exc))
+                await asyncio.sleep(1)
+
+    async def _move_due(self, consumption: _KafkaConsumption, mover: Any,
+                        batches: Mapping[Any, list[Any]]) -> None:
+        producer = await self._producer_started()
+        topic, now = _topic(consumption.name), time.time()
+        loop = asyncio.get_running_loop()
+        acks, done = [], {}
+        for partition, records in batches.items():
+            for record in records:
+                headers = [(key, value) for key, value in record.headers or ()
+                           if key not in _DELAY_HEADERS]
+                due = _header_ms(record.headers or (), _DUE_HEADER) or now
+                ready = _header_ms(record.headers or (), _READY_HEADER) or due
+                if ready > now:
+                    mover.seek(partition, record.offset)
+                    mover.pause(partition)
+                    loop.call_later(ready - now, _resume, mover, partition)
+                    break
+                target = topic
+                if due > now:
+                    index, ready = _delay_hop(due, now)
+                    target = _delay_topic(topic, index)
+                    headers.extend(_delay_headers(due, ready))
+                acks.append(await producer.send(target, record.value, key=record.key,
+                                                headers=headers))
+                done[partition] = record.offset + 1
+        await asyncio.gather(*acks)
+        if done:
+            await _within(mover.commit(done), min(self.SEND_TIMEOUT, self.SESSION_TIMEOUT / 2))
+
+    async def _stop_moving(self, consumption: _KafkaConsumption) -> None:
+        await cancel_and_wait(consumption.moving)
+        mover, consumption.mover = consumption.mover, None
+        if mover is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(mover.stop(), self.CLOSE_TIMEOUT)
+
     # --- consuming -----------------------------------------------------------------
 
     async def bind(self, name: str) -> None:
@@ -2297,15 +2453,19 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         try:
             async with self._failing(f'joining group {group_id} for {name}', consumption.link):
                 await self._ensure_topic(topic)
-                await asyncio.wait_for(consumer.start(), self.START_TIMEOUT)
+                _, consumption.mover = await asyncio.gather(
+                    asyncio.wait_for(consumer.start(), self.START_TIMEOUT),
+                    self._mover_started(consumption))
         except BaseException:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+            await self._stop_moving(consumption)
             raise
         self._consumptions[name] = consumption
         loop = asyncio.get_running_loop()
         consumption.task = loop.create_task(self._consume(consumption))
         consumption.committer = loop.create_task(self._commit_periodically(consumption))
+        consumption.moving = loop.create_task(self._move_delayed(consumption))
 
     async def _consume(self, consumption: _KafkaConsumption) -> None:
         """Feed the pool with batches of records, forever; a failure is retried with
@@ -2421,6 +2581,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         if consumption is None:
             return
         await consumption.stop_feeding()
+        await self._stop_moving(consumption)
         async with consumption.commit_lock:  # not in the middle of a commit: aiokafka
             await cancel_and_wait(consumption.committer)  # would finish it after the stop
         try:
@@ -2473,11 +2634,13 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             lag: int = await asyncio.wait_for(self._lag(topic, group_id), self.SEND_TIMEOUT)
         return lag
 
-    async def _lag(self, topic: str, group_id: str) -> int:
+    async def _lag(self, topic: str, group_id: str, also: Sequence[str] = ()) -> int:
+        """The lag of ``group_id`` over ``topic`` (and the topics ``also``, read
+        together)."""
         admin = await self._admin_started()
-        described = await admin.describe_topics([topic])
-        partitions = [_aiokafka().TopicPartition(topic, partition['partition'])
-                      for partition in described[0]['partitions']]
+        described = await admin.describe_topics([topic, *also])
+        partitions = [_aiokafka().TopicPartition(each['topic'], partition['partition'])
+                      for each in described for partition in each['partitions']]
         if not partitions:
             return 0
         starts, ends = await self._offset_range(partitions)

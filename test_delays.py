@@ -203,9 +203,9 @@ async def test_delayed_messages_come_once_not_before_due_and_soon_after(
         earliest, latest = windows[message['n']]
         assert earliest <= at <= latest + LATE, (message, at - earliest)
     assert counts[0] > total / 2 and counts[-1] == 0
-    # It counts down (on RabbitMQ a count reads the ladder's levels one by one while
-    # messages move down it: it may miss a few that moved below the level it read).
-    slack = 10 if kind.name == 'amqp' else 0
+    # It counts down (on RabbitMQ and Kafka a count reads the levels of the delay one
+    # after the other while messages move down: it may miss or see twice a few).
+    slack = 10 if kind.name in ('amqp', 'kafka') else 0
     bumps = [(earlier, later) for earlier, later in itertools.pairwise(counts) if later > earlier]
     assert all(later <= earlier + slack for earlier, later in bumps), bumps
     assert await kind.left(queue.name) == (0, 0)
@@ -262,7 +262,7 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.mark.parametrize('kind', ['redis', 'amqp'], indirect=True)
+@pytest.mark.parametrize('kind', ['redis', 'amqp', 'kafka'], indirect=True)
 async def test_delayed_messages_survive_the_consumer_killed(kind: BrokerKind, python: str
                                                             ) -> None:
     queue = Queue(kind.unique)
