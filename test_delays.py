@@ -128,6 +128,63 @@ async def test_retry_on_retries_only_the_listed_exceptions(kind: BrokerKind) -> 
     assert dead['body'] == '{"kind":"value"}'
 
 
+async def test_max_backoff_caps_the_wait_and_a_stop_releases_waiting_retries(
+        kind: BrokerKind) -> None:
+    queue = Queue(kind.unique)
+    calls: list[float] = []
+    failed = asyncio.Event()
+
+    class Capped(MicroAgent):
+        @consumer(queue, concurrency=2, backoff=60, max_backoff=0.5, retries=5)
+        async def work(self, **raw_message: Any) -> None:
+            calls.append(time.monotonic())
+            failed.set()
+            raise ConnectionError('still down')
+
+    broker = kind.broker()
+    async with running(Capped(broker=broker)):
+        await getattr(broker, queue.name).send({'n': 1})
+        await eventually(lambda: len(calls) >= 3)  # 60 s backoff capped to 0.5 s
+        assert all(0.4 <= later - earlier < 2 for earlier, later in itertools.pairwise(calls))
+        failed.clear()
+        await asyncio.wait_for(failed.wait(), WAIT)  # a retry happened: one waits now
+        assert broker.pools[queue.name].waiting_retries == 1
+    # The stop gave the waiting message back: the next consumer gets it.
+    again = Arrivals(queue, kind.broker_class.RAW_MESSAGE_ARG)
+    async with running(again.agent_class(broker=kind.broker(**kind.kill_settings)),
+                       start_timeout=kind.takeover):
+        await again.wait(1, timeout=kind.takeover)
+    assert [message for message, _ in again.got] == [{'n': 1}]
+
+
+@pytest.mark.parametrize('kind', ['redis'], indirect=True)
+async def test_a_retry_waiting_past_the_visibility_timeout_stays_with_its_consumer(
+        kind: BrokerKind) -> None:
+    queue = Queue(kind.unique)
+    calls: list[str] = []
+    retried = asyncio.Event()
+
+    def agent_class(label: str) -> type[MicroAgent]:
+        class Owner(MicroAgent):
+            @consumer(queue, concurrency=2, backoff=2)
+            async def work(self, **raw_message: Any) -> None:
+                calls.append(label)
+                if len(calls) == 1:
+                    raise ConnectionError('down for a while')
+                retried.set()
+        return Owner
+
+    first = kind.broker(VISIBILITY_TIMEOUT=0.3)
+    async with running(agent_class('first')(broker=first)):
+        await getattr(first, queue.name).send({'n': 1})
+        await eventually(lambda: calls == ['first'])
+        other = kind.broker(VISIBILITY_TIMEOUT=0.3)
+        async with running(agent_class('other')(broker=other)):
+            await asyncio.wait_for(retried.wait(), WAIT)
+    assert calls == ['first', 'first']  # not redelivered to the other meanwhile
+    assert await kind.left(queue.name) == (0, 0)
+
+
 def test_info_shows_the_retry_policy() -> None:
     queue = Queue('info_retry_policy')
 
