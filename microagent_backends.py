@@ -733,7 +733,10 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
     round trip, 500), ``LINGER`` (seconds a consumer waits after taking fewer messages
     than it asked for, before asking again: a steady trickle of messages is then taken in
     batches rather than one round trip each; 0 asks again at once), ``CONNECT_TIMEOUT``
-    and ``COMMAND_TIMEOUT`` (seconds to connect, and to wait for a reply). A connection
+    and ``COMMAND_TIMEOUT`` (seconds to connect, and to wait for a reply),
+    ``DELAYED_CHECK`` (seconds between two looks of a consumer for delayed messages now
+    due, which it moves into the list; an idle consumer blocks at most twice that long
+    instead of ``WAIT_TIME``). A connection
     that went silent is noticed within ``COMMAND_TIMEOUT``, or ``WAIT_TIME +
     COMMAND_TIMEOUT`` for a consumer waiting on an empty queue (10 s by default). See the
     module documentation for the keys used and why no command can lose a message when
