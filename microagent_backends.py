@@ -1113,6 +1113,13 @@ def _delay_name(queue: str, level: int | str) -> str:
     return f'microagent.delay.{queue}.{level}'
 
 
+def _delay_bit(level: int, bit: str) -> str:
+    """The binding pattern of the routing keys whose bit of ``level`` is ``bit``: one
+    word per level, no ``#`` (which makes RabbitMQ backtrack)."""
+    return '.'.join(bit if position == DELAY_LEVELS - 1 - level else '*'
+                    for position in range(DELAY_LEVELS))
+
+
 def _delay_route(units: int) -> str:
     """The routing key of a message delayed ``units``: its bits, highest level first."""
     return '.'.join(format(units, f'0{DELAY_LEVELS}b'))
@@ -1342,10 +1349,9 @@ class _Connection(_AMQPTransport):
                                                timeout=timeout)
                 await channel.queue_declare(queue, durable=True, timeout=timeout, arguments={
                     'x-message-ttl': DELAY_UNIT_MS << level, 'x-dead-letter-exchange': below})
-                skip = '.*' * level
-                await channel.queue_bind(queue, exchange, routing_key=f'#.1{skip}',
+                await channel.queue_bind(queue, exchange, routing_key=_delay_bit(level, '1'),
                                          timeout=timeout)
-                await channel.exchange_bind(below, exchange, routing_key=f'#.0{skip}',
+                await channel.exchange_bind(below, exchange, routing_key=_delay_bit(level, '0'),
                                             timeout=timeout)
                 self.delay_levels[name] = level
 
