@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -830,8 +831,8 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         async with self._failing(f'sending to {name}', self.link('commands')), \
                 self._command_client().pipeline(transaction=False) as pipe:
             for start in range(0, len(messages), _PUSH_CHUNK):
-                pipe.zadd(_delayed_key(name), {
-                    uuid.uuid4().hex[:16].encode() + b':' + message: score
+                pipe.zadd(_delayed_key(name), {  # a random prefix keeps equal bodies apart
+                    b'%016x:%b' % (random.getrandbits(64), message): score
                     for message in messages[start:start + _PUSH_CHUNK]})
             await pipe.execute()
 
