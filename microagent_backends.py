@@ -2391,15 +2391,16 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         pause a partition whose head is not due until it is."""
         mover = consumption.mover
         while True:
-            batches = await mover.getmany(timeout_ms=200, max_records=500)
-            if not batches:
-                continue
+            batches: Mapping[Any, list[Any]] = {}
             try:
-                await self._move_due(consumption, mover, batches)
+                batches = await mover.getmany(timeout_ms=200, max_records=500)
+                if batches:
+                    await self._move_due(consumption, mover, batches)
             except Exception as exc:
                 for partition, records in batches.items():  # again (perhaps twice)
                     if records:
-                        mover.seek(partition, records[0].offset)
+                        with contextlib.suppress(Exception):  # unless no longer held
+                            mover.seek(partition, records[0].offset)
                 self.log.warning('Moving the delayed messages of %s failed; retrying: %s',
                                  consumption.name, error_text(exc))
                 await asyncio.sleep(1)
@@ -2463,9 +2464,14 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         try:
             async with self._failing(f'joining group {group_id} for {name}', consumption.link):
                 await self._ensure_topic(topic)
-                _, consumption.mover = await asyncio.gather(
+                results: tuple[Any, ...] = await asyncio.gather(
                     asyncio.wait_for(consumer.start(), self.START_TIMEOUT),
-                    self._mover_started(consumption))
+                    self._mover_started(consumption), return_exceptions=True)
+                if not isinstance(results[1], BaseException):
+                    consumption.mover = results[1]  # stopped below if the other failed
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
         except BaseException:
             with contextlib.suppress(Exception):
                 await consumer.stop()
