@@ -32,6 +32,7 @@ import collections
 import contextlib
 import enum
 import functools
+import heapq
 import importlib
 import inspect
 import itertools
@@ -728,6 +729,11 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
       a failure or a timeout, ``backoff`` seconds apart (default the broker's
       ``RETRY_BACKOFF``, 0.5, doubled each time); then the message goes to
       ``{queue}.dead``.
+    - ``retry_on`` (default: every exception): a tuple of the exception classes to
+      retry (a timeout is a ``TimeoutError``); any other goes to ``{queue}.dead`` at once.
+    - ``max_backoff`` (default 300): the most seconds between two attempts. A message
+      waiting for its retry does not hold a slot of ``concurrency`` (except with
+      ``concurrency=1``, which keeps the order: others wait behind it).
     - ``autoack`` (default True): acknowledge after the handler succeeds; False leaves
       it to the handler (AMQP ``broker.putout(amqp)``).
     - backend options, checked when the agent starts.
@@ -737,6 +743,8 @@ def consumer(queue: Queue | str, timeout: float = 60, dto_class: type | None = N
         raise TypeError(f'dto_class must be a class, not {dto_class!r}')
     if dto_name is not None and (not isinstance(dto_name, str) or not dto_name.isidentifier()):
         raise ValueError(f'dto_name must be an identifier, not {dto_name!r}')
+    if isinstance(options.get('retry_on'), type):
+        options['retry_on'] = (options['retry_on'],)
     common = {key: value for key, value in options.items()
               if key in ConsumerOptions.__struct_fields__}
     for key in options.keys() - common.keys():
@@ -1330,8 +1338,18 @@ def _declared_concurrency(receiver: Receiver) -> dict[str, int]:
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
-    return {key: value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
-            for key, value in options.items()}
+    return {key: _jsonable_value(value) for key, value in options.items()}
+
+
+def _jsonable_value(value: Any) -> Any:
+    """An option as JSON: classes (``retry_on``'s exceptions) by their names."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, (tuple, list)) and all(isinstance(item, type) for item in value):
+        return [item.__name__ for item in value]
+    return repr(value)
 
 
 # =====================================================================================
@@ -2473,6 +2491,29 @@ class Delivery:
         return f'<Delivery {self.tag!r} {self.body[:60]!r}>'
 
 
+def due_time(delay: float | None = None, at: Any = None) -> float | None:
+    """The Unix time a message sent with ``delay=`` (seconds) or ``at=`` (an aware
+    ``datetime`` or a Unix time) is due, or None when it is due now (no delay, a zero
+    delay, a moment past). A negative or non-finite delay, a naive ``datetime`` or both
+    given is a ``ValueError``."""
+    if delay is not None and at is not None:
+        raise ValueError('give delay= or at=, not both')
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) \
+                or not math.isfinite(delay) or delay < 0:
+            raise ValueError(f'delay must be a number of seconds >= 0, not {delay!r}')
+        return time.time() + delay if delay > 0 else None
+    if at is None:
+        return None
+    if hasattr(at, 'utcoffset') and hasattr(at, 'timestamp'):
+        if at.utcoffset() is None:
+            raise ValueError(f'at= must be an aware datetime (with a tzinfo), not {at!r}')
+        at = at.timestamp()
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise ValueError(f'at= must be an aware datetime or a Unix time, not {at!r}')
+    return float(at) if at > time.time() else None
+
+
 class BoundQueue:
     """A queue on a broker: ``broker.<queue_name>``."""
 
@@ -2485,8 +2526,16 @@ class BoundQueue:
     def __repr__(self) -> str:
         return f'<BoundQueue {self.queue.name} on {self.broker!r}>'
 
-    async def send(self, message: Mapping[str, Any], **options: Any) -> None:
-        """Send a message (a dict); return once the broker has stored it."""
+    async def send(self, message: Mapping[str, Any], *, delay: float | None = None,
+                   at: Any = None, **options: Any) -> None:
+        """Send a message (a dict); return once the broker has stored it.
+
+        ``delay=SECONDS`` or ``at=`` (an aware ``datetime`` or a Unix time): stored now,
+        delivered to a consumer not before then (see :func:`due_time`)."""
+        if delay is not None or at is not None:
+            due = due_time(delay, at)
+            if due is not None:
+                return await self.send_many([message], at=due, **options)
         broker, queue = self.broker, self.queue
         if _tracing.on:
             with _tracing.producing(broker, queue.name, 'publish') as carrier:
@@ -2494,9 +2543,12 @@ class BoundQueue:
                 return await broker.send(queue.name, body, **options)
         await broker.send(queue.name, queue.serialize(message), **options)
 
-    async def send_many(self, messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+    async def send_many(self, messages: Iterable[Mapping[str, Any]], *,
+                        delay: float | None = None, at: Any = None, **options: Any) -> None:
         """Send several messages (dicts) at once, batched by the backend; return once the
-        broker has stored them all. Much faster than awaiting ``send`` one by one."""
+        broker has stored them all. Much faster than awaiting ``send`` one by one.
+        ``delay=`` / ``at=`` as for :meth:`send`, for them all."""
+        due = due_time(delay, at) if delay is not None or at is not None else None
         broker, name, serialize = self.broker, self.queue.name, self.queue.serialize
         if _tracing.on:
             messages = list(messages)
@@ -2505,10 +2557,17 @@ class BoundQueue:
             with _tracing.producing(broker, name, 'publish', {
                     'messaging.batch.message_count': len(messages)}) as carrier:
                 bodies = [serialize(_with_trace(message, carrier)) for message in messages]
-                return await broker.send_many(name, bodies, **options)
+                return await self._store(bodies, due, options)
         bodies = [serialize(message) for message in messages]
         if bodies:
-            await broker.send_many(name, bodies, **options)
+            await self._store(bodies, due, options)
+
+    async def _store(self, bodies: list[bytes], due: float | None, options: dict[str, Any]
+                     ) -> None:
+        if due is None:
+            await self.broker.send_many(self.queue.name, bodies, **options)
+        else:
+            await self.broker.send_later(self.queue.name, bodies, due, **options)
 
     async def length(self) -> int:
         """How many messages wait in the queue."""
@@ -2569,6 +2628,12 @@ class AbstractQueueBroker(_Connections, abc.ABC):
         allows; return once all are stored. The default sends them one by one."""
         for message in messages:
             await self.send(name, message, **kwargs)
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Store messages for queue ``name`` now, to be delivered not before ``due`` (a
+        Unix time in the future); return once all are stored."""
+        raise NotImplementedError(f'{type(self).__name__} cannot delay messages')
 
     @abc.abstractmethod
     async def queue_length(self, name: str) -> int:
@@ -2696,6 +2761,16 @@ class ConsumerOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds before the first retry, doubled each time (default ``RETRY_BACKOFF``)."""
     autoack: bool = True
     """Acknowledge once the handler returned; False leaves it to the handler."""
+    retry_on: tuple[Any, ...] | None = None
+    """The exception classes that are retried (a timeout is a ``TimeoutError``); any
+    other failure goes to ``{queue}.dead`` at once. None (default): every exception."""
+    max_backoff: Annotated[float, msgspec.Meta(ge=0)] = 300
+    """The most seconds the doubling ``backoff`` waits before a retry."""
+
+    def __post_init__(self) -> None:
+        for kind in self.retry_on or ():
+            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                raise TypeError(f'retry_on takes exception classes, not {kind!r}')
 
     @classmethod
     def of(cls: type[_Options], consumer: Consumer, broker_name: str) -> _Options:
@@ -2740,6 +2815,7 @@ class Outcome(enum.Enum):
     ACK = 'ack'  # handled, or dead-lettered: acknowledge it
     RELEASE = 'release'  # not finished (the pool is stopping): give it back
     HANDLER_ACKS = 'handler acks'  # autoack=False: the handler acknowledges it itself
+    WAITING = 'waiting'  # waits for its retry on a timer: the pool still holds it
 
 
 class _Waiter:
@@ -2773,8 +2849,11 @@ class ConsumerPool:
 
     The backend feeds batches of :class:`Delivery` with :meth:`feed`, which waits while
     the pool is full (backpressure). A fixed set of ``concurrency`` workers runs the
-    handler; a failure or timeout is retried ``retries`` times with doubling
-    ``backoff``, then the message goes to the dead-letter queue with the error. A body
+    handler; a failure or timeout (of the ``retry_on`` kinds) is retried ``retries``
+    times with doubling ``backoff`` (at most ``max_backoff``), then the message goes to
+    the dead-letter queue with the error. A message waiting for its retry waits on a
+    timer, not in a worker: it counts against the capacity, not the concurrency (with
+    ``concurrency=1``, which keeps the order, it waits in the worker). A body
     that is not a JSON object (or does not fit the DTO) goes there at once. Finished
     messages are acknowledged in batches through ``broker.ack``; on :meth:`close`,
     messages not started or not finished go back through ``broker.release``.
@@ -2790,10 +2869,14 @@ class ConsumerPool:
         self.concurrency = options.concurrency
         self.retries = broker.ROLLBACK_ATTEMPTS if options.retries is None else options.retries
         self.backoff = broker.RETRY_BACKOFF if options.backoff is None else options.backoff
+        self.max_backoff = options.max_backoff
+        self.retry_on: tuple[type[BaseException], ...] = options.retry_on or (Exception,)
         self.capacity = max(2 * self.concurrency, broker.PREFETCH)
         self._pending: deque[Delivery] = deque()  # fed, not started
         self._to_ack: list[Delivery] = []
         self._to_release: list[Delivery] = []
+        self._waiting: dict[Delivery, tuple[int, asyncio.TimerHandle]] = {}  # for a retry
+        self._attempts: dict[Delivery, int] = {}  # retries due, back in _pending
         self._idle: deque[_Waiter] = deque()  # workers waiting for deliveries
         self._room = _Waiter()  # the feeder, waiting for room
         self._acks_waiting = _Waiter()  # the acknowledging task, waiting for work
@@ -2819,6 +2902,11 @@ class ConsumerPool:
         """Messages being handled now: the workers that are not idle (counted when asked,
         not per message)."""
         return sum(not worker.done() for worker in self._workers) - len(self._idle)
+
+    @property
+    def waiting_retries(self) -> int:
+        """Messages held while they wait for their retry (not counted in flight)."""
+        return len(self._waiting)
 
     @property
     def has_room(self) -> bool:
@@ -2847,18 +2935,18 @@ class ConsumerPool:
 
         The deliveries belong to the pool from the call on, even if it is cancelled.
         """
-        pending, idle = self._pending, self._idle
+        pending, idle, waiting = self._pending, self._idle, self._waiting
         pending.extend(batch)
         self.last_fetch = time.monotonic()
         for _ in range(min(len(idle), len(pending))):
             idle.popleft().wake()
-        while len(pending) >= self.capacity and not self.closing:
+        while len(pending) + len(waiting) >= self.capacity and not self.closing:
             await self._room.wait()
 
     # -- the workers ----------------------------------------------------------------
 
     async def _work(self) -> None:
-        pending, room, acks = self._pending, self._room, self._acks_waiting
+        pending, room, acks, waiting = self._pending, self._room, self._acks_waiting, self._waiting
         waiter, ack, release = _Waiter(), Outcome.ACK, Outcome.RELEASE
         half_full = self.capacity // 2 + 1
         worker = asyncio.current_task()
@@ -2871,7 +2959,7 @@ class ConsumerPool:
                 await waiter.wait()
                 continue
             delivery = pending.popleft()
-            if room.future is not None and len(pending) < half_full:
+            if room.future is not None and len(pending) + len(waiting) < half_full:
                 room.wake()
             try:
                 outcome = await (self._handle_traced(delivery, worker) if _tracing.on
@@ -2920,7 +3008,8 @@ class ConsumerPool:
         except Exception as exc:
             self.log.error('Message in %s is malformed, dead-lettered: %s', self.name, exc)
             return await self._dead_letter(delivery, exc, 0)
-        attempts, limit, timing = 0, self.retries + 1, self.timing
+        attempts = self._attempts.pop(delivery, 0) if self._attempts else 0
+        limit, timing = self.retries + 1, self.timing
         while True:
             attempts += 1
             started = _clock() if timing is not None else 0.0
@@ -2943,17 +3032,37 @@ class ConsumerPool:
                                   _bucket_of(HANDLER_BUCKETS, elapsed)] += 1
                     timing.total += elapsed
             _tracing.attempt_failed(error, attempts, limit)
+            if not isinstance(error, self.retry_on):
+                self.log.error('Consumer %s does not retry %s: a message of %s dead-lettered',
+                               consumer.key, type(error).__name__, self.name, exc_info=error)
+                return await self._dead_letter(delivery, error, attempts)
             if attempts >= limit:
                 _log_failed(self.log, error, 'Consumer %s gave up on a message of %s after %d '
                            'attempts', consumer.key, self.name, attempts)
                 return await self._dead_letter(delivery, error, attempts)
             self.retried += 1
-            delay = self.backoff * 2 ** (attempts - 1)
-            if delay > 0 and not self.closing:  # a stop cuts the backoff short
-                with contextlib.suppress(asyncio.TimeoutError):
+            delay = min(self.backoff * 2 ** (attempts - 1), self.max_backoff)
+            if delay > 0 and self.concurrency > 1 and not self.closing:
+                self._retry_later(delivery, attempts, delay)
+                return Outcome.WAITING
+            if delay > 0 and not self.closing:  # concurrency 1 keeps the order: it waits
+                with contextlib.suppress(asyncio.TimeoutError):  # a stop cuts it short
                     await asyncio.wait_for(self._closing.wait(), delay)
             if self.closing:
                 return Outcome.RELEASE
+
+    def _retry_later(self, delivery: Delivery, attempts: int, delay: float) -> None:
+        """Hold ``delivery`` on a timer for ``delay`` seconds, then hand it to a worker
+        again: no worker waits meanwhile."""
+        timer = asyncio.get_running_loop().call_later(delay, self._retry_due, delivery)
+        self._waiting[delivery] = (attempts, timer)
+
+    def _retry_due(self, delivery: Delivery) -> None:
+        attempts, _ = self._waiting.pop(delivery)
+        self._attempts[delivery] = attempts
+        self._pending.appendleft(delivery)
+        if self._idle:
+            self._idle.popleft().wake()
 
     async def _handle_traced(self, delivery: Delivery, worker: asyncio.Task[None]) -> Outcome:
         """:meth:`_handle` in the CONSUMER span of the delivery (see Tracing)."""
@@ -3011,6 +3120,11 @@ class ConsumerPool:
         self.stop_feeding()
         released = list(self._pending)
         self._pending.clear()
+        for _, timer in self._waiting.values():
+            timer.cancel()
+        released.extend(self._waiting)
+        self._waiting.clear()
+        self._attempts.clear()
         for waiter in self._idle:
             waiter.wake()
         self._idle.clear()
@@ -3626,6 +3740,30 @@ class _MemoryQueue:
     def __init__(self) -> None:
         self.items: deque[bytes] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.delayed: list[tuple[float, int, bytes]] = []  # a heap: (due, order, body)
+        self.timer: asyncio.TimerHandle | None = None  # moves the next due message
+
+    def delay(self, messages: list[bytes], due: float) -> None:
+        """Keep messages until ``due`` (Unix time), then append them to the queue."""
+        for message in messages:
+            heapq.heappush(self.delayed, (due, next(_delay_order), message))
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.delayed:
+            wait = max(self.delayed[0][0] - time.time(), 0.0)
+            self.timer = asyncio.get_running_loop().call_later(wait, self._move_due)
+
+    def _move_due(self) -> None:
+        self.timer = None
+        now, delayed = time.time(), self.delayed
+        while delayed and delayed[0][0] <= now:
+            self.items.append(heapq.heappop(delayed)[2])
+        self.wake()
+        self._arm()
 
     def wake(self) -> None:
         while self.waiters:
@@ -3645,6 +3783,9 @@ class _MemoryQueue:
             elif waiter.done() and self.items:
                 self.wake()  # pass the wake-up on to another consumer
             raise
+
+
+_delay_order = itertools.count()  # keeps messages due at the same time in their order
 
 
 class _BrokerHub:
@@ -3690,6 +3831,14 @@ class MemoryBroker(AbstractQueueBroker):
         queue = self._hub.queue(name)
         queue.items.extend(messages)
         queue.wake()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Keep the messages in the process until due (on a timer of the event loop)."""
+        self._hub.queue(name).delay(messages, due)
+
+    async def delayed_count(self, queue: str) -> int:
+        return len(self._hub.queue(queue).delayed)
 
     async def bind(self, name: str) -> None:
         pool = self.pools[name]
@@ -3879,10 +4028,15 @@ class BrokerMock(AbstractQueueBroker):
             bound = self._queue_mocks[name] = _strict_mock(BoundQueue, f'broker.{name}')
             bound.queue, bound.broker = queue, self
 
-            def check_send(message: Mapping[str, Any], **options: Any) -> None:
+            def check_send(message: Mapping[str, Any], *, delay: float | None = None,
+                           at: Any = None, **options: Any) -> None:
+                due_time(delay, at)
                 queue.serialize(message)
 
-            def check_send_many(messages: Iterable[Mapping[str, Any]], **options: Any) -> None:
+            def check_send_many(messages: Iterable[Mapping[str, Any]], *,
+                                delay: float | None = None, at: Any = None,
+                                **options: Any) -> None:
+                due_time(delay, at)
                 for message in messages:
                     queue.serialize(message)
 

@@ -12,12 +12,14 @@ section opens with how it stores and delivers messages.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import importlib
 import inspect
 import logging
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -624,11 +626,24 @@ class RedisSignalBus(_RedisTransport, AbstractSignalBus):
 # Redis broker
 # =====================================================================================
 
-# KEYS: list, inflight, bodies. ARGV: count, visibility ms, consumer token, fetch number.
-# Moves up to `count` messages from the head of the list to the in-flight structure, the
-# i-th under the id "<token>:<fetch number>:<i>", and returns their bodies (the caller
-# knows the ids: half the reply to parse).
+# KEYS: list, inflight, bodies, delayed. ARGV: count, visibility ms, consumer token,
+# fetch number, '1' to look for due delayed messages. First (when asked) appends to the
+# list the delayed messages now due (members are "<16 random characters>:<body>").
+# Then moves up to `count` messages from the head of the list to the in-flight
+# structure, the i-th under the id "<token>:<fetch number>:<i>", and returns their
+# bodies (the caller knows the ids: half the reply to parse).
 _FETCH = """
+if ARGV[5] == '1' then
+    local t = redis.call('TIME')
+    local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf',
+        tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'LIMIT', 0, 2000)
+    if #due > 0 then
+        local bodies = {}
+        for i = 1, #due do bodies[i] = string.sub(due[i], 18) end
+        redis.call('RPUSH', KEYS[1], unpack(bodies))
+        redis.call('ZREM', KEYS[4], unpack(due))
+    end
+end
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 local n = #items
 if n == 0 then return items end
@@ -757,6 +772,11 @@ def _queue_keys(name: str) -> tuple[str, str, str]:
     return name, f'microagent:{{{name}}}:inflight', f'microagent:{{{name}}}:bodies'
 
 
+def _delayed_key(name: str) -> str:
+    """The sorted set of the delayed messages of queue ``name`` (member -> due ms)."""
+    return f'microagent:{{{name}}}:delayed'
+
+
 class _Scripts:
     """The broker's Lua scripts, registered on the client that runs them."""
 
@@ -776,6 +796,7 @@ class _RedisConsumption(_Consumption):
         super().__init__(name, pool, link)
         self.in_flight: set[bytes] = set()
         self.unanswered: list[bytes] = []
+        self.next_delayed_check = 0.0  # time.monotonic() of the next look for due ones
 
 
 class RedisBroker(_RedisTransport, AbstractQueueBroker):
@@ -789,7 +810,10 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
     round trip, 500), ``LINGER`` (seconds a consumer waits after taking fewer messages
     than it asked for, before asking again: a steady trickle of messages is then taken in
     batches rather than one round trip each; 0 asks again at once), ``CONNECT_TIMEOUT``
-    and ``COMMAND_TIMEOUT`` (seconds to connect, and to wait for a reply). A connection
+    and ``COMMAND_TIMEOUT`` (seconds to connect, and to wait for a reply),
+    ``DELAYED_CHECK`` (seconds between two looks of a consumer for delayed messages now
+    due, which it moves into the list; an idle consumer blocks at most twice that long
+    instead of ``WAIT_TIME``). A connection
     that went silent is noticed within ``COMMAND_TIMEOUT``, or ``WAIT_TIME +
     COMMAND_TIMEOUT`` for a consumer waiting on an empty queue (10 s by default). See the
     module documentation for the keys used and why no command can lose a message when
@@ -808,6 +832,7 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
     LINGER: ClassVar[float] = 0.002
     CONNECT_TIMEOUT: ClassVar[float] = 5
     COMMAND_TIMEOUT: ClassVar[float] = 5
+    DELAYED_CHECK: ClassVar[float] = 0.25
 
     def __init__(self, dsn: str, log: logging.Logger | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, log, **kwargs)
@@ -873,6 +898,24 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
             for start in range(0, len(messages), _PUSH_CHUNK):
                 pipe.rpush(name, *messages[start:start + _PUSH_CHUNK])
             await pipe.execute()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """ZADD the messages to the delayed set of ``name``, scored by ``due`` (ms); the
+        consumers' fetch moves them to the list once due."""
+        score = math.ceil(due * 1000)
+        async with self._failing(f'sending to {name}', self.link('commands')), \
+                self._command_client().pipeline(transaction=False) as pipe:
+            for start in range(0, len(messages), _PUSH_CHUNK):
+                pipe.zadd(_delayed_key(name), {  # a random prefix keeps equal bodies apart
+                    b'%016x:%b' % (random.getrandbits(64), message): score
+                    for message in messages[start:start + _PUSH_CHUNK]})
+            await pipe.execute()
+
+    async def delayed_count(self, queue: str) -> int:
+        """How many delayed messages of ``queue`` are not yet moved to its list."""
+        async with self._failing(f'counting delayed messages of {queue}', self.link('commands')):
+            return await self._command_client().zcard(_delayed_key(queue))
 
     async def queue_length(self, name: str) -> int:
         """How many messages wait in the list ``name`` (not counting those in flight)."""
@@ -949,9 +992,14 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         """
         self._fetches += 1
         prefix = f'{self._token}:{self._fetches}:'
+        now, name = time.monotonic(), consumption.name
+        look = now >= consumption.next_delayed_check
+        if look:
+            consumption.next_delayed_check = now + self.DELAYED_CHECK
         try:
-            bodies = await self._fetch_command()(keys=_queue_keys(consumption.name), args=[
-                size, self._visibility_ms(), self._token, self._fetches])
+            bodies = await self._fetch_command()(
+                keys=(*_queue_keys(name), _delayed_key(name)),
+                args=[size, self._visibility_ms(), self._token, self._fetches, int(look)])
         except BaseException:
             consumption.unanswered.extend(
                 f'{prefix}{position}'.encode() for position in range(1, size + 1))
@@ -975,9 +1023,11 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         ids.clear()
 
     async def _wait_for_messages(self, name: str) -> None:
-        """Block until the list is not empty (or ``WAIT_TIME`` passed), leaving it as is:
-        moving its head to its head is a no-op that BLMOVE waits for."""
-        wait: Any = max(self.WAIT_TIME, 0)  # annotated int in redis-py; Redis takes fractions
+        """Block until the list is not empty (or ``WAIT_TIME`` passed, at most twice
+        ``DELAYED_CHECK``: delayed messages fall due meanwhile), leaving it as is: moving
+        its head to its head is a no-op that BLMOVE waits for."""
+        longest = 2 * self.DELAYED_CHECK
+        wait: Any = longest if self.WAIT_TIME <= 0 else min(self.WAIT_TIME, longest)
         await self._blocking_client().blmove(name, name, wait, 'LEFT', 'LEFT')
 
     async def ack(self, name: str, deliveries: list[Delivery]) -> None:
@@ -1227,6 +1277,28 @@ async def _first_ended(*futures: asyncio.Future[Any]) -> BaseException | None:
     return None if ended.cancelled() else ended.exception()
 
 
+DELAY_UNIT_MS = 100  # the step of a delay on RabbitMQ: a delay is rounded up to it
+DELAY_LEVELS = 28  # level k waits DELAY_UNIT_MS * 2**k: all together ~310 days
+
+
+def _delay_name(queue: str, level: int | str) -> str:
+    """The exchange and queue of a level of the delay ladder of ``queue``, or its
+    ``arrive`` exchange."""
+    return f'microagent.delay.{queue}.{level}'
+
+
+def _delay_bit(level: int, bit: str) -> str:
+    """The binding pattern of the routing keys whose bit of ``level`` is ``bit``: one
+    word per level, no ``#`` (which makes RabbitMQ backtrack)."""
+    return '.'.join(bit if position == DELAY_LEVELS - 1 - level else '*'
+                    for position in range(DELAY_LEVELS))
+
+
+def _delay_route(units: int) -> str:
+    """The routing key of a message delayed ``units``: its bits, highest level first."""
+    return '.'.join(format(units, f'0{DELAY_LEVELS}b'))
+
+
 def _settlement(unsettled: dict[int, None], tags: Sequence[int]) -> tuple[int | None, list[int]]:
     """Take ``tags`` out of ``unsettled`` (the delivery tags of a channel still to settle,
     in delivery order); return the tag to settle with ``multiple=True`` (it covers every
@@ -1286,6 +1358,7 @@ class _Connection(_AMQPTransport):
         self._admin: AbstractChannel | None = None
         self.admin_lock = asyncio.Lock()
         self.declared: set[str] = set()
+        self.delay_levels: dict[str, int] = {}  # queue -> highest delay level declared
         self._exchanges: set[str] = set()
 
     @property
@@ -1334,6 +1407,7 @@ class _Connection(_AMQPTransport):
             self._connected.clear()
             self._connection = self._publisher = self._admin = None
             self.declared.clear()  # a restarted server lost its non-durable queues
+            self.delay_levels.clear()
             self._exchanges.clear()
             link.lost(reason or 'connection closed')
             await link.pause()
@@ -1437,8 +1511,37 @@ class _Connection(_AMQPTransport):
                     await channel.queue_bind(name, exchange, routing_key=topic, timeout=timeout)
             self.declared.add(name)
 
+    async def ensure_delay_levels(self, name: str, top: int) -> None:
+        """Declare the delay ladder of queue ``name`` up to level ``top`` (see
+        :meth:`AMQPBroker.send_later`); once per connection and level."""
+        if self.delay_levels.get(name, -1) >= top:
+            return
+        await self.ensure_queue(name)
+        timeout = self.broker.OPERATION_TIMEOUT
+        async with self.admin_lock:
+            first = self.delay_levels.get(name, -1) + 1
+            channel = await self._admin_channel()
+            arrive = _delay_name(name, 'arrive')
+            if first == 0:
+                await channel.exchange_declare(arrive, exchange_type='fanout', durable=True,
+                                               timeout=timeout)
+                await channel.queue_bind(name, arrive, routing_key='', timeout=timeout)
+            for level in range(first, top + 1):
+                exchange = queue = _delay_name(name, level)
+                below = _delay_name(name, level - 1) if level else arrive
+                await channel.exchange_declare(exchange, exchange_type='topic', durable=True,
+                                               timeout=timeout)
+                await channel.queue_declare(queue, durable=True, timeout=timeout, arguments={
+                    'x-message-ttl': DELAY_UNIT_MS << level, 'x-dead-letter-exchange': below})
+                await channel.queue_bind(queue, exchange, routing_key=_delay_bit(level, '1'),
+                                         timeout=timeout)
+                await channel.exchange_bind(below, exchange, routing_key=_delay_bit(level, '0'),
+                                            timeout=timeout)
+                self.delay_levels[name] = level
+
     def forget(self, name: str, exchange: str) -> None:
         """Declare ``name`` and ``exchange`` again next time (deleted meanwhile?)."""
+        self.delay_levels.pop(name, None)
         self.declared.discard(name)
         self._exchanges.discard(exchange)
 
@@ -1644,6 +1747,52 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
             self._unconfirmed -= len(messages)
             if not self._unconfirmed:
                 self._all_confirmed.set()
+
+    async def send_later(self, name: str, messages: list[bytes], due: float, *,
+                         topic: str | None = None, exchange: str | None = None,
+                         properties: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Publish the messages into the delay ladder of queue ``name`` (no plugin).
+
+        Level ``k`` of the ladder is an exchange and a queue ``microagent.delay.{name}.{k}``
+        whose messages all live ``DELAY_UNIT_MS * 2**k`` ms, then are dead-lettered to the
+        level below. A message's routing key spells its delay in units as bits (highest
+        first): each level's exchange routes it into its queue when its bit is 1, else
+        straight to the level below; level 0 ends in ``...arrive``, a fanout exchange
+        bound to the queue. Every queue of the ladder holds messages of one lifetime
+        only, so its head always expires first: no message waits behind a later-due one.
+        """
+        if kwargs or exchange is not None:
+            raise TypeError(f'{type(self).__name__}.send with a delay takes topic and '
+                            f'properties only')
+        units = max(1, math.ceil((due - time.time()) * 1000 / DELAY_UNIT_MS))
+        top = units.bit_length() - 1
+        if top >= DELAY_LEVELS:
+            raise ValueError(f'a delay of {due - time.time():.0f} s is longer than RabbitMQ '
+                             f'delays go ({(DELAY_UNIT_MS << DELAY_LEVELS) // 1000} s)')
+        extra = _with_trace_context(properties)
+        self._unconfirmed += len(messages)
+        self._all_confirmed.clear()
+        try:
+            async with self._failing(f'sending to {name} (the message may not be stored)'):
+                await self._amqp.ensure_delay_levels(name, top)
+                await self._publish(_delay_name(name, top), _delay_route(units), messages,
+                                    extra)
+        finally:
+            self._unconfirmed -= len(messages)
+            if not self._unconfirmed:
+                self._all_confirmed.set()
+
+    async def delayed_count(self, queue: str) -> int:
+        """How many messages wait in the delay ladder of ``queue``."""
+        total = 0
+        async with self._failing(f'counting delayed messages of {queue}'), \
+                self._amqp.admin_lock:
+            for level in range(DELAY_LEVELS):  # the levels are declared from 0 up
+                info = await self._amqp.passive_declare(_delay_name(queue, level))
+                if info is None:
+                    break
+                total += int(info.message_count or 0)
+        return total
 
     def _unroutable(self, name: str, exchange: str, routing_key: str, error: BaseException
                     ) -> QueueException:
@@ -2069,6 +2218,45 @@ _SEND_OPTIONS = frozenset({'key', 'partition', 'timestamp_ms', 'headers'})
 _IGNORED_SEND_OPTIONS = frozenset({'topic'})  # AMQP routing, meaningless here
 
 
+# The waits of a queue's delay topics ``{queue}.delay.{i}`` (seconds): a delayed record
+# goes to the one of the longest wait not past its due, and comes out of it that long
+# after it went in, or at its due in the first one (so it waits there at most its wait
+# behind another); then it goes on to its queue, or to the next delay topic.
+DELAY_WAITS = (0.5, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0, 32768.0)
+_DUE_HEADER, _READY_HEADER = 'microagent-due', 'microagent-ready'  # Unix time in ms
+_DELAY_HEADERS = frozenset({_DUE_HEADER, _READY_HEADER})
+
+
+def _delay_topic(topic: str, index: int) -> str:
+    return f'{topic}.delay.{index}'
+
+
+def _delay_hop(due: float, now: float) -> tuple[int, float]:
+    """The delay topic for a record due at ``due`` and when it comes out of it."""
+    remaining = due - now
+    index = max(0, bisect.bisect_right(DELAY_WAITS, remaining) - 1)
+    return index, min(now + DELAY_WAITS[index], due)
+
+
+def _header_ms(headers: Iterable[tuple[str, bytes]], name: str) -> float | None:
+    for key, value in headers:
+        if key == name:
+            return int(value) / 1000
+    return None
+
+
+def _delay_headers(due: float, ready: float) -> list[tuple[str, bytes]]:
+    return [(_DUE_HEADER, str(math.ceil(due * 1000)).encode()),
+            (_READY_HEADER, str(math.ceil(ready * 1000)).encode())]
+
+
+def _resume(consumer: Any, partition: Any) -> None:
+    """Resume a paused partition, if the consumer still holds it."""
+    with contextlib.suppress(Exception):
+        if partition in consumer.assignment():
+            consumer.resume(partition)
+
+
 def _aiokafka() -> Any:
     """The aiokafka package (imported on first use, naming the extra when missing)."""
     return require('aiokafka', 'kafka')
@@ -2240,6 +2428,8 @@ class _KafkaConsumption(_Consumption):
         self.commit_lock = asyncio.Lock()
         self.committer: asyncio.Task[None] | None = None
         self.commit_failing = False
+        self.mover: Any = None  # the consumer of the queue's delay topics
+        self.moving: asyncio.Task[None] | None = None
 
     def track(self, batches: Mapping[Any, list[Any]]) -> list[Delivery]:
         """Deliveries for the records of a ``getmany``, remembered per partition."""
@@ -2334,6 +2524,7 @@ class _KafkaOptions(ConsumerOptions, frozen=True, forbid_unknown_fields=True):
     group_id: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.autoack:
             raise ValueError('KafkaBroker commits offsets after handling; autoack=False '
                              'is not supported')
@@ -2483,13 +2674,13 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
 
     # --- topics --------------------------------------------------------------------
 
-    async def _ensure_topic(self, name: str) -> None:
+    async def _ensure_topic(self, name: str, partitions: int | None = None) -> None:
         """Create topic ``name`` unless it exists (once per broker and topic)."""
         if name in self._topics:
             return
         admin = await self._admin_started()
         new_topic = require('aiokafka.admin', 'kafka').NewTopic(
-            name, self.PARTITIONS, self.REPLICATION_FACTOR)
+            name, partitions or self.PARTITIONS, self.REPLICATION_FACTOR)
         response = await asyncio.wait_for(admin.create_topics([new_topic]), self.SEND_TIMEOUT)
         for error in response.topic_errors:
             code, message = error[1], error[2] if len(error) > 2 else None
@@ -2539,6 +2730,121 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             acks = [await producer.send(topic, message, **options) for message in messages]
             await asyncio.gather(*acks)
 
+    async def send_later(self, name: str, messages: list[bytes], due: float, **kwargs: Any
+                         ) -> None:
+        """Produce the records to the delay topic of the queue that fits their delay (see
+        ``DELAY_WAITS``), with their due time in a header; the queue's consumers move
+        them on. Options: ``key`` and ``headers``, kept to the queue."""
+        options = self._send_options(kwargs)
+        if set(options) - {'key', 'headers'}:
+            raise TypeError('KafkaBroker.send with a delay takes the options key and '
+                            'headers only')
+        index, ready = _delay_hop(due, time.time())
+        options['headers'] = [*(options.get('headers') or ()), *_delay_headers(due, ready)]
+        options = _with_trace_headers(options)
+        delay_topic = _delay_topic(_topic(name), index)
+        async with self._failing(f'sending to {name}', self.link('producer')):
+            producer = await self._producer_started()
+            await self._ensure_topic(delay_topic, partitions=1)
+            acks = [await producer.send(delay_topic, message, **options) for message in messages]
+            await asyncio.gather(*acks)
+
+    async def delayed_count(self, queue: str) -> int:
+        """The records in the queue's delay topics that its consumers did not move on
+        yet (the lag of their group ``{group}.delayed``)."""
+        topic = _topic(queue)
+        group_id = self._delay_group(queue)
+        topics = [_delay_topic(topic, index) for index in range(len(DELAY_WAITS))]
+        async with self._failing(f'counting delayed messages of {queue}'):
+            for delay_topic in topics:
+                await self._ensure_topic(delay_topic, partitions=1)
+            lag: int = await asyncio.wait_for(self._lag(topics[0], group_id, topics[1:]),
+                                              self.SEND_TIMEOUT)
+        return lag
+
+    def _delay_group(self, name: str) -> str:
+        consumption = self._consumptions.get(name)
+        return f'{consumption.group_id if consumption else f"microagent.{name}"}.delayed'
+
+    # --- moving delayed records on ---------------------------------------------------
+
+    async def _mover_started(self, consumption: _KafkaConsumption) -> Any:
+        """The consumer of the queue's delay topics (created here), in group
+        ``{group}.delayed``, started."""
+        topic = _topic(consumption.name)
+        topics = [_delay_topic(topic, index) for index in range(len(DELAY_WAITS))]
+        for delay_topic in topics:
+            await self._ensure_topic(delay_topic, partitions=1)
+        session_ms = int(self.SESSION_TIMEOUT * 1000)
+        mover = self._client(
+            _aiokafka().AIOKafkaConsumer, group_id=f'{consumption.group_id}.delayed',
+            client_id=f'microagent-{consumption.name}-delayed', enable_auto_commit=False,
+            auto_offset_reset='earliest', session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(session_ms // 3, 100), fetch_max_wait_ms=100)
+        mover.subscribe(topics)
+        try:
+            await asyncio.wait_for(mover.start(), self.START_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await mover.stop()
+            raise
+        return mover
+
+    async def _move_delayed(self, consumption: _KafkaConsumption) -> None:
+        """Forever: take the records of the delay topics that are due out of them, and
+        pause a partition whose head is not due until it is."""
+        mover = consumption.mover
+        while True:
+            batches: Mapping[Any, list[Any]] = {}
+            try:
+                batches = await mover.getmany(timeout_ms=200, max_records=500)
+                if batches:
+                    await self._move_due(consumption, mover, batches)
+            except Exception as exc:
+                for partition, records in batches.items():  # again (perhaps twice)
+                    if records:
+                        with contextlib.suppress(Exception):  # unless no longer held
+                            mover.seek(partition, records[0].offset)
+                self.log.warning('Moving the delayed messages of %s failed; retrying: %s',
+                                 consumption.name, error_text(exc))
+                await asyncio.sleep(1)
+
+    async def _move_due(self, consumption: _KafkaConsumption, mover: Any,
+                        batches: Mapping[Any, list[Any]]) -> None:
+        producer = await self._producer_started()
+        topic, now = _topic(consumption.name), time.time()
+        loop = asyncio.get_running_loop()
+        acks, done = [], {}
+        for partition, records in batches.items():
+            for record in records:
+                headers = [(key, value) for key, value in record.headers or ()
+                           if key not in _DELAY_HEADERS]
+                due = _header_ms(record.headers or (), _DUE_HEADER) or now
+                ready = _header_ms(record.headers or (), _READY_HEADER) or due
+                if ready > now:
+                    mover.seek(partition, record.offset)
+                    mover.pause(partition)
+                    loop.call_later(ready - now, _resume, mover, partition)
+                    break
+                target = topic
+                if due > now:
+                    index, ready = _delay_hop(due, now)
+                    target = _delay_topic(topic, index)
+                    headers.extend(_delay_headers(due, ready))
+                acks.append(await producer.send(target, record.value, key=record.key,
+                                                headers=headers))
+                done[partition] = record.offset + 1
+        await asyncio.gather(*acks)
+        if done:
+            await _within(mover.commit(done), min(self.SEND_TIMEOUT, self.SESSION_TIMEOUT / 2))
+
+    async def _stop_moving(self, consumption: _KafkaConsumption) -> None:
+        await cancel_and_wait(consumption.moving)
+        mover, consumption.mover = consumption.mover, None
+        if mover is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(mover.stop(), self.CLOSE_TIMEOUT)
+
     # --- consuming -----------------------------------------------------------------
 
     async def bind(self, name: str) -> None:
@@ -2562,15 +2868,24 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         try:
             async with self._failing(f'joining group {group_id} for {name}', consumption.link):
                 await self._ensure_topic(topic)
-                await asyncio.wait_for(consumer.start(), self.START_TIMEOUT)
+                results: tuple[Any, ...] = await asyncio.gather(
+                    asyncio.wait_for(consumer.start(), self.START_TIMEOUT),
+                    self._mover_started(consumption), return_exceptions=True)
+                if not isinstance(results[1], BaseException):
+                    consumption.mover = results[1]  # stopped below if the other failed
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
         except BaseException:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+            await self._stop_moving(consumption)
             raise
         self._consumptions[name] = consumption
         loop = asyncio.get_running_loop()
         consumption.task = loop.create_task(self._consume(consumption))
         consumption.committer = loop.create_task(self._commit_periodically(consumption))
+        consumption.moving = loop.create_task(self._move_delayed(consumption))
 
     async def _consume(self, consumption: _KafkaConsumption) -> None:
         """Feed the pool with batches of records, forever; a failure is retried with
@@ -2686,6 +3001,7 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         if consumption is None:
             return
         await consumption.stop_feeding()
+        await self._stop_moving(consumption)
         async with consumption.commit_lock:  # not in the middle of a commit: aiokafka
             await cancel_and_wait(consumption.committer)  # would finish it after the stop
         try:
@@ -2738,11 +3054,13 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
             lag: int = await asyncio.wait_for(self._lag(topic, group_id), self.SEND_TIMEOUT)
         return lag
 
-    async def _lag(self, topic: str, group_id: str) -> int:
+    async def _lag(self, topic: str, group_id: str, also: Sequence[str] = ()) -> int:
+        """The lag of ``group_id`` over ``topic`` (and the topics ``also``, read
+        together)."""
         admin = await self._admin_started()
-        described = await admin.describe_topics([topic])
-        partitions = [_aiokafka().TopicPartition(topic, partition['partition'])
-                      for partition in described[0]['partitions']]
+        described = await admin.describe_topics([topic, *also])
+        partitions = [_aiokafka().TopicPartition(each['topic'], partition['partition'])
+                      for each in described for partition in each['partitions']]
         if not partitions:
             return 0
         starts, ends = await self._offset_range(partitions)
