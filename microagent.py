@@ -3033,8 +3033,8 @@ class ConsumerPool:
                     timing.total += elapsed
             _tracing.attempt_failed(error, attempts, limit)
             if not isinstance(error, self.retry_on):
-                self.log.error('Consumer %s does not retry %s: a message of %s dead-lettered',
-                               consumer.key, type(error).__name__, self.name, exc_info=error)
+                _log_failed(self.log, error, 'Consumer %s does not retry %s: a message of %s '
+                            'dead-lettered', consumer.key, type(error).__name__, self.name)
                 return await self._dead_letter(delivery, error, attempts)
             if attempts >= limit:
                 _log_failed(self.log, error, 'Consumer %s gave up on a message of %s after %d '
