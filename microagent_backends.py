@@ -1921,15 +1921,16 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                             take: Callable[[list[DeadLetter]], Awaitable[None]] | None,
                             done: Callable[[], bool]) -> int:
         """The loop of :meth:`_walk_dead` over the letters RabbitMQ delivers (prefetch:
-        no more than it walks); returns the highest delivery tag seen."""
+        no more than it walks); returns the highest delivery tag seen and not
+        acknowledged (0: none), the one to give back with ``multiple=True``: a nack of a
+        tag already acknowledged makes RabbitMQ close the channel."""
         seen: dict[str, int] = {}
-        highest, left = 0, walk.left
+        highest_kept, left = 0, walk.left
         while left > 0 and not done():
             messages = await self._next_letters(walk.arrived, min(left, self.REPLAY_BATCH))
             if not messages:
                 break
             left -= len(messages)
-            highest = max(highest, *(_tag(message) for message in messages))
             ids = _content_ids([message.body for message in messages], seen)
             chosen = []
             for letter_id, message in zip(ids, messages, strict=True):
@@ -1937,11 +1938,13 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
                                            _timestamp(message))
                 if choose(letter) and take is not None:
                     chosen.append((letter, _tag(message)))
+                else:
+                    highest_kept = max(highest_kept, _tag(message))
             if take is not None and chosen:
                 await take([letter for letter, _ in chosen])
                 for _, tag in chosen:
                     await walk.channel.basic_ack(tag)
-        return highest
+        return highest_kept
 
     async def _next_letters(self, arrived: asyncio.Queue[DeliveredMessage], count: int
                             ) -> list[DeliveredMessage]:
