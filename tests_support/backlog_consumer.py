@@ -33,8 +33,9 @@ def rss() -> int:
 
 def make_broker(backend: str, dsn: str, settings: dict[str, Any]) -> AbstractQueueBroker:
     import microagent_backends
-    classes = {'redis': microagent_backends.RedisBroker, 'amqp': microagent_backends.AMQPBroker,
-               'kafka': microagent_backends.KafkaBroker}
+    classes: dict[str, type[AbstractQueueBroker]] = {
+        'redis': microagent_backends.RedisBroker, 'amqp': microagent_backends.AMQPBroker,
+        'kafka': microagent_backends.KafkaBroker}
     return classes[backend](dsn, **settings)
 
 
