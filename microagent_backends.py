@@ -2217,6 +2217,10 @@ _TOPIC_NAME = re.compile(r'^[A-Za-z0-9._-]{1,249}$')
 _TOPIC_ALREADY_EXISTS = 36
 _DEFAULT_PORT = 9092
 _FETCH_WAIT_MS = 1000
+# What one fetch of a queue's consumer may bring (aiokafka's default is 50 MB): a server
+# that ignores ``max_partition_fetch_bytes`` (Tansu returns whole partitions) would
+# otherwise fill the consumer's memory with the backlog. CLIENT_OPTIONS may change it.
+_FETCH_MAX_BYTES = 1024 * 1024
 _SEND_OPTIONS = frozenset({'key', 'partition', 'timestamp_ms', 'headers'})
 _IGNORED_SEND_OPTIONS = frozenset({'topic'})  # AMQP routing, meaningless here
 
@@ -2333,6 +2337,12 @@ class _PartitionOffsets:
         self.next_offset: int | None = None
         self.committed: int | None = None
         self.active = True
+
+    def finish(self, offset: int) -> None:
+        """Mark a record finished, and forget at once the finished ones at the head:
+        what is kept is the records in the pool, not all those since the last commit."""
+        self.finished.add(offset)
+        self.position()
 
     def position(self) -> int | None:
         """The offset below which every fetched record is finished."""
@@ -2454,7 +2464,7 @@ class _KafkaConsumption(_Consumption):
         for delivery in deliveries:
             offsets: _PartitionOffsets = delivery.tag
             if offsets.active:
-                offsets.finished.add(delivery.raw.offset)
+                offsets.finish(delivery.raw.offset)
                 dirty.add(offsets)
         if dirty:
             self.finished.set()
@@ -2578,7 +2588,9 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
     ``CLIENT_OPTIONS`` ({}): more keyword arguments for the aiokafka clients, each
     getting those its class takes (``security_protocol``, ``sasl_mechanism``,
     ``ssl_context``... for all; ``max_request_size`` for the producer,
-    ``max_partition_fetch_bytes`` for the consumers).
+    ``max_partition_fetch_bytes`` and ``fetch_max_bytes`` for the consumers; a queue's
+    consumer fetches at most 4 MB at a time by default, which bounds its memory whatever
+    the backlog, even on a server that ignores ``max_partition_fetch_bytes``).
     Links: ``producer``, and ``consume {queue}`` per consumed queue.
     """
 
@@ -2863,7 +2875,8 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         consumer = self._client(
             aiokafka.AIOKafkaConsumer, group_id=group_id, client_id=f'microagent-{name}',
             enable_auto_commit=False, auto_offset_reset='earliest',
-            session_timeout_ms=session_ms, heartbeat_interval_ms=max(session_ms // 3, 100))
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(session_ms // 3, 100),
+            **self._fetch_limit())
         consumption = _KafkaConsumption(name, pool, self.link(f'consume {name}'), group_id,
                                         consumer)
         aiokafka.ConsumerRebalanceListener.register(_RebalanceListener)
@@ -2889,6 +2902,11 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
         consumption.task = loop.create_task(self._consume(consumption))
         consumption.committer = loop.create_task(self._commit_periodically(consumption))
         consumption.moving = loop.create_task(self._move_delayed(consumption))
+
+    def _fetch_limit(self) -> dict[str, int]:
+        """``fetch_max_bytes`` for a queue's consumer, unless ``CLIENT_OPTIONS`` sets it."""
+        return {} if 'fetch_max_bytes' in self.CLIENT_OPTIONS else {
+            'fetch_max_bytes': _FETCH_MAX_BYTES}
 
     async def _consume(self, consumption: _KafkaConsumption) -> None:
         """Feed the pool with batches of records, forever; a failure is retried with
