@@ -100,7 +100,7 @@ def test_a_backend_consumer_option_typo_stops_marun_before_spawning(
     assert out.strip() == (
         f"marun: error: {module}: AGENT['worker']: Worker.handle: unknown consumer option "
         "prefetc for AMQPBroker (did you mean 'prefetch'?); known: autoack, backoff, "
-        "concurrency, declare_queue, prefetch, retries")
+        "concurrency, declare_queue, max_backoff, prefetch, retries, retry_on")
     code, out, _ = run_marun_in(['--check', module], tmp_path)
     assert "unknown consumer option prefetc for AMQPBroker (did you mean 'prefetch'?)" in out
     assert code != 0
