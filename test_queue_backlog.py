@@ -4,7 +4,8 @@ so its memory stays flat whatever the backlog.
 
 The backlogs: 500,000 messages on Redis and RabbitMQ (about two minutes there, most of
 it the drain), 1,000,000 on Kafka (it drains them in seconds). Each is sent before the
-consumer starts, which then drains it in a process of its own with the default options; its RSS must stay within 40 MB of what it
+consumer starts, which then drains it in a process of its own with the default options;
+its RSS must stay within 40 MB of what it
 was right after ``start()``: half the 80 MB the issue allows, so that a buffer growing
 with the backlog shows (on Tansu, aiokafka's default ``fetch_max_bytes`` let the Kafka
 consumer grow by 80 MB over 1,000,000 messages).
