@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import reprlib
 import shutil
@@ -24,6 +25,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -266,6 +268,41 @@ def child_process(args: list[str], **kwargs: object) -> Iterator[subprocess.Pope
         yield process
     finally:
         stop_process(process)
+
+
+@contextlib.contextmanager
+def talking_child(script: str, *args: str, grace: float = 15) -> Iterator[subprocess.Popen[str]]:
+    """``python tests_support/SCRIPT ARGS...``, a child that prints JSON lines (read them
+    with :func:`read_json_line`) and exits when its standard input closes: closed at the
+    end of the block, then waited for ``grace`` seconds before it is killed."""
+    root = Path(__file__).resolve().parent
+    process = subprocess.Popen(
+        [sys.executable, str(root / 'tests_support' / script), *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, 'PYTHONPATH': str(root)})
+    try:
+        yield process
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def read_json_line(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The next JSON line of a :func:`talking_child`, or a failure after ``timeout``."""
+    import selectors
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise AssertionError(f'{process.args[1]} said nothing for {timeout}s')
+    line = process.stdout.readline()
+    assert line, f'{process.args[1]} ended (exit {process.wait()})'
+    return dict(json.loads(line))
 
 
 @pytest.fixture

@@ -2721,11 +2721,20 @@ class AbstractQueueBroker(_Connections, abc.ABC):
         """Send the dead letters named by ``ids`` (else the oldest ``limit``, else all)
         back to ``queue`` with their original body; return how many. A letter leaves
         the dead-letter queue only after its message is stored in ``queue``."""
-        raise NotImplementedError(f'{type(self).__name__} cannot replay dead letters yet')
+        _check_limit(limit)
+        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
 
     async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
         """Remove the dead letters named by ``ids`` (all when None); return how many."""
-        raise NotImplementedError(f'{type(self).__name__} cannot purge dead letters yet')
+        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
+
+    async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
+                         push: bool) -> int:
+        """Take the letters of ``queue`` whose ids are ``wanted`` (else the oldest
+        ``limit``, else all) out of ``{queue}.dead``, after storing their messages in
+        ``queue`` when ``push``; return how many. Each backend does it its own way."""
+        raise NotImplementedError(
+            f'{type(self).__name__} cannot {"replay" if push else "purge"} dead letters yet')
 
     async def delayed_count(self, queue: str) -> int:
         """How many messages sent to ``queue`` with a delay are not due yet."""
@@ -3884,12 +3893,11 @@ class MemoryBroker(AbstractQueueBroker):
     async def dead_count(self, queue: str) -> int:
         return len(self._dead(queue))
 
-    def _chosen(self, queue: str, ids: Iterable[str] | None, limit: int | None
+    def _chosen(self, queue: str, wanted: set[str] | None, limit: int | None
                 ) -> list[int]:
-        """Positions in ``{queue}.dead`` of the letters named by ``ids``, else the first
-        ``limit``, else all."""
-        _check_limit(limit)
-        dead, wanted = self._dead(queue), _wanted_ids(ids)
+        """Positions in ``{queue}.dead`` of the letters whose ids are ``wanted``, else
+        the first ``limit``, else all."""
+        dead = self._dead(queue)
         if wanted is None:
             return list(range(len(dead) if limit is None else min(limit, len(dead))))
         return [i for i, letter_id in enumerate(_content_ids(dead)) if letter_id in wanted]
@@ -3900,18 +3908,14 @@ class MemoryBroker(AbstractQueueBroker):
         dead.clear()
         dead.extend(kept)
 
-    async def replay(self, queue: str, ids: Iterable[str] | None = None,
-                     limit: int | None = None) -> int:
-        positions = self._chosen(queue, ids, limit)
-        dead = self._dead(queue)
-        bodies = [_read_dead_letter('', queue, dead[i]).body for i in positions]
-        if bodies:
-            await self.send_many(queue, bodies)
-            self._remove_dead(queue, positions)
-        return len(bodies)
-
-    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
-        positions = self._chosen(queue, ids, None)
+    async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
+                         push: bool) -> int:
+        positions = self._chosen(queue, wanted, limit)
+        if push:
+            dead = self._dead(queue)
+            bodies = [_read_dead_letter('', queue, dead[i]).body for i in positions]
+            if bodies:
+                await self.send_many(queue, bodies)
         self._remove_dead(queue, positions)
         return len(positions)
 

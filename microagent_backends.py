@@ -56,7 +56,6 @@ from microagent import (
     _read_dead_letter,
     _read_dead_letters,
     _resolve,
-    _wanted_ids,
     cancel_and_wait,
     error_text,
     redact_dsn,
@@ -1074,21 +1073,13 @@ class RedisBroker(_RedisTransport, AbstractQueueBroker):
         async with self._failing(f'counting dead letters of {queue}', self.link('commands')):
             return await self._command_client().llen(f'{queue}.dead')
 
-    async def replay(self, queue: str, ids: Iterable[str] | None = None,
-                     limit: int | None = None) -> int:
-        """Push the chosen letters' messages to the list ``queue`` and remove the
-        letters, in scripts of up to 2,000 letters, each one step (see ``_TAKE_DEAD``):
-        a lost connection loses no letter, and a script sent again replays nothing twice
-        (its count may then miss the letters of the first send)."""
-        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
-
-    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
-        """Remove the chosen letters, by the same script as :meth:`replay`."""
-        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
-
     async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
                          push: bool) -> int:
-        _check_limit(limit)
+        """Replay (``push``) pushes the chosen letters' messages to the list ``queue``
+        and removes the letters, in scripts of up to 2,000 letters, each one step (see
+        ``_TAKE_DEAD``): a lost connection loses no letter, and a script sent again
+        replays nothing twice (its count may then miss the letters of the first send).
+        Purge removes the chosen letters by the same script."""
         what = f'{"replaying" if push else "purging"} dead letters of {queue}'
         async with self._failing(what, self.link('commands')):
             if wanted is None:
@@ -1848,21 +1839,13 @@ class AMQPBroker(_AMQPTransport, AbstractQueueBroker):
         """The letters ready in ``{queue}.dead`` (not those a listing or replay holds)."""
         return await self.queue_length(f'{queue}.dead')
 
-    async def replay(self, queue: str, ids: Iterable[str] | None = None,
-                     limit: int | None = None) -> int:
-        """Publish the chosen letters' messages to ``queue``, ``REPLAY_BATCH`` at a time,
-        and acknowledge the letters once RabbitMQ confirmed their messages. A connection
-        lost meanwhile returns the batch's letters: their messages that were stored
-        already are then there twice (at most one batch)."""
-        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
-
-    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
-        """Acknowledge the chosen letters (all when ``ids`` is None)."""
-        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
-
     async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
                          push: bool) -> int:
-        _check_limit(limit)
+        """Replay (``push``) publishes the chosen letters' messages to ``queue``,
+        ``REPLAY_BATCH`` at a time, and acknowledges the letters once RabbitMQ confirmed
+        their messages. A connection lost meanwhile returns the batch's letters: their
+        messages that were stored already are then there twice (at most one batch).
+        Purge acknowledges the chosen letters."""
         chosen: list[DeadLetter] = []
 
         def choose(letter: DeadLetter) -> bool:
@@ -3243,19 +3226,12 @@ class KafkaBroker(_KafkaTransport, AbstractQueueBroker):
                 self._dead_log(queue) as log:
             return log.count()
 
-    async def replay(self, queue: str, ids: Iterable[str] | None = None,
-                     limit: int | None = None) -> int:
-        """Send the chosen letters' messages to ``queue``, ``REPLAY_BATCH`` at a time;
-        each batch is marked handled only once Kafka acknowledged all its messages."""
-        return await self._take_dead(queue, _wanted_ids(ids), limit, push=True)
-
-    async def purge_dead(self, queue: str, ids: Iterable[str] | None = None) -> int:
-        """Mark the chosen letters handled (the log itself keeps its records)."""
-        return await self._take_dead(queue, _wanted_ids(ids), None, push=False)
-
     async def _take_dead(self, queue: str, wanted: set[str] | None, limit: int | None, *,
                          push: bool) -> int:
-        _check_limit(limit)
+        """Replay (``push``) sends the chosen letters' messages to ``queue``,
+        ``REPLAY_BATCH`` at a time; each batch is marked handled only once Kafka
+        acknowledged all its messages. Purge marks the chosen letters handled (the log
+        itself keeps its records)."""
         what = f'{"replaying" if push else "purging"} dead letters of {queue}'
         taken = 0
         async with self._failing(what, self.link('producer')), self._dead_log(queue) as log:

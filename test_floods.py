@@ -7,22 +7,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import microagent
+from conftest import eventually, read_json_line, talking_child
 from microagent import AbstractSignalBus, MemorySignalBus, MicroAgent, Signal, receiver
-from test_microagent_backends import eventually
 
-HERE = Path(__file__).parent
 MB = 1024 * 1024
 WAIT = 10.0
 
@@ -69,37 +66,9 @@ def memory_of(pid: int) -> dict[str, int]:
     return fields
 
 
-@contextlib.contextmanager
 def flood_agent(kind: str, dsn: str, prefix: str, count: int, fast: int
-                ) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / 'tests_support' / 'flood_agent.py'), kind, dsn, prefix,
-         str(count), str(fast)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE,
-        env={**os.environ, 'PYTHONPATH': str(HERE)})
-    try:
-        yield process
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The next JSON line of the child, or a failure after ``timeout`` seconds."""
-    import selectors
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise AssertionError(f'the flooded agent said nothing for {timeout}s')
-    line = process.stdout.readline()
-    assert line, f'the flooded agent ended (exit {process.wait()})'
-    return dict(json.loads(line))
+                ) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    return talking_child('flood_agent.py', kind, dsn, prefix, str(count), str(fast), grace=10)
 
 
 def publish_flood(dsn: str, prefix: str, count: int, fast: int) -> None:
@@ -126,11 +95,11 @@ def test_a_flood_to_a_slow_receiver_keeps_memory_flat(kind: str, dsn: str, uniqu
     same bus hears every one of its signals."""
     count, fast = 100_000, 500
     with flood_agent(kind, dsn, unique, count, fast) as process:
-        assert read_line(process, 30) == {'ready': True}
+        assert read_json_line(process, 30) == {'ready': True}
         before = memory_of(process.pid)
         if kind == 'redis':
             publish_flood(dsn, unique, count, fast)
-        seen = read_line(process, 90)
+        seen = read_json_line(process, 90)
         after = memory_of(process.pid)
     growth = max(after['VmHWM'], after['VmRSS']) - before['VmRSS']
     print(f'{kind}: RSS {before["VmRSS"] / MB:.1f} MB before, {after["VmRSS"] / MB:.1f} MB '

@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from conftest import KAFKA_DSN, eventually
+from conftest import KAFKA_DSN, eventually, read_json_line, talking_child
 from microagent import AbstractQueueBroker, Queue
 
-HERE = Path(__file__).parent
 MB = 1024 * 1024
 BOUND = 40 * MB
 COUNTS = {'redis': 500_000, 'amqp': 500_000, 'kafka': 1_000_000}
@@ -149,37 +145,10 @@ async def delete(backend: str, dsn: str, name: str) -> None:
 
 # -- the consumer, in a process of its own ---------------------------------------------------
 
-@contextlib.contextmanager
 def backlog_consumer(backend: str, dsn: str, queue: str, count: int
-                     ) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / 'tests_support' / 'backlog_consumer.py'), backend, dsn,
-         queue, str(count), json.dumps(broker_settings(backend, dsn))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE,
-        env={**os.environ, 'PYTHONPATH': str(HERE)})
-    try:
-        yield process
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def read_line(process: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The next JSON line of the child, or a failure after ``timeout`` seconds."""
-    import selectors
-    assert process.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise AssertionError(f'the consumer said nothing for {timeout}s')
-    line = process.stdout.readline()
-    assert line, f'the consumer ended (exit {process.wait()})'
-    return dict(json.loads(line))
+                     ) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    return talking_child('backlog_consumer.py', backend, dsn, queue, str(count),
+                         json.dumps(broker_settings(backend, dsn)))
 
 
 @pytest.mark.timeout(300)
@@ -192,8 +161,8 @@ async def test_a_consumer_drains_a_backlog_within_a_fixed_memory(
     queue = Queue(unique)
     async with backlog(backend, dsn, queue, count):
         with backlog_consumer(backend, dsn, queue.name, count) as process:
-            assert read_line(process, 60) == {'ready': True}
-            seen = read_line(process, DRAIN_TIMEOUT)
+            assert read_json_line(process, 60) == {'ready': True}
+            seen = read_json_line(process, DRAIN_TIMEOUT)
     growth = seen['peak'] - seen['start']
     print(f'{backend}: {seen["handled"]:,} of {count:,} messages in {seen["seconds"]} s; RSS '
           f'{seen["before_start"] / MB:.1f} MB before start, {seen["start"] / MB:.1f} MB '
