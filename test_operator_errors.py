@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 import time
 import urllib.parse
@@ -22,7 +19,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import RedisServer, free_port
+from conftest import RedisServer, eventually, free_port
 from microagent import (
     CredentialsRefused,
     ManagedProcess,
@@ -42,20 +39,10 @@ from microagent import (
     reconnect_delays,
 )
 from microagent_backends import AMQPBroker, RedisBroker
-from test_microagent_backends import eventually
+from test_microagent_backends import run_marun
 from test_tracing import Spans, is_child, span_exporter, spans, tracer  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent
-
-
-def run_marun_in(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
-    """``marun ARGS`` run in ``cwd``: its exit status, output and seconds taken."""
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONUNBUFFERED': '1'}
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, '-c', 'import microagent; microagent.run()', *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
 def write_app(tmp_path: Path, unique: str, settings: str, agents: str = '') -> str:
@@ -95,13 +82,13 @@ def test_a_backend_consumer_option_typo_stops_marun_before_spawning(
         BROKER = {{'main': {AMQP_BROKER}}}
         AGENT = {{'worker': {{'backend': 'agents_{unique}.Worker', 'broker': 'main'}}}}
     ''')
-    code, out, _ = run_marun_in(['--restart', restart, module], tmp_path)
+    code, out, _ = run_marun(['--restart', restart, module], tmp_path)
     assert code == 2, out
     assert out.strip() == (
         f"marun: error: {module}: AGENT['worker']: Worker.handle: unknown consumer option "
         "prefetc for AMQPBroker (did you mean 'prefetch'?); known: autoack, backoff, "
         "concurrency, declare_queue, max_backoff, prefetch, retries, retry_on")
-    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    code, out, _ = run_marun(['--check', module], tmp_path)
     assert "unknown consumer option prefetc for AMQPBroker (did you mean 'prefetch'?)" in out
     assert code != 0
 
@@ -119,7 +106,7 @@ def test_an_option_of_another_backend_is_refused_for_this_one(
             async def handle(self, **message):
                 pass
     ''')
-    code, out, _ = run_marun_in([module], tmp_path)
+    code, out, _ = run_marun([module], tmp_path)
     assert code == 2, out
     assert 'Worker.handle: unknown consumer option prefetch for MemoryBroker; known:' in out
     assert 'Traceback' not in out
@@ -139,7 +126,7 @@ def test_a_misspelt_agent_entry_key_is_one_line_with_a_hint(
             async def handle(self, **message):
                 pass
     ''')
-    code, out, _ = run_marun_in([module], tmp_path)
+    code, out, _ = run_marun([module], tmp_path)
     assert code == 2, out
     assert out.strip().startswith(
         f"marun: error: {module}: AGENT['worker']: unknown key 'replica' (did you mean "
@@ -164,7 +151,7 @@ def test_an_agent_class_taking_its_own_arguments_gets_them(
                 self.log.info('colour %s', self.colour)
                 raise ServerInterrupt('done')
     ''')
-    _, out, _ = run_marun_in([module], tmp_path)
+    _, out, _ = run_marun([module], tmp_path)
     assert 'colour red' in out, out
 
 
@@ -177,11 +164,11 @@ def test_a_misspelt_section_name_is_named(tmp_path: Path, unique: str, name: str
     sections[name] = sections.pop(near)
     module = write_app(tmp_path, unique, '\n'.join(f'{key} = {value}'
                                                     for key, value in sections.items()))
-    code, out, _ = run_marun_in([module], tmp_path)
+    code, out, _ = run_marun([module], tmp_path)
     assert code == 2, out
     assert out.strip() == (f'marun: error: {module}: {name} is not a settings section '
                            f"(did you mean '{near}'?)")
-    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    code, out, _ = run_marun(['--check', module], tmp_path)
     assert f"{name} is not a settings section (did you mean '{near}'?)" in out
 
 
@@ -203,7 +190,7 @@ def test_a_process_failing_for_its_settings_is_not_restarted(
             async def serve(self):
                 pass
     ''')
-    code, out, _ = run_marun_in(['--restart', 'always', module], tmp_path)
+    code, out, _ = run_marun(['--restart', 'always', module], tmp_path)
     assert code == 2, out
     assert out.count("unknown key 'setings' (did you mean 'settings'?)") == 1, out
     assert 'restarted' not in out
@@ -236,7 +223,7 @@ def test_check_hints_an_undeclared_name_and_says_called_by_for_rpc(
                 await self.bus.price_{unique}.call(item=1)
                 await self.bus.user_craeted_{unique}.send(user_id=1)
     ''')
-    code, out, _ = run_marun_in(['--check', module], tmp_path)
+    code, out, _ = run_marun(['--check', module], tmp_path)
     assert code == 1, out
     assert (f"signal 'user_craeted_{unique}', which is not declared (did you mean "
             f"'user_created_{unique}'?)") in out
@@ -372,7 +359,7 @@ def test_marun_with_a_refused_password_exits_2_without_restarting(
                              'dsn': {wrong_amqp(amqp_dsn)!r}}}}}
         AGENT = {{'worker': {{'backend': 'test_operator_errors.Worker', 'broker': 'main'}}}}
     ''')
-    code, out, seconds = run_marun_in(['--restart', 'on-failure', module], tmp_path)
+    code, out, seconds = run_marun(['--restart', 'on-failure', module], tmp_path)
     assert code == 2, out
     assert 'cannot start: ' in out and 'refused: ACCESS_REFUSED' in out, out
     assert 'Traceback' not in out and 'restarted' not in out and 'guest:wrong' not in out
@@ -536,7 +523,7 @@ def test_settings_errors_quote_keys_one_way(tmp_path: Path, unique: str) -> None
         class NotAnAgent:
             pass
     ''')
-    code, out, _ = run_marun_in([module], tmp_path)
+    code, out, _ = run_marun([module], tmp_path)
     assert code == 2, out
     assert f"{module}: AGENT['producer']['backend']: " in out and '"' not in out, out
 
@@ -550,7 +537,7 @@ def test_check_against_a_missing_file_is_a_usage_error(tmp_path: Path, unique: s
         class Worker(MicroAgent):
             pass
     ''')
-    code, out, _ = run_marun_in(['--check', '--against', 'no_such.json', module], tmp_path)
+    code, out, _ = run_marun(['--check', '--against', 'no_such.json', module], tmp_path)
     assert code == 2, out
     assert 'marun: error: --against no_such.json: no such file' in out
 
