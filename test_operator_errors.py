@@ -42,7 +42,6 @@ from microagent_backends import AMQPBroker, RedisBroker
 from test_microagent_backends import run_marun
 from test_tracing import Spans, is_child, span_exporter, spans, tracer  # noqa: F401 - fixtures
 
-ROOT = Path(__file__).resolve().parent
 
 
 def write_app(tmp_path: Path, unique: str, settings: str, agents: str = '') -> str:
