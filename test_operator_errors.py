@@ -43,7 +43,6 @@ from test_microagent_backends import run_marun
 from test_tracing import Spans, is_child, span_exporter, spans, tracer  # noqa: F401 - fixtures
 
 
-
 def write_app(tmp_path: Path, unique: str, settings: str, agents: str = '') -> str:
     """An agents module and a settings module in ``tmp_path``; the settings' name."""
     (tmp_path / f'agents_{unique}.py').write_text(textwrap.dedent(agents or f'''
