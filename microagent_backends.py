@@ -2538,9 +2538,16 @@ class _KafkaTransport(_Transport):
         self._unreachable = (OSError, asyncio.TimeoutError, errors.KafkaConnectionError,
                              errors.KafkaTimeoutError, errors.NodeNotReadyError,
                              errors.NoBrokersAvailable)
+        self._auth_errors = (errors.SaslAuthenticationFailed, errors.AuthenticationFailedError,
+                             errors.AuthenticationMethodNotSupported,
+                             errors.UnsupportedSaslMechanismError, errors.IllegalSaslStateError)
+
+    def _credentials_refused(self, error: BaseException) -> bool:
+        return isinstance(error, (CredentialsRefused, *self._auth_errors))
 
     def _refused(self, error: BaseException) -> bool:
-        return not (isinstance(error, self._unreachable) or getattr(error, 'retriable', False))
+        return not (isinstance(error, self._unreachable) or getattr(error, 'retriable', False)
+                    or self._credentials_refused(error))
 
 
 class KafkaBroker(_KafkaTransport, AbstractQueueBroker):

@@ -38,7 +38,7 @@ from microagent import (
     receiver,
     reconnect_delays,
 )
-from microagent_backends import AMQPBroker, RedisBroker
+from microagent_backends import AMQPBroker, KafkaBroker, RedisBroker
 from test_microagent_backends import run_marun
 from test_tracing import Spans, is_child, span_exporter, spans, tracer  # noqa: F401 - fixtures
 
@@ -348,6 +348,30 @@ async def test_a_wrong_or_missing_redis_password_is_refused_at_once(
     message, seconds = await start_refused(RedisBroker(dsn))
     assert 'Redis at' in message and 'refused:' in message and 'wrong' not in message
     assert seconds < 2
+
+
+async def test_a_kafka_sasl_refusal_is_refused_at_once(
+        kafka_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SASL-enabled Kafka runs here: the client library's own refusal is raised where
+    it would be, by every client's ``start()`` (aiokafka authenticates as it connects)."""
+    import aiokafka
+    import aiokafka.admin
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    async def refuse(self: Any) -> None:
+        raise SaslAuthenticationFailed('Authentication failed: Invalid username or password')
+
+    for client in (aiokafka.AIOKafkaProducer, aiokafka.AIOKafkaConsumer,
+                   aiokafka.admin.AIOKafkaAdminClient):
+        monkeypatch.setattr(client, 'start', refuse)
+    message, seconds = await start_refused(KafkaBroker(kafka_dsn))
+    assert 'Kafka at' in message and 'refused: ' in message, message
+    assert 'Invalid username or password' in message
+    assert seconds < 2
+    broker = KafkaBroker(kafka_dsn)
+    with pytest.raises(CredentialsRefused, match='refused'):
+        await broker.send('q_sasl', b'{}')
+    await broker.close()
 
 
 def test_marun_with_a_refused_password_exits_2_without_restarting(
