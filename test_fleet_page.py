@@ -4,6 +4,7 @@ DevTools protocol (tests_support/chromium.py), against real ``marun --http`` fle
 Redis with traffic; ``/status``'s new consumer fields are checked as JSON too."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -52,10 +53,16 @@ def jobs(start: int, count: int) -> list[bytes]:
 
 
 def node(page: Page, kind: str, name: str) -> dict[str, str]:
-    """The attributes of the element of the page showing ``kind`` ``name``."""
+    """The attributes of the element of the page showing ``kind`` ``name``; one that the
+    page's script has not set yet (before its first read of /status) reads as ''."""
     found = page.attributes(f'[data-{kind}="{name}"]')
     assert len(found) == 1, (kind, name, found)
-    return found[0]
+    return collections.defaultdict(str, found[0])
+
+
+def rate(page: Page, kind: str, name: str) -> float:
+    """The ``data-rate`` of ``kind`` ``name``, 0 until the page has set it."""
+    return float(node(page, kind, name)['data-rate'] or 0)
 
 
 def updated(page: Page) -> float:
@@ -146,11 +153,11 @@ def test_page_shows_every_agent_and_queue_live_and_asks_only_the_supervisor(
     shown = node(page, 'queue', queue)
     assert {'data-rate', 'data-depth', 'data-in-flight', 'data-delayed', 'data-dead'} <= set(shown)
     assert 'data-rate' in node(page, 'signal', 'fleet_tick')
-    page.wait_for(lambda: float(node(page, 'signal', 'fleet_tick')['data-rate']) > 0,
+    page.wait_for(lambda: rate(page, 'signal', 'fleet_tick') > 0,
                   'the rate of the signal sent every 0.2 s')
 
     send(redis_dsn, queue, *jobs(0, 300))
-    page.wait_for(lambda: float(node(page, 'queue', queue)['data-rate']) > 0,
+    page.wait_for(lambda: rate(page, 'queue', queue) > 0,
                   'a rate of the queue under traffic')
     send(redis_dsn, queue, b'not json: a dead letter at once')
     page.wait_for(lambda: node(page, 'queue', queue)['data-dead'] == '1',
@@ -228,8 +235,8 @@ def test_screenshot_of_the_examples_fleet(private_redis: Any, browser: Chromium)
                                   for a in ('user_agent', 'comment_agent', 'email_agent')),
                       'the examples running')
         page.wait_for(lambda: node(page, 'queue', 'mailer')['data-depth'] != ''
-                      and float(node(page, 'queue', 'mailer')['data-rate']) > 0
-                      and float(node(page, 'signal', 'user_comment')['data-rate']) > 0,
+                      and rate(page, 'queue', 'mailer') > 0
+                      and rate(page, 'signal', 'user_comment') > 0,
                       'the queue counts read and some traffic', timeout=WAIT)
         png = page.screenshot()
     assert png.startswith(b'\x89PNG\r\n\x1a\n')
