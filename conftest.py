@@ -160,17 +160,19 @@ class PrivateServer:
 
 
 class RedisServer(PrivateServer):
-    """A private redis-server on a free port."""
+    """A private redis-server on a free port; ``options`` are added to its command line
+    (``'--appendonly', 'yes'``: a later option wins over an earlier one)."""
 
     what, scheme, path = 'redis-server', 'redis', '/0'
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix='microagent-redis-')
+        self.options = options
 
     def command(self) -> list[str]:
         return ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
-                '--appendonly', 'no', '--dir', self.dir, '--daemonize', 'no']
+                '--appendonly', 'no', '--dir', self.dir, '--daemonize', 'no', *self.options]
 
 
 class TansuServer(PrivateServer):
@@ -223,12 +225,20 @@ def redis_dsn() -> Iterator[str]:
                                      shutil.which('redis-server') is not None, RedisServer)
 
 
+@contextlib.contextmanager
+def redis_server(*options: str) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (see :class:`RedisServer`); without the program
+    the test is skipped, or fails when services are required."""
+    if not shutil.which('redis-server'):
+        service_missing('redis-server (for a private Redis)')
+    with RedisServer(*options) as server:
+        yield server
+
+
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may restart."""
-    if not shutil.which('redis-server'):
-        service_missing('redis-server (for a private Redis)')
-    with RedisServer() as server:
+    with redis_server() as server:
         yield server
 
 

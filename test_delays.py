@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import itertools
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,7 +15,7 @@ import aiormq
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import RedisServer
+from conftest import RedisServer, redis_server
 from microagent import MemoryBroker, MicroAgent, Queue, consumer
 from microagent_backends import DELAY_LEVELS, RedisBroker
 from test_microagent_backends import (  # noqa: F401  (fixtures used by the broker kinds)
@@ -305,18 +304,10 @@ async def test_naive_datetime_and_negative_delay_are_refused_storing_nothing(
     assert await broker.delayed_count(queue.name) == 0
 
 
-class AOFRedisServer(RedisServer):
-    """A private redis-server that logs every write to its append-only file."""
-
-    def command(self) -> list[str]:
-        return [*super().command(), '--appendonly', 'yes', '--appendfsync', 'always']
-
-
 @pytest.fixture
 def aof_redis() -> Iterator[RedisServer]:
-    if not shutil.which('redis-server'):
-        pytest.skip('no redis-server for a private Redis')
-    with AOFRedisServer() as server:
+    """A private redis-server that logs every write to its append-only file."""
+    with redis_server('--appendonly', 'yes', '--appendfsync', 'always') as server:
         yield server
 
 

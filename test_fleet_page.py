@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from conftest import REQUIRE_SERVICES, service_missing
 from tests_support.chromium import Chromium, Page, chromium_path
 from tests_support.fleet_marun import Marun
 
@@ -22,8 +23,9 @@ ROOT = Path(__file__).resolve().parent
 SETTINGS = 'tests_support.fleet_page_settings'
 WAIT = 30
 
-needs_chromium = pytest.mark.skipif(chromium_path() is None,
-                                    reason='chromium is not installed (apt-get install chromium)')
+needs_chromium = pytest.mark.skipif(
+    chromium_path() is None and not REQUIRE_SERVICES,
+    reason='chromium is not installed (apt-get install chromium)')
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def fleet(redis_dsn: str, queue: str) -> Iterator[Marun]:
 @pytest.fixture
 def browser() -> Iterator[Chromium]:
     if chromium_path() is None:
-        pytest.skip('chromium is not installed (apt-get install chromium)')
+        service_missing('chromium (apt-get install chromium)')
     with Chromium() as chromium:
         yield chromium
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import shutil
 import textwrap
 import time
 import urllib.parse
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import RedisServer, eventually, free_port
+from conftest import RedisServer, eventually, free_port, redis_server
 from microagent import (
     CredentialsRefused,
     ManagedProcess,
@@ -298,20 +297,13 @@ async def test_a_consumers_last_timeout_is_one_line(
 
 # -- 3. refused credentials are not an outage ---------------------------------------------
 
-class PasswordRedis(RedisServer):
-    """A private redis-server that wants a password."""
-
-    password = 's3cret'
-
-    def command(self) -> list[str]:
-        return [*super().command(), '--requirepass', self.password]
+REDIS_PASSWORD = 's3cret'
 
 
 @pytest.fixture
-def password_redis() -> Iterator[PasswordRedis]:
-    if not shutil.which('redis-server'):
-        pytest.skip('redis-server is needed for a Redis with a password')
-    with PasswordRedis() as server:
+def password_redis() -> Iterator[RedisServer]:
+    """A private redis-server that wants the password REDIS_PASSWORD."""
+    with redis_server('--requirepass', REDIS_PASSWORD) as server:
         yield server
 
 
@@ -342,7 +334,7 @@ async def test_a_wrong_rabbitmq_password_is_refused_at_once(amqp_dsn: str) -> No
 
 @pytest.mark.parametrize('password', ['wrong', None])
 async def test_a_wrong_or_missing_redis_password_is_refused_at_once(
-        password_redis: PasswordRedis, password: str | None) -> None:
+        password_redis: RedisServer, password: str | None) -> None:
     userinfo = f':{password}@' if password else ''
     dsn = f'redis://{userinfo}127.0.0.1:{password_redis.port}/0'
     message, seconds = await start_refused(RedisBroker(dsn))
@@ -389,9 +381,9 @@ def test_marun_with_a_refused_password_exits_2_without_restarting(
 
 
 async def test_a_password_rotated_under_a_running_agent_is_logged_as_refused(
-        password_redis: PasswordRedis, caplog: pytest.LogCaptureFixture) -> None:
+        password_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    dsn = f'redis://:{password_redis.password}@127.0.0.1:{password_redis.port}/0'
+    dsn = f'redis://:{REDIS_PASSWORD}@127.0.0.1:{password_redis.port}/0'
     broker = RedisBroker(dsn)
     agent = Worker(broker=broker)
     await agent.start()
@@ -401,7 +393,7 @@ async def test_a_password_rotated_under_a_running_agent_is_logged_as_refused(
         await admin.client_kill_filter(_type='normal', skipme=True)
         await eventually(lambda: any(' refused (' in r.getMessage() for r in caplog.records))
         assert not broker.connected
-        await admin.config_set('requirepass', password_redis.password)
+        await admin.config_set('requirepass', REDIS_PASSWORD)
         await eventually(lambda: broker.connected)
     finally:
         await admin.aclose()
