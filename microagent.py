@@ -4355,6 +4355,7 @@ class LinkReport(msgspec.Struct, frozen=True):
     name: str
     connected: bool
     last_error: str | None
+    since: float | None = None  # Unix time it went up or down (Link.since)
 
 
 class ConsumerReport(msgspec.Struct, frozen=True):
@@ -4643,7 +4644,7 @@ class ProcessMonitor:
 
     def _agent_report(self, name: str, agent: MicroAgent, now: float) -> AgentReport:
         links = [LinkReport(f'{type(t).__name__} {redact_dsn(t.dsn)}', link.name,
-                            link.connected, link.last_error)
+                            link.connected, link.last_error, link.since)
                  for t in (agent.bus, agent.broker) if t is not None
                  for link in list(t.links.values())]
         if agent.broker is not None:
@@ -4945,7 +4946,6 @@ class ManagedProcess:
         self.reported = 0.0  # monotonic time it came
         self.kept = _Counts()  # what the ended processes had counted
         self.rates = _Rates()  # of handled messages and signals, from the reports
-        self.links_since: dict[tuple[str, str, str], tuple[bool, float]] = {}  # Unix time
         self._reader: Any = None
         self._buffer = bytearray()
 
@@ -4962,7 +4962,6 @@ class ManagedProcess:
         self._buffer.clear()
         self.report, self.exitcode, self.state = None, None, 'starting'
         self.started = self.reported = time.monotonic()
-        self.links_since.clear()
 
     def waitables(self) -> list[Any]:
         """What :func:`multiprocessing.connection.wait` should watch for it."""
@@ -4999,9 +4998,8 @@ class ManagedProcess:
             self.state = report.state
 
     def _sample(self, report: ProcessReport) -> None:
-        """Feed the rates with the totals of a new report; note when links changed."""
-        now, wall = self.reported, time.time()
-        kept = self.kept
+        """Feed the rates with the totals of a new report."""
+        now, kept = self.reported, self.kept
         for agent in report.agents:
             for c in agent.consumers:
                 handled = kept.messages.get((agent.name, c.queue), [0])[0] + c.handled
@@ -5011,11 +5009,6 @@ class ManagedProcess:
                 for signal, count in counts.items():
                     self.rates.add((kind, agent.name, signal), now,
                                    table.get((agent.name, signal), 0) + count)
-            for link in agent.links:
-                key = (agent.name, link.transport, link.name)
-                seen = self.links_since.get(key)
-                if seen is None or seen[0] != link.connected:
-                    self.links_since[key] = (link.connected, wall)
 
     def ended(self) -> int | None:
         """The process ended: read its last report, keep what it counted."""
@@ -5082,7 +5075,7 @@ class FleetView:
             'state': managed.state, 'restarts': managed.restarts,
             'uptime': round(now - managed.started, 1) if managed.alive else None,
             'connected': current is not None and all(link.connected for link in current.links),
-            'connections': [_link_status(managed, name, link)
+            'connections': [_link_status(link)
                             for link in (current.links if current is not None else ())],
             'consumers': [consumers[queue] for queue in sorted(consumers)],
             'signals': _signal_status(managed, name, current, now),
@@ -5216,11 +5209,10 @@ def _consumer_status(queue: str, counts: list[int], in_flight: int,
             'depth': depth, 'delayed': delayed, 'dead': dead}
 
 
-def _link_status(managed: ManagedProcess, name: str, link: LinkReport) -> JSONObject:
+def _link_status(link: LinkReport) -> JSONObject:
     """A connection of ``/status``: up or down since when (Unix time), its last error."""
-    _, since = managed.links_since.get((name, link.transport, link.name), (None, None))
     return {'transport': redact_dsn(link.transport), 'name': link.name,
-            'connected': link.connected, 'since': since,
+            'connected': link.connected, 'since': link.since,
             'last_error': redact_dsn(link.last_error) if link.last_error else None}
 
 
