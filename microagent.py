@@ -4720,13 +4720,27 @@ def _server_report(agent: MicroAgent, server: Callable[..., Any]) -> ServerRepor
     return ServerReport(handler_key(type(agent), server), leased.key, leased.token is not None)
 
 
+_EARLY_STOPS: list[int] = []
+"""SIGTERM/SIGINT caught by an agent process before :func:`_serve` handles them."""
+
+
+def _note_early_stop(signum: int, frame: object) -> None:
+    _EARLY_STOPS.append(signum)
+
+
 def run_group(modules: list[str], names: list[str], grace: float, label: str | None = None,
               report: Any = None) -> None:
     """A process of the group: run the named agents of the settings modules until
     SIGTERM/SIGINT or until one of them stops; exit 1 if one failed, 3 if a consumer
     stalled (see :class:`ProcessMonitor`). ``label`` names the process in the log
     (``worker[2]``); ``report`` is the write end of a pipe to the supervisor (a
-    ``multiprocessing`` connection), given when ``marun --http`` serves its reports."""
+    ``multiprocessing`` connection), given when ``marun --http`` serves its reports.
+
+    A group stop that arrives while the process still loads its settings is kept, and
+    done once the agents started: the process then stops as cleanly as any other."""
+    import signal as signals
+    for signum in (signals.SIGTERM, signals.SIGINT):
+        signals.signal(signum, _note_early_stop)
     _configure_logging()
     if report is not None:
         enable_handler_timing()
@@ -4755,6 +4769,8 @@ async def _serve(configs: list[tuple[str, BackendConfig]], grace: float,
 
     for signum in (signals.SIGTERM, signals.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum)
+    for early in _EARLY_STOPS[:1]:
+        request_stop(early)
     parent = os.getppid()
     watcher = loop.create_task(_watch_parent(parent, stop))
     agents: list[MicroAgent] = []

@@ -1764,6 +1764,7 @@ def test_missing_dot_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 def test_missing_graphviz_and_croniter_say_what_to_install(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    build_graph(EXAMPLES)  # the examples' agents imported (their @cron needs croniter)
     monkeypatch.setitem(sys.modules, 'graphviz', None)  # as if not installed
     monkeypatch.setitem(sys.modules, 'croniter', None)
     with pytest.raises(ImportError, match=r'needs the graphviz package: pip install graphviz'):
@@ -2982,6 +2983,19 @@ def test_fleet_pre_start_failure_is_restarted_then_given_up() -> None:
                            'after 5 restarts within 60s (restart: on-failure); stopping the '
                            'group'), reason
     assert 'AgentProc[ticker]: stopped' in out and 'AgentsManager: stopped' in out
+
+
+def test_fleet_group_stop_reaching_a_process_still_loading_its_settings_stops_it_cleanly(
+        ) -> None:
+    """The broken agent ends while the ticker's process still imports its settings: the
+    ticker is stopped as any other (before, SIGTERM's default action killed it)."""
+    env = {'FLEET_BROKEN': '1', 'FLEET_SLOW_TICKER': '1.5'}
+    with Marun([FLEET_MEMORY], env=env, http=False) as fleet:
+        assert fleet.wait(60) == 1
+        out = fleet.output
+    assert 'AgentsManager: broken ended (exit 1), stopping the group' in out
+    assert 'AgentProc[ticker]: caught SIGTERM, stopping' in out, out
+    assert 'AgentProc[ticker]: stopped' in out and 'killed by SIGTERM' not in out, out
 
 
 def test_fleet_restart_no_keeps_one_ending_process_stopping_the_group() -> None:
