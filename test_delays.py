@@ -260,8 +260,9 @@ async def test_delayed_messages_come_once_not_before_due_and_soon_after(
         assert earliest <= at <= latest + LATE, (message, at - earliest)
     assert counts[0] > total / 2 and counts[-1] == 0
     # It counts down. On RabbitMQ and Kafka a count reads the levels of the delay while
-    # messages move from one to the next: it may miss or see twice those moving then.
-    slack = total // 5 if kind.name in ('amqp', 'kafka') else 0
+    # messages move from one to the next: it may miss or see twice those moving then (on
+    # Kafka a whole batch a mover fetched, sent on and not yet committed: 47 of 200 once).
+    slack = {'amqp': total // 5, 'kafka': total // 2}.get(kind.name, 0)
     bumps = [(earlier, later) for earlier, later in itertools.pairwise(counts) if later > earlier]
     assert all(later <= earlier + slack for earlier, later in bumps), bumps
     assert max(counts) <= counts[0] + slack
